@@ -1,0 +1,72 @@
+"""Shared fixtures: offline Ultralytics environment, a tiny generated dataset and a tiny trained FP checkpoint.
+
+The environment is set before anything imports Ultralytics, so no test can download weights, fonts or data.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_CFG_DIR = Path(tempfile.mkdtemp(prefix="gab-yolo-config-"))
+sys.path.insert(0, str(ROOT))
+from ultralytics_gabfusion.offline import setup_offline_env  # noqa: E402  (imports no Ultralytics)
+
+setup_offline_env(_CFG_DIR)
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+
+IMGSZ = 64  # every end-to-end test trains at this size: fast on 2 CPU cores, all three strides still used
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    """Run ``python -m ultralytics_gabfusion ARGS`` as a user would, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "ultralytics_gabfusion", *map(str, args)],
+        cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def run_python(code: str, cwd=None, timeout=600):
+    """Run a Python snippet in a fresh process with the offline environment."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd or ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A generated 16-class detection set (16 train / 8 val images at 64 px); returns data.yaml."""
+    from ultralytics_gabfusion.data import make_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("data") / "synth"
+    return Path(make_synthetic_dataset(out, n_train=16, n_val=8, imgsz=IMGSZ, seed=0, max_objects=6, workers=0))
+
+
+def train_kwargs(tmp_path: Path, **kw) -> dict:
+    """Common tiny-run training arguments (CPU, no plots, deterministic)."""
+    base = dict(imgsz=IMGSZ, epochs=1, batch=8, workers=0, device="cpu", plots=False, project=str(tmp_path),
+                name="run", exist_ok=True, seed=0, deterministic=True, amp=False, val=True, warmup_epochs=0,
+                mosaic=0.0, optimizer="SGD", lr0=0.01, verbose=False)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture(scope="session")
+def fp_ckpt(tiny_data, tmp_path_factory) -> dict:
+    """Tiny FP checkpoints of yolov5s and yolo11s trained 1 epoch with the stock trainer: {'yolov5s': path, ...}."""
+    from ultralytics import YOLO
+
+    out = {}
+    for arch in ("yolov5s", "yolo11s"):
+        d = tmp_path_factory.mktemp(f"fp-{arch}")
+        YOLO(f"{arch}.yaml").train(data=str(tiny_data), **train_kwargs(d, val=False))
+        out[arch] = d / "run" / "weights" / "last.pt"
+        assert out[arch].exists()
+    return out

@@ -1,0 +1,204 @@
+"""GABTrainer spine and the yolo-gab CLI: settings, stock behaviour, checkpoints, CLI as typed by a user."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import IMGSZ, ROOT, run_cli, run_python, train_kwargs
+
+
+# ----------------------------------------------------------------------------------------------------- settings
+def test_settings_validation_messages():
+    from ultralytics_gabfusion.settings import PLUGIN_DEFAULTS, validate_settings
+
+    assert validate_settings({"qat": "LSQ", "w_bits": 3.0, "gab": "false"}) == {"qat": "lsq", "w_bits": 3, "gab": "off"}
+    with pytest.raises(ValueError, match="2..8"):
+        validate_settings({"w_bits": 9})
+    with pytest.raises(ValueError, match="must be an integer"):
+        validate_settings({"a_bits": 3.5})
+    with pytest.raises(ValueError, match="lsqplus"):
+        validate_settings({"qat": "lsq+"})
+    with pytest.raises(ValueError, match="balanced"):
+        validate_settings({"gab": "balance"})
+    with pytest.raises(ValueError, match="simam"):
+        validate_settings({"ada_attn": "cbam"})
+    with pytest.raises(ValueError, match=">= 0"):
+        validate_settings({"ada": -1})
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    assert not set(PLUGIN_DEFAULTS) & set(DEFAULT_CFG_DICT), "plugin keys must not collide with Ultralytics keys"
+
+
+def test_trainer_rejects_unknown_key_before_writing(tmp_path, tiny_data):
+    from ultralytics_gabfusion import GABTrainer
+
+    with pytest.raises(SyntaxError, match="w_bit"):
+        GABTrainer(overrides={"model": "yolov5s.yaml", "data": str(tiny_data), "w_bit": 4, "project": str(tmp_path)})
+    with pytest.raises(ValueError, match="2..8"):
+        GABTrainer(overrides={"model": "yolov5s.yaml", "data": str(tiny_data), "w_bits": 1, "project": str(tmp_path)})
+    assert not any(tmp_path.iterdir()), "a rejected configuration must not create a run directory"
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path, tiny_data):
+    from ultralytics_gabfusion import GABTrainer
+
+    with pytest.raises(ValueError, match="teacher="):
+        GABTrainer(overrides={"model": "yolov5s.yaml", "data": str(tiny_data), "qat": "lsq", "ada": 0.01,
+                              "project": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="teacher"):
+        GABTrainer(overrides={"model": "yolov5s.yaml", "data": str(tiny_data), "qat": "lsq", "ada": 0.01,
+                              "teacher": str(tmp_path / "nope.pt"), "project": str(tmp_path)})
+
+
+# -------------------------------------------------------------------------------------------- stock behaviour
+@pytest.mark.parametrize("arch", ["yolov5s", "yolo11s"])
+def test_gabtrainer_trains_and_reloads(arch, tmp_path, tiny_data):
+    """qat=none gab=off ada=0: trains like the stock trainer, writes results.csv and weights, reloads elsewhere."""
+    from ultralytics_gabfusion import GABTrainer
+
+    t = GABTrainer(overrides={"model": f"{arch}.yaml", "data": str(tiny_data), **train_kwargs(tmp_path, epochs=2)})
+    t.train()
+    run = Path(t.save_dir)
+    assert (run / "results.csv").exists() and (run / "weights" / "best.pt").exists()
+    lines = (run / "results.csv").read_text().strip().splitlines()
+    assert len(lines) == 3 and "metrics/mAP50(B)" in lines[0]
+    args = (run / "args.yaml").read_text()
+    for key in ("qat: none", "w_bits: 4", "gab: 'off'", "ada: 0.0", "ada_attn: simam", "teacher: null"):
+        assert key in args, key
+    res = run_python(
+        "from ultralytics import YOLO; m = YOLO(r'%s'); r = m.val(data=r'%s', imgsz=%d, batch=8, plots=False, "
+        "device='cpu'); print('MAP', r.box.map50)" % (run / "weights" / "best.pt", tiny_data, IMGSZ)
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MAP" in res.stdout
+
+
+def test_stock_equivalence_first_steps(tmp_path, tiny_data):
+    """With the plugin off, GABTrainer and DetectionTrainer give identical losses and weights (same seed)."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from ultralytics_gabfusion import GABTrainer
+
+    results = []
+    for cls, name in ((DetectionTrainer, "stock"), (GABTrainer, "gab")):
+        t = cls(overrides={"model": "yolov5s.yaml", "data": str(tiny_data),
+                           **train_kwargs(tmp_path, name=name, val=False)})
+        t.train()
+        ck = torch.load(Path(t.save_dir) / "weights" / "last.pt", weights_only=False)
+        results.append((ck["train_results"], ck["model"].state_dict()))
+    (r0, sd0), (r1, sd1) = results
+    assert r0["train/box_loss"] == r1["train/box_loss"]
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+
+
+def test_plugin_keys_survive_checkpoint_and_ddp_file(tmp_path, tiny_data):
+    from ultralytics_gabfusion import GABTrainer
+    from ultralytics_gabfusion.settings import PLUGIN_KEYS
+
+    over = {"model": "yolov5s.yaml", "data": str(tiny_data), "qat": "lsq", "w_bits": 3, "a_bits": 3,
+            "gab": "balanced", "qat_calib": 1, **train_kwargs(tmp_path, save_period=1)}
+    t = GABTrainer(overrides=over)
+    t.train()
+    ck = torch.load(Path(t.save_dir) / "weights" / "epoch0.pt", weights_only=False)
+    for k, v in (("qat", "lsq"), ("w_bits", 3), ("a_bits", 3), ("gab", "balanced")):
+        assert ck["train_args"][k] == v
+    assert ck["model"].gabfusion["qat"] == "lsq"
+
+    # Simulate Ultralytics' DDP relaunch: the worker rebuilds the trainer from vars(args) and a plain default cfg.
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    state = {k: v for k, v in vars(t.args).items()}
+    cfg = DEFAULT_CFG_DICT.copy()
+    cfg.update(save_dir="")
+    worker = GABTrainer(cfg=cfg, overrides=state)
+    for k in PLUGIN_KEYS:
+        assert getattr(worker.args, k) == getattr(t.args, k), k
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+def test_cli_help_lists_plugin_keys():
+    r = run_cli("help")
+    assert r.returncode == 0
+    for key in ("qat", "w_bits", "a_bits", "gab", "ada", "ada_attn", "ada_div", "teacher", "trainer="):
+        assert key in r.stdout
+
+
+def test_cli_unknown_key_fails_with_suggestion(tiny_data):
+    r = run_cli("train", "model=yolov5s.yaml", f"data={tiny_data}", "w_bit=4")
+    assert r.returncode != 0
+    assert "w_bit" in r.stderr and "w_bits" in r.stderr
+    r = run_cli("train", "model=yolov5s.yaml", f"data={tiny_data}", "qat=lsq+")
+    assert r.returncode != 0 and "lsqplus" in r.stderr
+
+
+def test_cli_plugin_keys_need_gab_trainer(tiny_data):
+    r = run_cli("train", "trainer=default", "model=yolov5s.yaml", f"data={tiny_data}", "qat=lsq")
+    assert r.returncode == 2 and "trainer=gab" in r.stderr
+    r = run_cli("train", "trainer=nomodule", "model=yolov5s.yaml", f"data={tiny_data}")
+    assert r.returncode == 2 and "package.module:Class" in r.stderr
+
+
+def test_cli_train_with_recipe_custom_trainer_and_val(tmp_path, tiny_data):
+    common = [f"data={tiny_data}", f"imgsz={IMGSZ}", "epochs=1", "batch=8", "workers=0", "device=cpu", "plots=False",
+              f"project={tmp_path}", "exist_ok=True", "warmup_epochs=0", "mosaic=0.0"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("qat: pact\nw_bits: 4\na_bits: 4\nqat_calib: 1\nepochs: 5\n")
+    r = run_cli("train", "trainer=gab", "model=yolov5s.yaml", f"cfg={recipe}", "name=gab", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = (tmp_path / "gab" / "args.yaml").read_text()
+    assert "qat: pact" in args and "epochs: 1" in args, "cfg= first, explicit args win"
+
+    r = run_cli("train", "trainer=default", "model=yolov5s.yaml", "name=stock", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "qat:" not in (tmp_path / "stock" / "args.yaml").read_text()
+
+    pkg = tmp_path / "mytrainers"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "custom.py").write_text(
+        "from ultralytics.models.yolo.detect import DetectionTrainer\n"
+        "class Marked(DetectionTrainer):\n"
+        "    def __init__(self, *a, **k):\n"
+        "        super().__init__(*a, **k)\n"
+        "        (self.save_dir / 'MARK').write_text('custom')\n"
+    )
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    r = subprocess.run([sys.executable, "-m", "ultralytics_gabfusion", "train", "trainer=mytrainers.custom:Marked",
+                        "model=yolov5s.yaml", "name=custom", *common], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "custom" / "MARK").exists()
+
+    best = tmp_path / "gab" / "weights" / "best.pt"
+    r = run_cli("val", f"model={best}", f"data={tiny_data}", f"imgsz={IMGSZ}", "batch=8", "device=cpu", "plots=False",
+                f"project={tmp_path}", "name=val")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all" in (r.stdout + r.stderr)
+
+
+def test_python_module_entry_matches_console_script():
+    r = run_python("import ultralytics_gabfusion.__main__")
+    assert r.returncode == 0
+    from importlib.metadata import entry_points
+
+    eps = [e for e in entry_points(group="console_scripts") if e.name == "yolo-gab"]
+    if eps:  # installed (pip install -e .): the console script points at the same function
+        assert eps[0].value == "ultralytics_gabfusion.cli:entry"
+
+
+def test_yolo_train_with_trainer_class(tmp_path, tiny_data):
+    from ultralytics import YOLO
+
+    from ultralytics_gabfusion import GABTrainer
+
+    model = YOLO("yolov5s.yaml")
+    model.train(trainer=GABTrainer, data=str(tiny_data), qat="lsq", qat_calib=1, **train_kwargs(tmp_path))
+    assert isinstance(model.trainer, GABTrainer)
+    assert json.dumps(model.trainer.args.qat) == '"lsq"'

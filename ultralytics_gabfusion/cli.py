@@ -1,0 +1,203 @@
+"""The ``yolo-gab`` command: the ``yolo`` CLI grammar plus ``trainer=`` and the plugin keys.
+
+Usage:
+    yolo-gab train trainer=gab model=fp.pt data=data.yaml cfg=cfg/qat/w4a4-lsq.yaml epochs=50 gab=balanced ada=0.01
+    yolo-gab train trainer=default model=yolov5s.yaml data=data.yaml epochs=100    # the stock trainer
+    yolo-gab train trainer=my_pkg.trainers:MyTrainer model=... data=...           # any trainer class
+    yolo-gab synth out=datasets/synth train=4000 val=500 imgsz=512 seed=0          # generate the synthetic set
+    yolo-gab export model=best.pt format=onnx                                      # Q/DQ ONNX for quantized models
+    yolo-gab bench ...  |  yolo-gab bench speed ...                                # paper-table / speed benchmarks
+    yolo-gab help                                                                  # plugin keys and defaults
+    yolo-gab val model=best.pt data=data.yaml                                      # any other mode: Ultralytics
+
+``cfg=recipe.yaml`` is read first and explicit ``key=value`` arguments win, as in ``yolo``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from .settings import PLUGIN_KEYS, help_text, split_overrides, validate_settings
+
+TRAINER_HELP = "trainer= takes gab (default), default (the stock DetectionTrainer) or package.module:ClassName"
+
+
+class UsageError(Exception):
+    """A command-line mistake; printed without a traceback and exits with status 2."""
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, dict]:
+    """Parse ``yolo``-style tokens into (mode, overrides), reading ``cfg=`` first and letting explicit keys win.
+
+    Args:
+        argv (list[str]): Tokens after the program name, e.g. ``["train", "model=x.pt", "epochs=3"]``.
+
+    Returns:
+        (tuple[str | None, dict]): The mode (or None) and the overrides, plugin keys included.
+
+    Raises:
+        UsageError: On unknown keys (with the closest valid key), missing '=' or bad values.
+    """
+    from ultralytics.cfg import MODES, TASKS, merge_equals_args, parse_key_value_pair
+    from ultralytics.utils import DEFAULT_CFG_DICT, YAML
+    from ultralytics.utils.checks import check_yaml
+
+    mode, overrides, recipe = None, {}, {}
+    for a in merge_equals_args(argv):
+        a = a[2:] if a.startswith("--") else a
+        a = a[:-1] if a.endswith(",") else a
+        if "=" in a:
+            try:
+                k, v = parse_key_value_pair(a)
+            except (NameError, SyntaxError, ValueError, AssertionError) as e:
+                raise UsageError(f"could not parse '{a}': {e}") from None
+            if k == "cfg" and v is not None:
+                path = Path(str(v))
+                if not path.exists():
+                    raise UsageError(f"cfg={v}: file not found. Pass a recipe YAML, e.g. cfg=cfg/qat/w4a4-lsq.yaml")
+                recipe = {kk: vv for kk, vv in YAML.load(check_yaml(str(path))).items() if kk != "cfg"}
+            else:
+                overrides[k] = v
+        elif a in MODES:
+            mode = a
+        elif a in TASKS:
+            overrides["task"] = a
+        elif a in DEFAULT_CFG_DICT and isinstance(DEFAULT_CFG_DICT[a], bool):
+            overrides[a] = True  # bare boolean flag, e.g. 'resume'
+        else:
+            raise UsageError(f"'{a}' is not a mode or key=value pair.{_suggest(a)}")
+    overrides = {**recipe, **overrides}
+    valid = set(DEFAULT_CFG_DICT) | set(PLUGIN_KEYS) | {"trainer", "task", "save_dir"}
+    bad = [k for k in overrides if k not in valid]
+    if bad:
+        raise UsageError("\n".join(f"'{k}' is not a valid yolo-gab argument.{_suggest(k)}" for k in bad))
+    try:
+        validate_settings(overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return mode, overrides
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    close = difflib.get_close_matches(key, list(DEFAULT_CFG_DICT) + sorted(PLUGIN_KEYS) + ["trainer"], n=3)
+    return f" Similar arguments: {', '.join(close)}." if close else " Run 'yolo-gab help' for the plugin keys."
+
+
+def resolve_trainer(spec):
+    """Return the trainer class for ``trainer=gab|default|package.module:Class``."""
+    spec = "gab" if spec in (None, "") else spec
+    if not isinstance(spec, str):
+        return spec
+    if spec.lower() == "gab":
+        from .trainer import GABTrainer
+
+        return GABTrainer
+    if spec.lower() == "default":
+        from ultralytics.models.yolo.detect import DetectionTrainer
+
+        return DetectionTrainer
+    if ":" not in spec:
+        raise UsageError(f"trainer={spec} is not valid. {TRAINER_HELP}")
+    mod_name, cls_name = spec.split(":", 1)
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"trainer={spec}: cannot import {cls_name} from {mod_name} ({e}). {TRAINER_HELP}") from None
+    return cls
+
+
+def train(overrides: dict) -> None:
+    """Run ``mode=train`` with the selected trainer through ``YOLO(model).train(trainer=...)``."""
+    from ultralytics import YOLO
+
+    trainer = resolve_trainer(overrides.pop("trainer", None))
+    from .trainer import GABTrainer
+
+    ours, _ = split_overrides(overrides)
+    if ours and not (isinstance(trainer, type) and issubclass(trainer, GABTrainer)):
+        raise UsageError(f"plugin keys {sorted(ours)} need trainer=gab (got trainer={trainer.__name__}).")
+    model = overrides.pop("model", None)
+    if model is None:
+        raise UsageError("train needs model=, e.g. model=yolov5s.yaml (from scratch) or model=fp.pt (QAT from FP).")
+    if str(model).endswith(".pt") and not Path(str(model)).exists():
+        raise UsageError(f"model={model}: file not found (no weights are downloaded by yolo-gab train).")
+    overrides.pop("mode", None)
+    YOLO(model, task=overrides.pop("task", None)).train(trainer=trainer, **overrides)
+
+
+def delegate(argv: list[str]) -> None:
+    """Hand a command to Ultralytics' own entrypoint unchanged (``val``, ``predict``, ``settings``, ...)."""
+    from ultralytics.cfg import entrypoint
+
+    sys.argv[:] = ["yolo", *argv]  # Ultralytics reads the shared sys.argv list
+    entrypoint()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``yolo-gab`` and ``python -m ultralytics_gabfusion``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import ultralytics_gabfusion  # noqa: F401 - registers GABFusion for model YAMLs and checkpoints
+
+    try:
+        if not argv or argv[0] in {"help", "-h", "--help"}:
+            from ultralytics.cfg import CLI_HELP_MSG
+
+            print(__doc__.split("\n\n", 1)[1].strip() if __doc__ else "")
+            print(help_text())
+            if argv:
+                print(CLI_HELP_MSG)
+            return 0
+        if argv[0] == "synth":
+            from .data.synth import synth_main
+
+            _, overrides = _parse_plain(argv[1:])
+            synth_main(overrides)
+            return 0
+        if argv[0] == "bench":
+            from .bench import bench_main
+
+            return bench_main(argv[1:]) or 0
+        if "export" in argv:
+            mode, overrides = parse_args(argv)
+            from .export import export_main
+
+            return export_main(overrides) or 0
+        if "train" in argv:
+            mode, overrides = parse_args(argv)
+            train(overrides)
+            return 0
+        ours = [a.split("=", 1)[0] for a in argv if "=" in a and a.split("=", 1)[0] in PLUGIN_KEYS | {"trainer"}]
+        if ours:
+            raise UsageError(f"{sorted(set(ours))} apply to 'yolo-gab train' only; remove them from this command.")
+        delegate(argv)
+        return 0
+    except UsageError as e:
+        print(f"yolo-gab: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, SyntaxError) as e:
+        print(f"yolo-gab: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _parse_plain(argv: list[str]) -> tuple[None, dict]:
+    """Parse ``key=value`` tokens with Ultralytics' value parsing, without validating keys (subcommands do)."""
+    from ultralytics.cfg import merge_equals_args, parse_key_value_pair
+
+    out = {}
+    for a in merge_equals_args(argv):
+        if "=" not in a:
+            raise UsageError(f"'{a}' is not a key=value pair.")
+        k, v = parse_key_value_pair(a)
+        out[k] = v
+    return None, out
+
+
+def entry() -> None:
+    """Console-script wrapper: exit with :func:`main`'s status."""
+    sys.exit(main())

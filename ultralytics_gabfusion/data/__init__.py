@@ -1,0 +1,23 @@
+"""Datasets for the plugin: a deterministic synthetic detection set (numpy + OpenCV only)."""
+
+from .synth import (
+    CLASS_NAMES,
+    SynthConfig,
+    SynthSample,
+    label_sha256,
+    load_synth_info,
+    make_synthetic_dataset,
+    render_sample,
+    synth_main,
+)
+
+__all__ = [
+    "CLASS_NAMES",
+    "SynthConfig",
+    "SynthSample",
+    "label_sha256",
+    "load_synth_info",
+    "make_synthetic_dataset",
+    "render_sample",
+    "synth_main",
+]

@@ -1,0 +1,414 @@
+"""GABFusion modules: the node that replaces a neck ``Concat`` and its folded deployment form.
+
+``GABFusion`` computes ``y = LN_c(concat(alpha_1*F_1, ..., alpha_K*F_K))`` with ``alpha = softmax(lam)`` and a
+channels-first LayerNorm (statistics over C only, at every sample and pixel; per-channel affine). ``lam`` is driven
+either by the closed-loop gradient balancer (``mode="balanced"``, lam is a buffer) or by backprop
+(``mode="learned"``, lam is an ``nn.Parameter``); ``mode="off"`` makes the node a plain ``Concat`` that still
+measures per-branch gradient norms (a baseline run's diagnostic). See docs/method.md section 2.
+
+Examples:
+    >>> import torch
+    >>> from ultralytics_gabfusion.fusion import GABFusion
+    >>> node = GABFusion(n_branches=2, channels=24)
+    >>> node([torch.randn(2, 8, 4, 4), torch.randn(2, 16, 4, 4)]).shape
+    torch.Size([2, 24, 4, 4])
+    >>> node.alpha.tolist()
+    [0.5, 0.5]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+FUSION_MODES = ("balanced", "learned", "off")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_UNSET = object()  # "leave unchanged" marker of GABFusion.configure
+
+
+def _check_mode(mode) -> str:
+    """Return ``mode`` normalised, or raise ValueError naming the allowed values."""
+    m = str(mode).lower() if mode is not None else "none"
+    if m not in FUSION_MODES:
+        raise ValueError(f"GABFusion mode '{mode}' is not valid. Allowed values: {', '.join(FUSION_MODES)}.")
+    return m
+
+
+def _no_autocast(device_type: str):
+    """Context that disables autocast on ``device_type`` (a no-op context where autocast does not know the device)."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except (RuntimeError, ValueError):
+        return contextlib.nullcontext()
+
+
+class _KeepFP32:
+    """Mixin: ``.half()`` / ``.bfloat16()`` leave this module's own float32 tensors untouched.
+
+    Ultralytics pickles checkpoints after ``deepcopy(ema).half()``. Rounding ``lam`` or the LN affine to fp16 would
+    change alpha and the node's output after reload, so the tensors are restored bit-exactly from their fp32
+    originals (only the device change of ``fn`` is kept). Children handle their own tensors.
+    """
+
+    def _apply(self, fn, recurse=True):
+        # detach() now: nn.Module._apply may swap a Parameter's data in place, the alias keeps the fp32 storage.
+        keep = {("p", k): t.detach() for k, t in self._parameters.items() if t is not None and t.dtype == torch.float32}
+        keep.update({("b", k): t for k, t in self._buffers.items() if t is not None and t.dtype == torch.float32})
+        super()._apply(fn, recurse)
+        for (kind, k), old in keep.items():
+            new = self._parameters[k] if kind == "p" else self._buffers[k]
+            if new is None or new.dtype not in _LOW_PRECISION:
+                continue
+            restored = old.to(device=new.device)  # exact fp32 values, only the device move of `fn` is kept
+            if kind == "p":
+                new.data = restored
+                if new.grad is not None and new.grad.dtype in _LOW_PRECISION:
+                    new.grad = new.grad.float()
+            else:
+                self._buffers[k] = restored
+        return self
+
+
+class ChannelLayerNorm(_KeepFP32, nn.LayerNorm):
+    """LayerNorm over the channel dimension only, separately at every (sample, y, x) location (ConvNeXt style).
+
+    Not ``GroupNorm(1, C)``, which also pools over space. Subclassing ``nn.LayerNorm`` puts ``weight`` in
+    Ultralytics' no-decay "bn" parameter group (``build_optimizer`` tests ``isinstance(module, nn.*Norm*)``)
+    and ``bias`` in its bias group. Arithmetic is float32 with autocast off; the result keeps float32 (the caller
+    casts).
+
+    Args:
+        channels (int): Number of channels C.
+        eps (float): Variance epsilon (1e-5, as the paper).
+        dim (int): Channel dimension of the input (1 for NCHW).
+
+    Examples:
+        >>> ln = ChannelLayerNorm(4)
+        >>> y = ln(torch.randn(2, 4, 3, 3))
+        >>> bool(y.mean(1).abs().max() < 1e-5)
+        True
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5, dim: int = 1):
+        super().__init__(int(channels), eps=eps, elementwise_affine=True)
+        self.dim = dim
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Return the float32 normalised input (before the affine)."""
+        d = self.dim % z.ndim
+        with _no_autocast(z.device.type):
+            z = z.float()
+            var, mu = torch.var_mean(z, dim=d, keepdim=True, correction=0)
+            return (z - mu) * torch.rsqrt(var + self.eps)
+
+    def affine(self, u: torch.Tensor) -> torch.Tensor:
+        """Apply the per-channel affine to a normalised float32 tensor."""
+        shape = [1] * u.ndim
+        shape[self.dim % u.ndim] = -1
+        with _no_autocast(u.device.type):
+            return u * self.weight.float().view(shape) + self.bias.float().view(shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalise over channels and apply the affine (float32 result)."""
+        return self.affine(self.normalize(z))
+
+
+class GABFusion(_KeepFP32, nn.Module):
+    """Gradient-balanced fusion node: ``y = LN_c(concat(alpha_i * F_i))``, ``alpha = softmax(lam)``.
+
+    Drop-in replacement for an Ultralytics neck ``Concat`` (same inputs, same output channel count).
+
+    Gradient measurement: in training mode with grad enabled, each branch input passes through an identity view
+    with a tensor hook that adds ``||dL/dF_i||^2`` (the gradient at the branch input, before alpha, through this
+    node only) and its element count to per-step accumulators. ``update_lambda()`` (once per optimizer step, all
+    modes) turns them into ``G_i`` and the EMA ``grad_ema``; only ``mode="balanced"`` then moves ``lam``:
+    ``e_i = log(Gbar_i+eps) - mean_j log(Gbar_j+eps) - tau_i``, ``lam_i -= eta * e_i``.
+
+    Args:
+        dimension (int): Concatenation (channel) dimension, as ``Concat``'s argument.
+        n_branches (int): Number of inputs K.
+        channels (int | None): Total output channels C; None creates the LayerNorm lazily at the first forward
+            (or from a loaded state_dict). Pass it when known: lazily created parameters miss an optimizer built
+            before the first forward.
+        mode (str): "balanced" (default), "learned" or "off".
+        beta (float): EMA factor of the gradient norms, in (0, 1].
+        eta (float): Step size of the lambda update (balanced), >= 0.
+        eps (float): Epsilon inside log(G + eps), > 0.
+        tau (float | Sequence[float] | None): Per-branch log-ratio targets (None = 0).
+        rms (bool): Use size-normalised norms ``||g|| / sqrt(numel)`` (nodes joining unequal widths, YOLO11).
+
+    Attributes:
+        lam (torch.Tensor): float32 logits (buffer in balanced/off, ``nn.Parameter`` in learned).
+        grad_ema (torch.Tensor): float32 EMA of the per-branch gradient norms (0 until the first update).
+        n_updates (torch.Tensor): int64 count of EMA updates (not averaged by Ultralytics' ModelEMA).
+        norm (ChannelLayerNorm | None): The LayerNorm (gamma=1, beta=0 at init, eps 1e-5).
+
+    Examples:
+        >>> node = GABFusion(n_branches=2, channels=8, mode="learned")
+        >>> [p is node.lam for p in node.fusion_parameters()]
+        [True]
+        >>> GABFusion(mode="fast")
+        Traceback (most recent call last):
+        ...
+        ValueError: GABFusion mode 'fast' is not valid. Allowed values: balanced, learned, off.
+    """
+
+    def __init__(
+        self,
+        dimension=1,
+        n_branches=2,
+        channels=None,
+        mode="balanced",
+        beta=0.1,
+        eta=0.05,
+        eps=1e-12,
+        tau=None,
+        rms=False,
+    ):
+        super().__init__()
+        if isinstance(dimension, bool) or not isinstance(dimension, int):
+            raise ValueError(f"GABFusion dimension must be an int (the Concat dimension), got {dimension!r}.")
+        if isinstance(n_branches, bool) or not isinstance(n_branches, int) or n_branches < 1:
+            raise ValueError(f"GABFusion n_branches must be a positive int, got {n_branches!r}.")
+        if channels is not None and (isinstance(channels, bool) or int(channels) != channels or channels < 1):
+            raise ValueError(f"GABFusion channels must be a positive int or None, got {channels!r}.")
+        self.d = dimension
+        self.n_branches = n_branches
+        self.mode = _check_mode(mode)
+        self.tau = (0.0,) * n_branches
+        self.configure(beta=beta, eta=eta, eps=eps, tau=tau, rms=rms)
+        self.norm = ChannelLayerNorm(int(channels), dim=dimension) if channels is not None else None
+        self.register_buffer("lam", torch.zeros(n_branches, dtype=torch.float32))
+        self.register_buffer("grad_ema", torch.zeros(n_branches, dtype=torch.float32))
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.int64))
+        # Per-step accumulators (sum over micro-batches); not in state_dict, so ModelEMA and checkpoints skip them.
+        self.register_buffer("_grad_sq", torch.zeros(n_branches, dtype=torch.float32), persistent=False)
+        self._grad_numel = [0] * n_branches
+        self._pending = 0  # backward passes accumulated since the last update (python int: no device sync)
+        self._bypass = False  # calibration: behave exactly as the Concat this node replaced
+        self.set_mode(self.mode)
+
+    # ------------------------------------------------------------------ configuration
+    def configure(self, beta=None, eta=None, eps=None, tau=_UNSET, rms=None):
+        """Set the balancer options; None (and an omitted ``tau``) leaves an option unchanged, ``tau=None`` means 0.
+
+        Raises:
+            ValueError: If an option is out of range.
+        """
+        if beta is not None:
+            if not 0.0 < float(beta) <= 1.0:
+                raise ValueError(f"GABFusion beta must be in (0, 1], got {beta!r}.")
+            self.beta = float(beta)
+        if eta is not None:
+            if not float(eta) >= 0.0:
+                raise ValueError(f"GABFusion eta must be >= 0, got {eta!r}.")
+            self.eta = float(eta)
+        if eps is not None:
+            if not float(eps) > 0.0:
+                raise ValueError(f"GABFusion eps must be > 0, got {eps!r}.")
+            self.eps = float(eps)
+        if tau is _UNSET:
+            pass
+        elif tau is None:
+            self.tau = (0.0,) * self.n_branches
+        else:
+            t = [float(tau)] * self.n_branches if isinstance(tau, (int, float)) else [float(v) for v in tau]
+            if len(t) != self.n_branches:
+                raise ValueError(f"GABFusion tau needs {self.n_branches} values (one per branch), got {tau!r}.")
+            self.tau = tuple(t)
+        if rms is not None:
+            self.rms = bool(rms)
+        return self
+
+    def set_mode(self, mode: str) -> GABFusion:
+        """Switch between balanced / learned / off; ``lam`` keeps its values and its state_dict key.
+
+        In learned mode ``lam`` becomes an ``nn.Parameter`` (give it to the optimizer without weight decay, see
+        ``fusion_parameters``); otherwise it is a buffer, invisible to ``model.parameters()``. Switch before the
+        optimizer and Ultralytics' ModelEMA are built: both keep references to the tensors.
+        """
+        self.mode = _check_mode(mode)
+        lam = self.lam.detach().clone().float()
+        is_param = "lam" in self._parameters
+        if self.mode == "learned" and not is_param:
+            del self._buffers["lam"]
+            self.lam = nn.Parameter(lam)
+        elif self.mode != "learned" and is_param:
+            del self._parameters["lam"]
+            self.register_buffer("lam", lam)
+        return self
+
+    def fusion_parameters(self) -> list[nn.Parameter]:
+        """Trainable fusion logits (``[lam]`` in learned mode, else ``[]``): no weight decay, own lr group."""
+        return [self.lam] if isinstance(self.lam, nn.Parameter) else []
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """LayerNorm affine ``[gamma, beta]`` (Ultralytics already puts them in its no-decay groups)."""
+        return [] if self.norm is None else [self.norm.weight, self.norm.bias]
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """Branch weights softmax(lam), float32, detached (on the simplex: positive, sum 1)."""
+        return torch.softmax(self.lam.detach().float(), 0)
+
+    def extra_repr(self) -> str:
+        """Summary shown by ``print(model)``."""
+        return f"dimension={self.d}, n_branches={self.n_branches}, mode={self.mode}, rms={self.rms}"
+
+    # ------------------------------------------------------------------ forward
+    def _ensure_norm(self, channels: int, device):
+        if self.norm is None:  # lazy creation (channels unknown at construction)
+            self.norm = ChannelLayerNorm(channels, dim=self.d).to(device)
+        elif self.norm.normalized_shape[0] != channels:
+            raise RuntimeError(
+                f"GABFusion (layer {getattr(self, 'i', '?')}) was built for {self.norm.normalized_shape[0]} channels "
+                f"but received {channels}."
+            )
+
+    def _probe(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Attach the per-branch gradient meters (training with grad only)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return x
+        out = []
+        for i, xi in enumerate(x):
+            if xi.requires_grad:
+                # A view is a new autograd node used only here: its hook sees dL/dF_i through this fusion node,
+                # not the gradient of other consumers of the same tensor (e.g. YOLOv5's layer 10 feeds two nodes).
+                xi = xi.view_as(xi)
+                xi.register_hook(self._make_hook(i))
+            out.append(xi)
+        return out
+
+    def _make_hook(self, i: int):
+        def hook(g):
+            self._grad_sq[i] += g.detach().float().pow(2).sum()
+            self._grad_numel[i] += g.numel()
+            self._pending += 1
+            return None
+
+        return hook
+
+    def scaled_concat(self, x: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Return ``concat(alpha_i * F_i)`` in float32 (autocast off)."""
+        d = self.d % x[0].ndim
+        with _no_autocast(x[0].device.type):
+            z = torch.cat([xi.float() for xi in x], d)
+            alpha = torch.softmax(self.lam.float(), 0)
+            scale = torch.cat([alpha[i].expand(xi.shape[d]) for i, xi in enumerate(x)])  # no host->device copy
+            shape = [1] * z.ndim
+            shape[d] = -1
+            return z * scale.view(shape)
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        """Fuse the branch list ``x``; output has the dtype of ``x[0]``."""
+        if len(x) != self.n_branches:
+            raise RuntimeError(f"GABFusion (layer {getattr(self, 'i', '?')}) expects {self.n_branches} inputs, got {len(x)}.")
+        x = self._probe(list(x))
+        if self.mode == "off" or self._bypass:
+            return torch.cat(x, self.d)
+        self._ensure_norm(sum(xi.shape[self.d] for xi in x), x[0].device)
+        return self.norm(self.scaled_concat(x)).to(x[0].dtype)
+
+    # ------------------------------------------------------------------ balancer
+    def pending_norms(self, grad_scale=None) -> torch.Tensor | None:
+        """Per-branch gradient norms G_i accumulated since the last update (None if no backward ran)."""
+        if self._pending == 0:
+            return None
+        g = self._grad_sq.clamp_min(0).sqrt()
+        if self.rms:
+            g = g / torch.tensor([math.sqrt(max(n, 1)) for n in self._grad_numel], device=g.device)
+        return g if grad_scale is None else g / grad_scale
+
+    def reset_accumulators(self):
+        """Drop the accumulated gradient norms (start of a new optimizer step)."""
+        self._grad_sq.zero_()
+        self._grad_numel = [0] * self.n_branches
+        self._pending = 0
+
+    @torch.no_grad()
+    def update_lambda(self, grad_scale=None, norms: torch.Tensor | None = None, sync: bool = True):
+        """Apply one EMA (+ lambda in balanced mode) update from the accumulated norms, then reset them.
+
+        Call once per optimizer step, after the backward passes of that step. No-op if nothing was accumulated.
+        Non-finite norms (an AMP overflow step that the GradScaler skips) leave the state unchanged, decided on
+        device without a host sync. Under an initialised torch.distributed group the squared norms are averaged
+        over ranks first so every rank keeps the same lambda (all ranks must call this together).
+
+        Args:
+            grad_scale (float | torch.Tensor | None): AMP loss scale used in the backward passes (makes
+                ``grad_ema`` comparable across steps; the lambda update itself is scale invariant).
+            norms (torch.Tensor | None): Precomputed (already reduced) norms; used by ``update_fusion``.
+            sync (bool): All-reduce across ranks when distributed (ignored when ``norms`` is given).
+
+        Returns:
+            (torch.Tensor | None): The norms G_i used, or None if nothing was accumulated.
+        """
+        if norms is None:
+            if self._pending == 0:
+                return None
+            if sync and dist.is_available() and dist.is_initialized():
+                packed = torch.cat([self._grad_sq, torch.tensor(self._grad_numel, dtype=torch.float32, device=self._grad_sq.device)])
+                dist.all_reduce(packed)
+                packed /= dist.get_world_size()
+                self._grad_sq.copy_(packed[: self.n_branches])
+                self._grad_numel = [int(round(v)) for v in packed[self.n_branches :].tolist()]
+            norms = self.pending_norms(grad_scale)
+        self.reset_accumulators()
+        g = norms.to(self.grad_ema.device, torch.float32)
+        ok = torch.isfinite(g).all()
+        first = self.n_updates == 0
+        ema = torch.where(first, g, (1.0 - self.beta) * self.grad_ema + self.beta * g)
+        self.grad_ema.copy_(torch.where(ok, ema, self.grad_ema))
+        if self.mode == "balanced":
+            logg = torch.log(self.grad_ema + self.eps)
+            tau = torch.tensor(self.tau, dtype=torch.float32, device=logg.device)
+            e = logg - logg.mean() - tau
+            self.lam.copy_(torch.where(ok, self.lam - self.eta * e, self.lam))
+        self.n_updates.add_(ok.long())
+        return g
+
+    # ------------------------------------------------------------------ loading
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Lazily built node: create the LayerNorm from the checkpoint's shape so the load succeeds.
+        w = state_dict.get(prefix + "norm.weight")
+        if self.norm is None and w is not None:
+            self.norm = ChannelLayerNorm(w.shape[0], dim=self.d).to(self.lam.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class FoldedFusion(nn.Module):
+    """Deployment form of a trained GABFusion: ``y_c = w_c * concat(F)_c + b_c`` (alpha folded into ``w``).
+
+    Args:
+        weight (torch.Tensor): Per-channel scale, shape (C,).
+        bias (torch.Tensor): Per-channel offset, shape (C,).
+        dimension (int): Concatenation dimension.
+        n_branches (int): Number of inputs.
+        alpha (torch.Tensor | None): The alpha that was folded (kept for the record).
+
+    Examples:
+        >>> f = FoldedFusion(torch.full((4,), 2.0), torch.zeros(4))
+        >>> f([torch.ones(1, 2, 1, 1), torch.ones(1, 2, 1, 1)]).flatten().tolist()
+        [2.0, 2.0, 2.0, 2.0]
+    """
+
+    def __init__(self, weight, bias, dimension=1, n_branches=2, alpha=None):
+        super().__init__()
+        self.d = dimension
+        self.n_branches = n_branches
+        self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).detach().clone())
+        self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).detach().clone())
+        a = torch.full((n_branches,), 1.0 / n_branches) if alpha is None else torch.as_tensor(alpha).float()
+        self.register_buffer("alpha", a.detach().clone())
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate and apply the fixed per-channel affine (in the input dtype)."""
+        z = torch.cat(x, self.d)
+        shape = [1] * z.ndim
+        shape[self.d % z.ndim] = -1
+        return z * self.weight.to(z.dtype).view(shape) + self.bias.to(z.dtype).view(shape)

@@ -1,0 +1,290 @@
+"""Model swap and precision policy: turn an Ultralytics detection model into a fake-quantized one.
+
+The policy (paper silent; standard practice, configurable through the ``qat_*`` keys):
+
+- the first conv of the network reads the image: ``qat_first_bits`` (default 8) for W and A, unsigned input;
+- the raw ``nn.Conv2d`` outputs of the Detect head (box / class predictors): ``qat_head_bits`` (default 8);
+- DFL is never touched (a fixed, frozen projection);
+- layers listed in ``qat_skip`` stay in full precision;
+- every other conv (``Conv``/``DWConv`` blocks anywhere, including C3/C3k2/SPPF/C2PSA internals): ``w_bits``/``a_bits``,
+  with a signed activation grid since SiLU and LayerNorm outputs can be negative.
+
+Examples:
+    >>> from ultralytics.nn.tasks import DetectionModel
+    >>> from ultralytics_gabfusion.quant.convert import quantize_model
+    >>> model = DetectionModel("yolov5s.yaml", nc=16, verbose=False)
+    >>> rows = quantize_model(model, "lsq", w_bits=4, a_bits=4)
+    >>> rows[0]["w_bits"], rows[0]["a_bits"]
+    (8, 8)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .qconv import QuantConv2d, QuantConvBlock, quant_convs
+from .quantizers import FakeQuantizer
+
+LAYER_ATTRS = ("i", "f", "type", "np")
+
+
+def _conv_block_types():
+    from ultralytics.nn.modules.conv import Conv, DWConv
+
+    return (Conv, DWConv)
+
+
+def _dfl_type():
+    from ultralytics.nn.modules.block import DFL
+
+    return DFL
+
+
+def _detect_type():
+    from ultralytics.nn.modules.head import Detect
+
+    return Detect
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "model" and parts[1].isdigit() else None
+
+
+def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8, head_bits: int = 8, skip=None):
+    """Decide the bits of every quantizable conv without changing the model.
+
+    Args:
+        model (nn.Module): An Ultralytics ``DetectionModel`` (or any model with ``.model`` layers).
+        w_bits (int): Weight bits of ordinary convs.
+        a_bits (int): Activation bits of ordinary convs.
+        first_bits (int): Bits of the first conv (0 = same as ordinary).
+        head_bits (int): Bits of the Detect output convs (0 = same as ordinary).
+        skip (Iterable[int] | None): Layer indices kept in full precision.
+
+    Returns:
+        (list[dict]): One row per conv in forward order: name, layer, role, w_bits, a_bits, a_signed.
+    """
+    skip = set(skip or [])
+    block_types, dfl, detect = _conv_block_types(), _dfl_type(), _detect_type()
+    rows, first_done = [], False
+    in_dfl, in_block = set(), set()
+    for name, m in model.named_modules():
+        if isinstance(m, dfl):
+            in_dfl.add(name)
+        if isinstance(m, block_types):
+            in_block.add(name + ".conv")
+    detect_names = [n for n, m in model.named_modules() if isinstance(m, detect)]
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d) or any(name.startswith(d + ".") for d in in_dfl):
+            continue
+        layer = _layer_index(name)
+        in_detect = any(name.startswith(d + ".") for d in detect_names)
+        if name in in_block:
+            role = "conv"
+        elif in_detect:
+            role = "head"  # raw nn.Conv2d predictors of the Detect head
+        else:
+            role = "conv"
+        wb, ab = w_bits, a_bits
+        if not first_done:
+            role, first_done = "first", True
+            wb = ab = first_bits or None
+            wb, ab = (wb or w_bits), (ab or a_bits)
+        elif role == "head" and head_bits:
+            wb = ab = head_bits
+        if layer in skip:
+            wb = ab = None
+        rows.append({"name": name, "layer": layer, "role": role, "w_bits": wb, "a_bits": ab, "a_signed": role != "first"})
+    if not rows:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Conv2d layers to quantize: qat= needs an Ultralytics detection model "
+            "(e.g. yolov5s.yaml, yolo11s.yaml or a trained .pt); set qat=none for this model."
+        )
+    return rows
+
+
+def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int = 4, first_bits: int = 8,
+                   head_bits: int = 8, skip=None) -> list[dict]:
+    """Swap every quantizable conv of ``model`` in place for its fake-quantized version.
+
+    ``Conv``/``DWConv`` blocks become :class:`QuantConvBlock` (keeping ``.i .f .type .np`` on top-level layers),
+    raw ``nn.Conv2d`` become :class:`QuantConv2d`; parameter names are unchanged so FP checkpoints load.
+
+    Args:
+        model (nn.Module): The model to convert (structure changes belong before FP weights load).
+        method (str): lsq, lsqplus, pact or n2uq.
+        w_bits (int): Weight bits, 2..8.
+        a_bits (int): Activation bits, 2..8.
+        first_bits (int): Bits of the first conv (0 = w_bits/a_bits).
+        head_bits (int): Bits of the Detect output convs (0 = w_bits/a_bits).
+        skip (Iterable[int] | None): Layer indices to leave in full precision.
+
+    Returns:
+        (list[dict]): The per-layer policy table (see :func:`format_policy`).
+
+    Raises:
+        ValueError: On an unknown method, bits outside 2..8, or a model without convs.
+    """
+    for key, b in (("w_bits", w_bits), ("a_bits", a_bits)):
+        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
+            raise ValueError(f"{key}={b!r} is not supported: use an integer bit-width in 2..8.")
+    if any(isinstance(m, QuantConv2d) for m in model.modules()):
+        raise ValueError("model is already quantized; build a fresh model (or load its checkpoint) instead of converting twice.")
+    rows = plan_policy(model, w_bits, a_bits, first_bits, head_bits, skip)
+    by_name = {r["name"]: r for r in rows}
+    block_types = _conv_block_types()
+    for r in rows:
+        r["method"] = method if (r["w_bits"] or r["a_bits"]) else "fp"
+
+    def swap(parent: nn.Module, prefix: str):
+        for child_name, child in list(parent.named_children()):
+            full = f"{prefix}.{child_name}" if prefix else child_name
+            if type(child) in block_types and full + ".conv" in by_name:
+                r = by_name[full + ".conv"]
+                qconv = QuantConv2d.from_float(child.conv, method if r["method"] != "fp" else None, r["w_bits"], r["a_bits"], r["a_signed"])
+                new = QuantConvBlock(qconv, child.bn, child.act)
+            elif isinstance(child, nn.Conv2d) and not isinstance(child, QuantConv2d) and full in by_name:
+                r = by_name[full]
+                new = QuantConv2d.from_float(child, method if r["method"] != "fp" else None, r["w_bits"], r["a_bits"], r["a_signed"])
+            else:
+                swap(child, full)
+                continue
+            for a in LAYER_ATTRS:
+                if hasattr(child, a):
+                    setattr(new, a, getattr(child, a))
+            setattr(parent, child_name, new)
+
+    swap(model, "")
+    return rows
+
+
+def format_policy(rows: list[dict]) -> str:
+    """Render the per-layer policy as a table: layer, module, W bits, A bits, quantizer."""
+    head = f"{'layer':>5}  {'module':<34}{'W bits':>7}{'A bits':>7}  quantizer"
+    lines = [head]
+    for r in rows:
+        layer = "" if r["layer"] is None else r["layer"]
+        lines.append(
+            f"{layer!s:>5}  {r['name']:<34}{r['w_bits'] or 'fp'!s:>7}{r['a_bits'] or 'fp'!s:>7}  "
+            f"{r['method']}{' (' + r['role'] + ')' if r['role'] != 'conv' else ''}"
+        )
+    return "\n".join(lines)
+
+
+def policy_rows(model: nn.Module) -> list[dict]:
+    """Read the policy table back from an already quantized model."""
+    rows = []
+    for name, m in quant_convs(model):
+        rows.append({"name": name, "layer": _layer_index(name), "role": "conv", "w_bits": m.w_bits,
+                     "a_bits": m.a_bits, "method": m.method or "fp", "a_signed": getattr(m.act_quant, "signed", None)})
+    return rows
+
+
+def quantizers(model: nn.Module, role: str | None = None) -> Iterable[tuple[str, FakeQuantizer]]:
+    """Yield ``(name, quantizer)`` for every fake quantizer in ``model`` (optionally of one role)."""
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantizer) and (role is None or m.role == role):
+            yield name, m
+
+
+@torch.no_grad()
+def init_weight_quantizers(model: nn.Module, only_uninitialized: bool = False) -> int:
+    """Initialise weight quantizers from their conv's current (loaded) weight; returns how many.
+
+    Args:
+        model (nn.Module): A quantized model.
+        only_uninitialized (bool): Keep quantizers that were already initialised (e.g. loaded from a QAT checkpoint).
+    """
+    n = 0
+    for _, m in quant_convs(model):
+        if m.weight_quant is not None and not (only_uninitialized and bool(m.weight_quant.initialized)):
+            m.weight_quant.init_from(m.weight.detach().float())
+            n += 1
+    return n
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], only_uninitialized: bool = True) -> int:
+    """Initialise activation quantizers from data, progressively through the network.
+
+    Each batch runs forward with BatchNorm in train mode and momentum 0: BN normalises with batch statistics (so an
+    untrained or freshly inserted layer cannot saturate a quantizer) but its running statistics are left untouched.
+    Each activation quantizer is re-initialised from its input on every batch and the inits are averaged over batches;
+    downstream quantizers see the already-quantized upstream outputs. For N2UQ the conv's ``input_shift`` is set to the
+    mean difference between input and quantized input.
+
+    Args:
+        model (nn.Module): A quantized model.
+        batches (Iterable[Tensor]): Preprocessed image batches (float, 0..1, on the model's device).
+        only_uninitialized (bool): Skip quantizers that are already initialised (e.g. loaded from a checkpoint).
+
+    Returns:
+        (int): Number of batches used.
+    """
+    targets = {}
+    for _, m in quant_convs(model):
+        q = m.act_quant
+        if q is not None and not (only_uninitialized and bool(q.initialized)):
+            targets[id(q)] = (m, q)
+    if not targets:
+        return 0
+    was_training = model.training
+    bn_momenta = {}
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            bn_momenta[mod] = mod.momentum
+            mod.momentum = 0.0
+    state = {"k": 0}
+    shift_sums = {}
+
+    def pre_hook(conv, args):
+        m, q = targets[id(conv.act_quant)]
+        x = args[0].detach().float()
+        k = state["k"]
+        old = {n: p.detach().clone() for n, p in q.named_parameters()}
+        q.init_from(x)
+        if k:
+            for n, p in q.named_parameters():
+                p.copy_((old[n] * k + p) / (k + 1))
+        if m.input_shift is not None:
+            m.input_shift.zero_()
+            d = (x.mean() - q(x).mean()).reshape(1)
+            s = shift_sums.get(id(m), torch.zeros_like(d)) + d
+            shift_sums[id(m)] = s
+            m.input_shift.copy_(s / (k + 1))
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m, _ in targets.values()]
+    model.train()
+    try:
+        for img in batches:
+            model(img)
+            state["k"] += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, mom in bn_momenta.items():
+            mod.momentum = mom
+        model.train(was_training)
+    return state["k"]
+
+
+def quantizer_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split quantizer parameters into (no-decay, decay) lists.
+
+    PACT's clipping level ``alpha`` takes the L2 penalty of the paper (listed in the quantizer's ``decay_params``);
+    every other quantizer tensor (steps, offsets, N2UQ intervals/scales, the N2UQ input shift) is not decayed.
+    """
+    no_decay, decay, seen = [], [], set()
+    for _, q in quantizers(model):
+        names = set(getattr(q, "decay_params", ()))
+        for n, p in q.named_parameters(recurse=False):
+            (decay if n in names else no_decay).append(p)
+            seen.add(id(p))
+    for _, m in quant_convs(model):
+        if m.input_shift is not None and id(m.input_shift) not in seen:
+            no_decay.append(m.input_shift)
+    return no_decay, decay

@@ -1,0 +1,215 @@
+"""LSQ (Esser et al., ICLR 2020) and LSQ+ (Bhalgat et al., CVPRW 2020).
+
+Both share one autograd function, :class:`LSQFakeQuantize`; its ``backward`` is the single place where
+the LSQ / LSQ+ gradients (input, step, offset) are computed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .quantizers import STEP_EPS, FakeQuantizer, positive
+
+__all__ = ["LSQFakeQuantize", "LSQQuantizer", "LSQPlusQuantizer"]
+
+
+class LSQFakeQuantize(torch.autograd.Function):
+    r"""LSQ / LSQ+ fake quantization with the LSQ gradients.
+
+    With ``v = (x - beta) / s`` (``beta = 0`` for LSQ), ``n = qmin``, ``p = qmax``::
+
+        forward:   y = round(clamp(v, n, p)) * s + beta                      (round half to even)
+        inside  := n < v < p        below := v <= n        above := v >= p    (on the unrounded v)
+        dy/dx    = 1 inside, 0 otherwise
+        dy/ds    = g * (round(v) - v  inside | n below | p above)
+        dy/dbeta = g * (0 inside | 1 below or above)
+
+    ``g = 1/sqrt(N*Qp)`` is passed in by the caller. ``s`` and ``beta`` are broadcast along dim 0 when
+    per-channel and their gradients are summed to their own shape ``(C,)`` / ``(1,)``.
+    Only ``x`` (in its original dtype) is saved; ``v`` is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, offset, qmin, qmax, grad_scale, per_channel, cdtype):
+        """Fake-quantize raw ``x`` in ``cdtype``; ``step``/``offset`` are 1-D, already positive / cast."""
+        ctx.save_for_backward(x, step, offset)
+        ctx.conf = (qmin, qmax, grad_scale, per_channel, cdtype)
+        s, b = _views(x, step, offset, per_channel)
+        xf = x.to(cdtype)
+        v = (xf - b) / s if b is not None else xf / s
+        y = torch.round(v.clamp_(qmin, qmax)).mul_(s)
+        return y.add_(b) if b is not None else y
+
+    @staticmethod
+    def backward(ctx, grad):
+        """Return ``(dx, ds, dbeta)`` as in the class docstring (the LSQ gradient lives here)."""
+        x, step, offset = ctx.saved_tensors
+        qmin, qmax, g, per_channel, cdtype = ctx.conf
+        s, b = _views(x, step, offset, per_channel)
+        xf = x.to(cdtype)
+        v = (xf - b) / s if b is not None else xf / s
+        below, above = v <= qmin, v >= qmax
+        outside = below | above
+        dx = ds = db = None
+        if ctx.needs_input_grad[0]:
+            dx = grad.masked_fill(outside, 0).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            ds_el = torch.where(below, float(qmin), torch.where(above, float(qmax), torch.round(v) - v))
+            ds = _sum_to(ds_el.mul_(grad), per_channel) * g
+        if offset is not None and ctx.needs_input_grad[2]:
+            db = _sum_to(grad * outside, per_channel) * g
+        return dx, ds, db, None, None, None, None, None
+
+
+def _views(x, step, offset, per_channel):
+    """Broadcastable views of the 1-D step/offset against ``x``."""
+    if per_channel and x.dim() > 1:
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return step.view(shape), (offset.view(shape) if offset is not None else None)
+    return step, offset
+
+
+def _sum_to(t, per_channel):
+    if per_channel:
+        return t.reshape(t.shape[0], -1).sum(1) if t.dim() > 1 else t
+    return t.sum().reshape(1)
+
+
+class _LSQBase(FakeQuantizer):
+    """Shared LSQ/LSQ+ plumbing: the gradient scale and the call into :class:`LSQFakeQuantize`."""
+
+    def grad_scale(self, x: torch.Tensor) -> float:
+        """``g = 1/sqrt(N*Qp)``, ``N`` = elements sharing one step, ``Qp = qmax``.
+
+        Per-channel: ``N = numel/channels`` (weights: numel/out_channels). Per-tensor activations:
+        ``N = numel/batch`` (``x.shape[0]``); per-tensor weights: ``N = numel``.
+        """
+        if self.channels:
+            n = x.numel() / self.channels
+        elif self.role == "act" and x.dim() > 0:
+            n = x.numel() / max(x.shape[0], 1)
+        else:
+            n = x.numel()
+        return 1.0 / math.sqrt(max(n, 1.0) * self.qmax)
+
+    def _effective_step(self) -> torch.Tensor:
+        return positive(self.step)
+
+    def _offset_or_none(self):
+        return None
+
+    def _quantize(self, x, cdtype):
+        off = self._offset_or_none()
+        return LSQFakeQuantize.apply(
+            x,
+            self._effective_step().to(cdtype),
+            off.to(cdtype) if off is not None else None,
+            self.qmin,
+            self.qmax,
+            self.grad_scale(x),
+            bool(self.channels),
+            cdtype,
+        )
+
+    def step_size(self) -> torch.Tensor:
+        """The positive step ``|s|`` (detached), shape ``(channels,)`` or ``(1,)``."""
+        return self._effective_step().detach().clone()
+
+
+class LSQQuantizer(_LSQBase):
+    r"""LSQ fake quantizer (weights per output channel, activations per tensor).
+
+    Forward / backward (see :class:`LSQFakeQuantize`), with ``v = x/s``, ``[n, p] = [qmin, qmax]``::
+
+        y     = round(clamp(v, n, p)) * s
+        dy/dx = 1 if n < v < p else 0
+        dy/ds = g * (round(v) - v if n < v < p;  n if v <= n;  p if v >= p),   g = 1/sqrt(N * p)
+
+    ``s`` is the learnable ``step`` (shape ``(channels,)`` or ``(1,)``), used as ``|step|`` floored at 1e-8.
+
+    Init (:meth:`init_from`): ``s = 2*mean(|x|)/sqrt(p)`` per channel (weights) or over the tensor
+    (activations), floored at 1e-8 so all-zero inputs give no NaN.
+    """
+
+    method = "lsq"
+
+    def __init__(self, role="act", bits=4, channels=0, signed=True):
+        """See :func:`make_quantizer`."""
+        super().__init__(role, bits, channels, signed)
+        self.step = nn.Parameter(torch.ones(max(self.channels, 1)))
+
+    @torch.no_grad()
+    def init_from(self, x):
+        """``step = max(2*mean|x|/sqrt(qmax), 1e-8)`` (per channel if ``channels > 0``)."""
+        self._check_input(x)
+        mean_abs = self._rows(x.detach()).abs().float().mean(1)
+        self.step.copy_((2.0 * mean_abs / math.sqrt(self.qmax)).clamp_min(STEP_EPS))
+        self._mark_initialized()
+        return self
+
+    def grid(self):
+        """``scale = |step|``, ``offset = 0``, ``k in [qmin, qmax]``."""
+        s = self.step_size()
+        return self._grid(s, torch.zeros_like(s), self.qmin, self.qmax)
+
+
+class LSQPlusQuantizer(_LSQBase):
+    r"""LSQ+ fake quantizer: learnable step ``s`` and (activations) learnable float offset ``beta``.
+
+    With ``v = (x - beta)/s`` and ``[n, p] = [qmin, qmax]`` of the module's signedness (the offset makes the
+    grid asymmetric anyway; signed activations give the usual ``n = -2^(b-1)``)::
+
+        y        = round(clamp(v, n, p)) * s + beta
+        dy/dx    = 1 if n < v < p else 0
+        dy/ds    = g * (round(v) - v if n < v < p;  n if v <= n;  p if v >= p)
+        dy/dbeta = g * (0 if n < v < p else 1),      g = 1/sqrt(N * p)
+
+    Tensors: ``step`` (parameter) and ``offset`` -- a parameter for activations, a zero non-learnable buffer
+    for weights (LSQ+ uses ``beta = 0`` for weights).
+
+    Init (:meth:`init_from`):
+        * weights, per channel: ``s = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)`` (population std);
+        * activations: min-max, ``s = (max - min)/(p - n)``, ``beta = min - n*s`` so the grid spans
+          ``[min, max]``.
+        ``s`` is floored at 1e-8 (constant or zero inputs).
+    """
+
+    method = "lsqplus"
+
+    def __init__(self, role="act", bits=4, channels=0, signed=True):
+        """See :func:`make_quantizer`."""
+        super().__init__(role, bits, channels, signed)
+        c = max(self.channels, 1)
+        self.step = nn.Parameter(torch.ones(c))
+        if self.role == "act":
+            self.offset = nn.Parameter(torch.zeros(c))
+        else:
+            self.register_buffer("offset", torch.zeros(c))
+
+    def _offset_or_none(self):
+        return self.offset if self.role == "act" else None
+
+    @torch.no_grad()
+    def init_from(self, x):
+        """Weights: mu +- 3 sigma rule; activations: min-max (see class docstring)."""
+        self._check_input(x)
+        rows = self._rows(x.detach()).float()
+        if self.role == "weight":
+            mu, sigma = rows.mean(1), rows.std(1, correction=0)
+            s = torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs()) / (1 << (self.bits - 1))
+            self.step.copy_(s.clamp_min(STEP_EPS))
+            self.offset.zero_()
+        else:
+            lo, hi = rows.amin(1), rows.amax(1)
+            s = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(STEP_EPS)
+            self.step.copy_(s)
+            self.offset.copy_(lo - self.qmin * s)
+        self._mark_initialized()
+        return self
+
+    def grid(self):
+        """``scale = |step|``, ``offset = beta``, ``k in [qmin, qmax]``."""
+        return self._grid(self.step_size(), self.offset.detach(), self.qmin, self.qmax)

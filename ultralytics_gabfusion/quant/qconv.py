@@ -1,0 +1,177 @@
+"""Fake-quantized convolutions: the modules that replace Ultralytics' ``Conv`` blocks and raw ``nn.Conv2d`` layers.
+
+``QuantConv2d`` is an ``nn.Conv2d`` that fake-quantizes its input activation and its weight before the convolution.
+``QuantConvBlock`` replaces an Ultralytics ``Conv``/``DWConv`` (conv + BN + act) with the same child names
+(``conv``, ``bn``, ``act``), so FP checkpoints load key for key. It deliberately does *not* subclass ``Conv``:
+Ultralytics' ``fuse()`` folds BN into any ``Conv`` by building a fresh ``nn.Conv2d``, which would silently drop
+the quantizers in validation, export and ``YOLO("best.pt")``.
+
+Examples:
+    >>> import torch
+    >>> from ultralytics_gabfusion.quant.qconv import QuantConv2d
+    >>> conv = QuantConv2d(8, 16, 3, padding=1, method="lsq", w_bits=4, a_bits=4)
+    >>> conv(torch.randn(2, 8, 16, 16)).shape
+    torch.Size([2, 16, 16, 16])
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from .quantizers import make_quantizer
+
+# Bumped when the pickled layout of these modules changes; checked when a checkpoint is unpickled.
+FORMAT_VERSION = 1
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with a per-output-channel weight quantizer and a per-tensor input quantizer.
+
+    Forward: ``y = conv2d(Qa(x) + input_shift, Qw(W), b)``. ``input_shift`` exists only for N2UQ activations, whose
+    output levels start at 0 whatever the input range: after calibration it holds the offset that puts the
+    quantized activation back on the input's scale (it is learnable, trained with the quantizer parameters), so a
+    network whose inputs can be negative (SiLU, LayerNorm) keeps its function at step 0.
+
+    Args:
+        *args: ``nn.Conv2d`` positional arguments.
+        method (str | None): Quantizer (lsq, lsqplus, pact, n2uq); None leaves the conv in full precision.
+        w_bits (int | None): Weight bits; None keeps the weight in full precision.
+        a_bits (int | None): Activation bits; None keeps the input in full precision.
+        a_signed (bool): Whether the input can be negative (selects the signed grid).
+        **kwargs: ``nn.Conv2d`` keyword arguments.
+    """
+
+    def __init__(self, *args, method=None, w_bits=None, a_bits=None, a_signed=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.format_version = FORMAT_VERSION
+        self.quant_enabled = True  # switched off by `quantizers_disabled` (e.g. while calibrating GABFusion)
+        self.weight_quant = make_quantizer(method, "weight", w_bits, channels=self.out_channels) if method and w_bits else None
+        self.act_quant = make_quantizer(method, "act", a_bits, channels=0, signed=a_signed) if method and a_bits else None
+        if self.act_quant is not None and method == "n2uq":
+            self.input_shift = nn.Parameter(torch.zeros(1))
+        else:
+            self.register_parameter("input_shift", None)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, method, w_bits, a_bits, a_signed=True) -> "QuantConv2d":
+        """Build a ``QuantConv2d`` that shares ``conv``'s weight and bias tensors (no copy)."""
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            method=method,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            a_signed=a_signed,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        q.weight = conv.weight
+        if conv.bias is not None:
+            q.bias = conv.bias
+        return q
+
+    @property
+    def w_bits(self):
+        """Weight bits, or None when the weight is full precision."""
+        return self.weight_quant.bits if self.weight_quant is not None else None
+
+    @property
+    def a_bits(self):
+        """Activation bits, or None when the input is full precision."""
+        return self.act_quant.bits if self.act_quant is not None else None
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the fake-quantized input the convolution sees."""
+        if self.act_quant is None or not self.quant_enabled:
+            return x
+        x = self.act_quant(x)
+        if self.input_shift is not None:
+            x = x + self.input_shift.to(x.dtype)
+        return x
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Return the fake-quantized weight."""
+        if self.weight_quant is None or not self.quant_enabled:
+            return self.weight
+        return self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize input and weight, then convolve."""
+        x = self.quantize_input(x)
+        w = self.quantized_weight().to(x.dtype)
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return self._conv_forward(x, w, b)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the learnable N2UQ shift in fp32 when Ultralytics saves the model with .half().
+        super()._apply(fn, recurse)
+        if self.input_shift is not None and self.input_shift.dtype in (torch.float16, torch.bfloat16):
+            self.input_shift.data = self.input_shift.data.float()
+        return self
+
+    def __setstate__(self, state):
+        version = state.get("format_version", 0)
+        if version != FORMAT_VERSION:
+            raise RuntimeError(
+                f"This checkpoint holds quantized layers of format {version}, but the installed ultralytics-gabfusion "
+                f"reads format {FORMAT_VERSION}. Install the plugin version that wrote it, or retrain/re-export."
+            )
+        super().__setstate__(state)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", method={self.method}, w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+
+class QuantConvBlock(nn.Module):
+    """Quantized replacement of Ultralytics ``Conv``/``DWConv``: ``act(bn(QuantConv2d(x)))``.
+
+    Child names match ``Conv`` (``conv``, ``bn``, ``act``) so FP state dicts load unchanged. BN stays a separate
+    train-mode layer during QAT; for export it folds exactly into the per-channel weight scale.
+    """
+
+    def __init__(self, conv: QuantConv2d, bn: nn.Module, act: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply quantized conv, batch norm and activation."""
+        return self.act(self.bn(self.conv(x)))
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module):
+    """Run ``model`` in full precision inside the block (quantizers neither applied nor lazily initialised)."""
+    convs = [m for _, m in quant_convs(model)]
+    for m in convs:
+        m.quant_enabled = False
+    try:
+        yield model
+    finally:
+        for m in convs:
+            m.quant_enabled = True
+
+
+def quant_convs(model: nn.Module):
+    """Yield ``(name, QuantConv2d)`` for every quantized conv in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantConv2d):
+            yield name, m
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Return True if ``model`` contains at least one quantized conv."""
+    return any(m.weight_quant is not None or m.act_quant is not None for _, m in quant_convs(model))
+
+
+__all__ = ["QuantConv2d", "QuantConvBlock", "quant_convs", "quantizers_disabled", "is_quantized", "FORMAT_VERSION"]

@@ -1,0 +1,376 @@
+"""Fake-quantizer base class, shared helpers and the ``make_quantizer`` factory.
+
+The four methods live in one file each so that every formula has exactly one visible home:
+
+* :mod:`.lsq`  -- LSQ and LSQ+ (``LSQFakeQuantize.backward`` is where their gradients are computed),
+* :mod:`.pact` -- PACT for activations and DoReFa for weights,
+* :mod:`.n2uq` -- N2UQ (``N2UQFakeQuantize.backward`` holds the generalised STE).
+
+Conventions shared by all quantizers (docs/method.md section 4):
+
+* ``torch.round`` (round half to even); clamping happens before rounding; pass-through masks are decided
+  on the unrounded scaled value.
+* Arithmetic runs in float32 even under AMP (float64 inputs stay float64), the result is cast back to
+  the input dtype.
+* Learnable positive quantities (steps, alpha, N2UQ scales) are made positive in forward with
+  ``t.abs().clamp_min(eps)`` (:func:`positive`): the gradient of ``abs`` keeps the sign consistent if an
+  optimizer step overshoots below zero, and the ``eps`` floor (1e-8) only bites on a degenerate
+  parameter. N2UQ intervals use the paper's 1e-3 floor with a straight-through gradient
+  (:func:`floor_ste`) so an interval that touched the floor can grow back.
+* Quantizer state is kept in float32: ``.half()`` (Ultralytics saves checkpoints that way) does not
+  downcast it, see :meth:`FakeQuantizer._apply`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FakeQuantizer",
+    "make_quantizer",
+    "QUANT_METHODS",
+    "QUANT_ROLES",
+    "MIN_BITS",
+    "MAX_BITS",
+    "STEP_EPS",
+    "positive",
+    "floor_ste",
+    "round_ste",
+    "row_quantile",
+]
+
+QUANT_METHODS = ("lsq", "lsqplus", "pact", "n2uq")
+QUANT_ROLES = ("weight", "act")
+MIN_BITS, MAX_BITS = 2, 8
+# Floor for steps / alpha / scales, in forward and in the data-driven inits (all-zero inputs).
+STEP_EPS = 1e-8
+
+# Spelling variants accepted by the factory; everything is normalised to QUANT_METHODS / QUANT_ROLES.
+_METHOD_ALIASES = {"lsq+": "lsqplus", "lsq_plus": "lsqplus", "lsq-plus": "lsqplus"}
+_ROLE_ALIASES = {"activation": "act", "activations": "act", "weights": "weight"}
+# Quantile inits look at most this many elements per row: kthvalue over a 100M-element activation
+# would cost time and memory for no gain in the estimate.
+_QUANTILE_MAX_ELEMS = 1 << 22
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small autograd helpers shared by the methods
+# ----------------------------------------------------------------------------------------------------------
+def positive(t: torch.Tensor, eps: float = STEP_EPS) -> torch.Tensor:
+    """Return ``|t|`` floored at ``eps`` (differentiable through ``abs``; zero gradient below ``eps``)."""
+    return t.abs().clamp_min(eps)
+
+
+class _FloorSTE(torch.autograd.Function):
+    """``clamp_min(t, floor)`` in forward, identity gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, t, floor):  # noqa: D102
+        return t.clamp_min(floor)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad, None
+
+
+def floor_ste(t: torch.Tensor, floor: float) -> torch.Tensor:
+    """Floor ``t`` at ``floor`` with a straight-through gradient (so a floored value can recover)."""
+    return _FloorSTE.apply(t, floor)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """``round(clamp(v, lo, hi))`` in forward, identity gradient in backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, v, lo, hi):  # noqa: D102
+        return torch.round(v.clamp(lo, hi))
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad, None, None
+
+
+def round_ste(v: torch.Tensor, lo: float | None = None, hi: float | None = None) -> torch.Tensor:
+    """Round half to even after an optional clamp; gradient passes straight through both."""
+    return _RoundSTE.apply(v, lo, hi)
+
+
+def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row ``q``-quantile (nearest rank) of a 2-D tensor via ``kthvalue``.
+
+    ``torch.quantile`` refuses inputs above 2**24 elements, so this uses ``kthvalue`` on (at most
+    ``_QUANTILE_MAX_ELEMS`` evenly strided) elements of each row. Computed in float32 or wider.
+    """
+    x2d = x2d.detach()
+    if not x2d.is_floating_point() or x2d.dtype in _HALF_TYPES:
+        x2d = x2d.float()
+    n = x2d.shape[1]
+    if n > _QUANTILE_MAX_ELEMS:
+        x2d = x2d[:, :: -(-n // _QUANTILE_MAX_ELEMS)]
+        n = x2d.shape[1]
+    k = min(max(int(round(q * (n - 1))) + 1, 1), n)
+    return x2d.kthvalue(k, dim=1).values
+
+
+def _autocast_off(device_type: str):
+    """Context that disables autocast on ``device_type`` (a no-op context where autocast does not exist)."""
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if available is not None and not available(device_type):
+        return nullcontext()
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:
+        return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument validation
+# ----------------------------------------------------------------------------------------------------------
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r} ({type(bits).__name__})")
+    if not MIN_BITS <= int(bits) <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    return int(bits)
+
+
+def _check_method(method) -> str:
+    name = _METHOD_ALIASES.get(str(method).strip().lower(), str(method).strip().lower())
+    if name not in QUANT_METHODS:
+        hint = difflib.get_close_matches(str(method).lower(), QUANT_METHODS, n=1)
+        hint = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"unknown quantizer method {method!r}{hint}; allowed methods: {', '.join(QUANT_METHODS)}")
+    return name
+
+
+def _check_role(role) -> str:
+    name = _ROLE_ALIASES.get(str(role).strip().lower(), str(role).strip().lower())
+    if name not in QUANT_ROLES:
+        raise ValueError(f"unknown quantizer role {role!r}; allowed roles: {', '.join(QUANT_ROLES)}")
+    return name
+
+
+def _check_channels(channels) -> int:
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral):
+        raise ValueError(
+            f"channels must be a non-negative integer (0 = per-tensor, C>0 = per-channel along dim 0), got {channels!r}"
+        )
+    if channels < 0:
+        raise ValueError(
+            f"channels must be a non-negative integer (0 = per-tensor, C>0 = per-channel along dim 0), got {channels}"
+        )
+    return int(channels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Base class
+# ----------------------------------------------------------------------------------------------------------
+class FakeQuantizer(nn.Module):
+    """Base class of all fake quantizers (quantize-dequantize with a training surrogate gradient).
+
+    Subclasses implement :meth:`init_from` (data-driven init of their state from a tensor),
+    :meth:`_quantize` (the fake-quant arithmetic on a tensor already in the compute dtype),
+    :meth:`step_size` and, for uniform-output quantizers, :meth:`grid`.
+
+    Per-channel quantizers (``channels > 0``) act along dim 0 (weights: output channels); their learnable
+    tensors are 1-D of shape ``(channels,)`` and are broadcast internally. Per-tensor ones have shape
+    ``(1,)``.
+
+    Attributes:
+        method (str): ``"lsq"``, ``"lsqplus"``, ``"pact"`` or ``"n2uq"``.
+        role (str): ``"weight"`` or ``"act"``.
+        bits (int): bit-width, 2..8.
+        signed (bool): integer grid signedness (``qmin``/``qmax``); methods with a fixed grid say how they
+            use it.
+        channels (int): 0 for per-tensor, else the size of dim 0.
+        decay_params (tuple[str, ...]): names of parameters that belong in a weight-decayed optimizer
+            group (PACT's ``alpha``); empty for the others.
+        initialized (Tensor): persistent ``uint8`` scalar buffer, 1 once :meth:`init_from` ran (saved in the
+            state_dict so a loaded quantizer is not re-initialised by its first forward).
+    """
+
+    method: str = ""
+    decay_params: tuple = ()
+
+    def __init__(self, role: str = "act", bits: int = 4, channels: int = 0, signed: bool = True):
+        """Validate and store the configuration; subclasses register their tensors afterwards."""
+        super().__init__()
+        self.role = _check_role(role)
+        self.bits = _check_bits(bits)
+        self.channels = _check_channels(channels)
+        self.signed = bool(signed)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+        # Python-side mirror of `initialized`: reading a CUDA buffer in every forward would force a device
+        # sync per quantizer (and a graph break under torch.compile). Reset when a state_dict is loaded.
+        self._init_cached = False
+
+    # ---------------------------------------------------------------- grid bounds
+    @property
+    def qmin(self) -> int:
+        """Lowest integer of the grid: ``-2**(b-1)`` if signed else 0."""
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        """Highest integer of the grid: ``2**(b-1)-1`` if signed else ``2**b-1``."""
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    @property
+    def levels(self) -> int:
+        """Number of output levels, ``2**b``."""
+        return 1 << self.bits
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (
+            f"method={self.method!r}, role={self.role!r}, bits={self.bits}, signed={self.signed}, "
+            f"channels={self.channels}"
+        )
+
+    # ---------------------------------------------------------------- init state
+    @property
+    def is_initialized(self) -> bool:
+        """Whether :meth:`init_from` ran (or initialised state was loaded)."""
+        if not self._init_cached:
+            self._init_cached = bool(self.initialized.item())
+        return self._init_cached
+
+    def _mark_initialized(self) -> None:
+        self.initialized.fill_(1)
+        self._init_cached = True
+
+    def init_from(self, x: torch.Tensor) -> "FakeQuantizer":
+        """Overwrite the quantizer state from tensor ``x`` (no grad) and mark it initialised."""
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # The loaded `initialized` value may differ from the cached flag.
+        self._init_cached = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # ---------------------------------------------------------------- dtype policy
+    def _apply(self, fn, recurse=True):
+        """Apply ``fn`` (``.to()``, ``.cuda()``, ``.half()`` ...) but keep floating state in float32.
+
+        Ultralytics saves checkpoints with ``model.half()``; quantizer steps/offsets lose too much
+        precision in float16 (and gradients must accumulate in float32), so any own parameter, gradient
+        or buffer that became float16/bfloat16 is converted back. Device moves and float64 are untouched.
+        """
+        super()._apply(fn, recurse)
+        for p in self._parameters.values():
+            if p is not None and p.dtype in _HALF_TYPES:
+                grad = p.grad
+                p.grad = None
+                p.data = p.data.float()
+                if grad is not None:
+                    p.grad = grad.float()
+        for name, b in self._buffers.items():
+            if b is not None and b.dtype in _HALF_TYPES:
+                self._buffers[name] = b.float()
+        return self
+
+    # ---------------------------------------------------------------- forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if self.channels and (x.dim() == 0 or x.shape[0] != self.channels):
+            raise ValueError(
+                f"{type(self).__name__} is per-channel with channels={self.channels} along dim 0, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+
+    def _bcast(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """View a ``(channels,)`` / ``(1,)`` tensor so it broadcasts against ``x`` along dim 0."""
+        if self.channels and x.dim() > 1:
+            return p.view(-1, *([1] * (x.dim() - 1)))
+        return p
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as a 2-D (rows, elements) view: one row per channel, or a single row if per-tensor."""
+        return x.reshape(self.channels, -1) if self.channels else x.reshape(1, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` (lazy :meth:`init_from` on the first call), computing in float32 or wider."""
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise ValueError(f"{type(self).__name__} expects a floating-point tensor, got {type(x).__name__}")
+        self._check_input(x)
+        if x.numel() == 0:
+            return x.clone()
+        if not self.is_initialized:
+            self.init_from(x)
+        cdtype = torch.promote_types(x.dtype, torch.float32)
+        with _autocast_off(x.device.type):
+            y = self._quantize(x, cdtype)
+        return y.to(x.dtype)
+
+    def _quantize(self, x: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
+        """Fake-quantize raw ``x``; return it in ``cdtype`` (subclasses cast ``x``/params to ``cdtype``)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- export helpers
+    def step_size(self) -> torch.Tensor:
+        """Effective quantization step in the input domain, shape ``(channels,)`` or ``(1,)`` (detached)."""
+        raise NotImplementedError
+
+    def grid(self) -> dict:
+        """Affine integer grid of the output: every output equals ``offset + k*scale``, k in [qmin, qmax].
+
+        Returns:
+            dict: ``{"scale": Tensor, "offset": Tensor, "qmin": int, "qmax": int, "axis": 0 | None}``;
+            ``scale``/``offset`` are detached float tensors of shape ``(channels,)`` or ``(1,)``.
+        """
+        raise NotImplementedError
+
+    def _grid(self, scale, offset, qmin, qmax) -> dict:
+        scale = scale.detach().reshape(-1).clone()
+        offset = torch.as_tensor(offset, dtype=scale.dtype, device=scale.device).detach().reshape(-1)
+        offset = offset.expand_as(scale).clone() if offset.numel() == 1 else offset.clone()
+        return {"scale": scale, "offset": offset, "qmin": int(qmin), "qmax": int(qmax),
+                "axis": 0 if self.channels else None}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Factory
+# ----------------------------------------------------------------------------------------------------------
+def _registry() -> dict:
+    # Imported lazily: the method modules import FakeQuantizer from this module.
+    from .lsq import LSQPlusQuantizer, LSQQuantizer
+    from .n2uq import N2UQQuantizer
+    from .pact import PACTQuantizer
+
+    return {"lsq": LSQQuantizer, "lsqplus": LSQPlusQuantizer, "pact": PACTQuantizer, "n2uq": N2UQQuantizer}
+
+
+def make_quantizer(
+    method: str, role: str, bits: int, channels: int = 0, signed: bool = True, **kwargs
+) -> FakeQuantizer:
+    """Build a fake quantizer.
+
+    Args:
+        method: ``"lsq"``, ``"lsqplus"`` (alias ``"lsq+"``), ``"pact"`` (weights: DoReFa) or ``"n2uq"``.
+        role: ``"weight"`` or ``"act"`` (alias ``"activation"``).
+        bits: integer bit-width in 2..8.
+        channels: 0 = per-tensor; C > 0 = per-channel along dim 0 (weights: ``weight.shape[0]``).
+        signed: signed integer grid ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
+        **kwargs: method-specific options forwarded to the class (e.g. N2UQ ``weight_grad``).
+
+    Returns:
+        FakeQuantizer: an uninitialised quantizer (it initialises from its first input, or call ``init_from``).
+
+    Raises:
+        ValueError: unknown method/role, bits not an integer in 2..8, negative channels.
+    """
+    cls = _registry()[_check_method(method)]
+    return cls(role=role, bits=bits, channels=channels, signed=signed, **kwargs)
+
+
+_LAZY_CLASSES = ("LSQQuantizer", "LSQPlusQuantizer", "PACTQuantizer", "N2UQQuantizer")
+
+
+def __getattr__(name):  # PEP 562: `from .quantizers import LSQQuantizer` works without an import cycle
+    if name in _LAZY_CLASSES:
+        return {c.__name__: c for c in _registry().values()}[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,231 @@
+"""Plugin settings: every key the plugin adds to Ultralytics' flat argument namespace, in one place.
+
+Each key is a plain Ultralytics-style setting (``key=value`` on the CLI, a keyword in Python, a line in a YAML
+recipe). This module defines their defaults, types and allowed values and validates them with messages that say
+what to fix.
+
+Examples:
+    >>> from ultralytics_gabfusion.settings import PLUGIN_DEFAULTS, validate_settings
+    >>> PLUGIN_DEFAULTS["qat"]
+    'none'
+    >>> validate_settings({"qat": "lsq", "w_bits": 4, "a_bits": 4})["qat"]
+    'lsq'
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+QAT_METHODS = ("none", "lsq", "lsqplus", "pact", "n2uq")
+GAB_MODES = ("balanced", "learned", "off")
+ADA_ATTNS = ("simam", "qada")
+ADA_DIVS = ("kl", "js")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One plugin key: default, help text and a validator returning the normalised value or raising ValueError."""
+
+    default: Any
+    help: str
+    check: Callable[[str, Any], Any]
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], Any]:
+    def check(key, v):
+        s = str(v).lower() if v is not None else "none"
+        if s in ("false", "0") and "off" in allowed:
+            s = "off"
+        if s in ("false", "0") and "none" in allowed:
+            s = "none"
+        if s not in allowed:
+            close = difflib.get_close_matches(s, allowed, n=1)
+            hint = f" Did you mean '{key}={close[0]}'?" if close else ""
+            raise ValueError(f"'{key}={v}' is not valid. Allowed values: {', '.join(allowed)}.{hint}")
+        return s
+
+    return check
+
+
+def _int_range(lo: int, hi: int, allow_zero: bool = False) -> Callable[[str, Any], Any]:
+    def check(key, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v):
+            raise ValueError(f"'{key}={v!r}' must be an integer in {lo}..{hi}{' or 0' if allow_zero else ''}.")
+        v = int(v)
+        if not (lo <= v <= hi or (allow_zero and v == 0)):
+            raise ValueError(f"'{key}={v}' is out of range: use an integer in {lo}..{hi}{' or 0' if allow_zero else ''}.")
+        return v
+
+    return check
+
+
+def _float_range(lo: float, hi: float | None = None, lo_open: bool = False) -> Callable[[str, Any], Any]:
+    def check(key, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"'{key}={v!r}' must be a number.")
+        v = float(v)
+        bad_lo = v <= lo if lo_open else v < lo
+        if bad_lo or (hi is not None and v > hi):
+            rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise ValueError(f"'{key}={v}' is out of range: it must be {rng}.")
+        return v
+
+    return check
+
+
+def _optional_float(lo: float) -> Callable[[str, Any], Any]:
+    inner = _float_range(lo, lo_open=True)
+
+    def check(key, v):
+        return None if v in (None, "", "none", "None") else inner(key, v)
+
+    return check
+
+
+def _bool(key, v):
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("true", "1", "yes"):
+        return True
+    if str(v).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"'{key}={v!r}' must be True or False.")
+
+
+def _path_or_none(key, v):
+    if v in (None, "", "none", "None"):
+        return None
+    if not isinstance(v, str):
+        v = str(v)
+    return v
+
+
+def _int_list_or_none(key, v):
+    if v in (None, "", "none", "None"):
+        return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    if isinstance(v, str):
+        v = [s for s in v.replace("[", "").replace("]", "").split(",") if s.strip()]
+    try:
+        out = [int(x) for x in v]
+    except (TypeError, ValueError):
+        raise ValueError(f"'{key}={v!r}' must be a list of layer indices, e.g. {key}=[17,20,23].") from None
+    if not out:
+        raise ValueError(f"'{key}' must name at least one layer index, or be None for the default.")
+    return out
+
+
+def _float_list_or_none(key, v):
+    if v in (None, "", "none", "None"):
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = [v]
+    if isinstance(v, str):
+        v = [s for s in v.replace("[", "").replace("]", "").split(",") if s.strip()]
+    try:
+        return [float(x) for x in v]
+    except (TypeError, ValueError):
+        raise ValueError(f"'{key}={v!r}' must be a list of numbers, e.g. {key}=[0.0,0.0].") from None
+
+
+SETTINGS: dict[str, Setting] = {
+    # Quantization-aware training
+    "qat": Setting("none", "quantizer for weights and activations: none, lsq, lsqplus, pact, n2uq", _choice(*QAT_METHODS)),
+    "w_bits": Setting(4, "weight bit-width (2-8) of every quantized conv outside the policy's ends", _int_range(2, 8)),
+    "a_bits": Setting(4, "activation bit-width (2-8) of every quantized conv input outside the ends", _int_range(2, 8)),
+    "qat_first_bits": Setting(8, "W and A bits of the first conv (0 = same as w_bits/a_bits)", _int_range(2, 8, True)),
+    "qat_head_bits": Setting(8, "W and A bits of the Detect output convs (0 = same as w_bits/a_bits)", _int_range(2, 8, True)),
+    "qat_skip": Setting(None, "layer indices left in full precision, e.g. [0,23]", _int_list_or_none),
+    "qat_calib": Setting(4, "training batches used to initialise activation quantizers (0 = lazy, first batch)", _int_range(0, 1000, True)),
+    "qat_lr": Setting(1.0, "learning-rate multiplier of quantizer parameters (N2UQ reference: 0.1)", _float_range(0.0, lo_open=True)),
+    # GABFusion
+    "gab": Setting("off", "GABFusion at the neck Concat nodes: balanced, learned, off", _choice(*GAB_MODES)),
+    "gab_beta": Setting(0.1, "EMA factor of the per-branch gradient norms (balanced)", _float_range(0.0, 1.0, lo_open=True)),
+    "gab_eta": Setting(0.05, "step size of the lambda update (balanced)", _float_range(0.0)),
+    "gab_eps": Setting(1e-12, "epsilon inside log(G + eps) (balanced)", _float_range(0.0, lo_open=True)),
+    "gab_tau": Setting(None, "per-branch log-ratio targets tau_i (balanced; None = 0)", _float_list_or_none),
+    "gab_rms": Setting(False, "use size-normalised gradient norms ||g||/sqrt(numel) (balanced)", _bool),
+    "gab_calib": Setting(True, "fit the LayerNorm affine so a GABFusion node starts close to the Concat it replaced", _bool),
+    # ADA distillation
+    "ada": Setting(0.0, "ADA loss weight (0 = off; paper: 0.01)", _float_range(0.0)),
+    "ada_attn": Setting("simam", "attention of ADA: simam (v1) or qada (v2)", _choice(*ADA_ATTNS)),
+    "ada_div": Setting("kl", "divergence of ADA: kl (teacher||student) or js", _choice(*ADA_DIVS)),
+    "ada_layers": Setting(None, "supervised layer indices (None = the Detect inputs)", _int_list_or_none),
+    "ada_t": Setting(None, "temperature of the sharper softmax(S/T) distribution (None = paper's A/sum A)", _optional_float(0.0)),
+    "teacher": Setting(None, "full-precision teacher checkpoint (default: the FP .pt QAT starts from)", _path_or_none),
+}
+
+PLUGIN_DEFAULTS: dict[str, Any] = {k: s.default for k, s in SETTINGS.items()}
+PLUGIN_KEYS = frozenset(SETTINGS)
+
+
+def validate_settings(values: dict, strict: bool = True) -> dict:
+    """Validate and normalise plugin settings.
+
+    Args:
+        values (dict): Mapping of keys to values; keys that are not plugin keys are ignored unless ``strict``
+            and they look like misspelt plugin keys.
+        strict (bool): Raise on keys that are not plugin keys but are close to one (e.g. ``w_bit``).
+
+    Returns:
+        (dict): The plugin keys present in ``values`` with normalised values.
+
+    Raises:
+        ValueError: On a bad value, with the allowed values in the message.
+
+    Examples:
+        >>> validate_settings({"w_bits": "3"})
+        Traceback (most recent call last):
+        ...
+        ValueError: 'w_bits='3'' must be an integer in 2..8.
+    """
+    out = {}
+    for k, v in values.items():
+        if k in SETTINGS:
+            out[k] = SETTINGS[k].check(k, v)
+    return out
+
+
+def suggest_key(key: str, valid: set | frozenset | list) -> str:
+    """Return a hint naming the closest valid key to ``key``, or an empty string."""
+    close = difflib.get_close_matches(key, list(valid), n=3)
+    return f" Similar keys: {', '.join(close)}." if close else ""
+
+
+def check_consistency(args) -> None:
+    """Cross-key checks that a single key's validator cannot do.
+
+    Args:
+        args: Namespace or dict holding the plugin keys.
+
+    Raises:
+        ValueError: When keys contradict each other, saying which key to change.
+    """
+    get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
+    if get("ada_attn") == "qada" and get("qat") == "none" and (get("ada") or 0) > 0:
+        raise ValueError("'ada_attn=qada' uses the student's quantizers: set qat=lsq|lsqplus|pact|n2uq or ada_attn=simam.")
+
+
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """Split a flat override dict into (plugin keys, Ultralytics keys)."""
+    ours = {k: v for k, v in overrides.items() if k in PLUGIN_KEYS}
+    theirs = {k: v for k, v in overrides.items() if k not in PLUGIN_KEYS}
+    return ours, theirs
+
+
+def strip_plugin_keys(args) -> dict:
+    """Return Ultralytics-only args as a dict (for components that re-validate, such as validators)."""
+    d = dict(vars(args)) if not isinstance(args, dict) else dict(args)
+    return {k: v for k, v in d.items() if k not in PLUGIN_KEYS}
+
+
+def help_text() -> str:
+    """A table of the plugin keys with defaults, for ``yolo-gab help``."""
+    width = max(len(k) for k in SETTINGS) + 2
+    lines = ["Plugin keys (use as key=value, in cfg= recipes, or as Python keywords):"]
+    for k, s in SETTINGS.items():
+        lines.append(f"  {k:<{width}}{str(s.default):<10}{s.help}")
+    return "\n".join(lines)
