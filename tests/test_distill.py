@@ -54,6 +54,16 @@ IMGSZ = 64
 # ----------------------------------------------------------------------------------------------------------------------
 # fixtures
 # ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """64 px models gain nothing from intra-op threads, and on a shared 2-core box OpenMP spin-waiting makes
+    multi-threaded runs 10-20x slower; restore the process-wide setting for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def v5_pair():
     """Two identical yolov5s models (nc=4): (student, teacher)."""

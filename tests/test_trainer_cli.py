@@ -106,7 +106,7 @@ def test_plugin_keys_survive_checkpoint_and_ddp_file(tmp_path, tiny_data):
     ck = torch.load(Path(t.save_dir) / "weights" / "epoch0.pt", weights_only=False)
     for k, v in (("qat", "lsq"), ("w_bits", 3), ("a_bits", 3), ("gab", "balanced")):
         assert ck["train_args"][k] == v
-    assert ck["model"].gabfusion["qat"] == "lsq"
+    assert ck["ema"].gabfusion["qat"] == "lsq" and ck["ema"].gabfusion["version"]
 
     # Simulate Ultralytics' DDP relaunch: the worker rebuilds the trainer from vars(args) and a plain default cfg.
     from ultralytics.utils import DEFAULT_CFG_DICT

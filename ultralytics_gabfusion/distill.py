@@ -283,7 +283,9 @@ def attention_scores(
     k: float = QADA_K,
     gamma: float = 1.0,
 ) -> torch.Tensor:
-    """Pre-sigmoid attention score S of ``kind`` ('simam' or 'qada'); ``step``/``quantizer``/``k``/``gamma`` are qada-only.
+    """Pre-sigmoid attention score S of ``kind`` ('simam' or 'qada').
+
+    ``step``, ``quantizer``, ``k`` and ``gamma`` only matter for 'qada' (see :func:`qada_scores`).
 
     Examples:
         >>> attention_scores(torch.randn(1, 2, 4, 4), "simam").shape
@@ -439,8 +441,8 @@ def default_layers(model: nn.Module) -> list[int]:
     if f is None:
         raise ValueError(f"the last layer ({type(head).__name__}) has no .f input list; pass layers explicitly")
     f = [f] if isinstance(f, int) else list(f)
-    n = len(_layers_of(_unwrap(model), "model"))
-    return [j % n if j < 0 else j for j in f]  # -1 means "previous layer": make it absolute
+    head_index = len(_layers_of(_unwrap(model), "model")) - 1
+    return [head_index + j if j < 0 else j for j in f]  # -1 means "the layer before the head": make it absolute
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -184,7 +184,11 @@ class GABTrainer(DetectionTrainer):
             with quantizers_disabled(model):
                 err = calibrate_identity(model, torch.cat(images[:2]))
             model.gab_identity_pending = False
-            LOGGER.info(f"{PREFIX}GABFusion LayerNorm fitted to the replaced Concat outputs: {_fmt_err(err)}")
+            out = err.get("output", {}) if isinstance(err, dict) else {}
+            LOGGER.info(
+                f"{PREFIX}GABFusion LayerNorm affine fitted to the replaced Concat outputs (relative output change "
+                f"{out.get('before', float('nan')):.3g} -> {out.get('after', float('nan')):.3g})"
+            )
         if need_act and self.args.qat_calib > 0:
             from .quant.convert import calibrate_activations
 
@@ -235,14 +239,17 @@ class GABTrainer(DetectionTrainer):
         return optimizer
 
     def optimizer_step(self):
-        """Optimizer step, then the GABFusion lambda update, mirrored exactly into the EMA model."""
-        super().optimizer_step()
+        """GABFusion gradient-norm EMA and lambda update, the optimizer step, then lambda mirrored into the EMA model."""
         if self.args.gab != "off":
-            from .fusion import sync_fusion_state, update_fusion
+            from .fusion import update_fusion
 
-            update_fusion(unwrap_model(self.model))
-            if self.ema:
-                sync_fusion_state(unwrap_model(self.model), self.ema.ema)
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            update_fusion(unwrap_model(self.model), grad_scale=scale)  # every rank: one all-reduce keeps lambda equal
+        super().optimizer_step()
+        if self.args.gab != "off" and self.ema:
+            from .fusion import sync_fusion_state
+
+            sync_fusion_state(unwrap_model(self.model), self.ema.ema)
 
     # --------------------------------------------------------------------------------------------- ADA teacher
     def _setup_train(self):
@@ -291,7 +298,7 @@ class GABTrainer(DetectionTrainer):
             return super().validate()
         finally:
             ema.criterion = None
-            self._ada.detach(ema) if _accepts_arg(self._ada.detach) else None
+            self._ada.detach(ema)
             if self.args.ada_attn == "qada":
                 student = unwrap_model(self.model)
                 self._ada.quantizers.update({j: _consumer_quantizer(student, j) for j in self._ada.layers})
@@ -320,21 +327,6 @@ def _consumer_quantizer(model, layer: int):
             if isinstance(m, QuantConv2d) and m.act_quant is not None:
                 return m.act_quant
     return None
-
-
-def _accepts_arg(fn) -> bool:
-    import inspect
-
-    try:
-        return len(inspect.signature(fn).parameters) >= 1
-    except (TypeError, ValueError):
-        return False
-
-
-def _fmt_err(err) -> str:
-    if isinstance(err, dict):
-        return ", ".join(f"{k}: {v}" for k, v in err.items())
-    return str(err)
 
 
 def _log_ada_ratio(trainer):

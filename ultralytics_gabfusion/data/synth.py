@@ -33,6 +33,8 @@ import socket
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from numbers import Integral
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,16 +69,28 @@ SPLIT_IDS = {"train": 0, "val": 1}
 # COCO thresholds (pixels), applied to the longest side of the stored box.
 SIZE_BINS = (32, 96)
 
-# Seven Hershey faces; SCRIPT_COMPLEX is left out because its digits are ornate enough to be ambiguous.
-_FONTS = (
-    cv2.FONT_HERSHEY_SIMPLEX,
-    cv2.FONT_HERSHEY_PLAIN,
-    cv2.FONT_HERSHEY_DUPLEX,
-    cv2.FONT_HERSHEY_COMPLEX,
-    cv2.FONT_HERSHEY_TRIPLEX,
-    cv2.FONT_HERSHEY_COMPLEX_SMALL,
-    cv2.FONT_HERSHEY_SCRIPT_SIMPLEX,
-)
+# Glyph faces. OpenCV < 5 draws the Hershey vector fonts: seven faces (SCRIPT_COMPLEX is left out, its
+# digits are ornate enough to be ambiguous), optionally with the FONT_ITALIC flag. OpenCV 5 renders the
+# Hershey ids with its built-in outline fonts (sans/italic, two weights), so there the built-in faces are
+# used directly: "sans" and "italic" at two weights (different proportions) and "uni" (another design, e.g.
+# an unslashed zero). Stroke width is set separately (see _set_stroke), so it varies the same way in both.
+_MODERN_FONTS = hasattr(cv2, "FontFace")
+if _MODERN_FONTS:
+    _FACES: tuple = (("sans", 300), ("sans", 600), ("italic", 300), ("italic", 600), ("uni", 400))
+else:  # pragma: no cover - exercised only with OpenCV 4
+    _FACES = tuple(
+        (f, 0)
+        for f in (
+            cv2.FONT_HERSHEY_SIMPLEX,
+            cv2.FONT_HERSHEY_PLAIN,
+            cv2.FONT_HERSHEY_DUPLEX,
+            cv2.FONT_HERSHEY_COMPLEX,
+            cv2.FONT_HERSHEY_TRIPLEX,
+            cv2.FONT_HERSHEY_COMPLEX_SMALL,
+            cv2.FONT_HERSHEY_SCRIPT_SIMPLEX,
+        )
+    )
+_FONT_CACHE: dict[str, Any] = {}  # FontFace objects load font data: one per name and process
 # Unlabelled hard negatives that resemble digits (O~0, I/l~1, S~5, Z~2, B~8, G~6, q~9).
 _DISTRACTOR_LETTERS = "OIlSZBGq"
 
@@ -225,17 +239,59 @@ def _supersample(target: float) -> int:
     return 4 if target < 32 else 2 if target < 96 else 1
 
 
-def _text_canvas(text: str, font: int, italic: bool, height: float, thickness: int) -> np.ndarray:
-    """Draw ``text`` upright, white on black, with its glyph height close to ``height`` canvas pixels."""
-    (_, h1), _ = cv2.getTextSize(text, font, 1.0, 1)
-    scale = height / max(h1, 1)
-    (w, h), base = cv2.getTextSize(text, font, scale, thickness)
-    pad = thickness + 4
-    pad_x = pad + (int(0.35 * h) if italic else 0)  # the italic flag leans glyphs right past getTextSize
-    canvas = np.zeros((h + base + 2 * pad, w + 2 * pad_x), np.uint8)
-    face = font | (cv2.FONT_ITALIC if italic else 0)
-    cv2.putText(canvas, text, (pad_x, pad + h), face, scale, 255, thickness, cv2.LINE_AA)
-    return canvas
+def _set_stroke(canvas: np.ndarray, thickness: float) -> np.ndarray | None:
+    """Re-draw the ink of ``canvas`` with strokes ``thickness`` px wide (anti-aliased).
+
+    The current stroke width w0 is estimated as 2 * area / perimeter (exact for long strokes); the ink is
+    then grown or shrunk by (thickness - w0) / 2 through its signed distance to the outline (shrinking at
+    most to 0.8 * w0). This gives
+    the same stroke widths whether OpenCV draws 1-px Hershey vectors (OpenCV 4, where putText's own
+    thickness works) or filled outline fonts (OpenCV 5, where it is ignored beyond 2).
+    """
+    mask = (canvas >= 128).astype(np.uint8)
+    area = int(mask.sum())
+    if area == 0:
+        return None
+    contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    perimeter = sum(cv2.arcLength(c, True) for c in contours)
+    w0 = 2.0 * area / max(perimeter, 1.0)
+    # Outline fonts are not monoline (joins and hairlines are thinner than w0): shrinking by more than
+    # ~20 % would cut glyphs apart, so thin strokes stop at 0.8 * w0. Growing is always safe.
+    delta = (max(thickness, 0.8 * w0) - w0) / 2.0
+    d_in = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    d_out = cv2.distanceTransform(1 - mask, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    # Signed distance of each pixel centre to the outline (pixel edges at +-0.5), positive inside.
+    sd = np.where(mask > 0, d_in - 0.5, 0.5 - d_out)
+    alpha = np.clip(sd + np.float32(delta + 0.5), 0.0, 1.0)
+    return (alpha * 255.0 + 0.5).astype(np.uint8)
+
+
+def _text_canvas(text: str, face: tuple, italic: bool, height: float, thickness: float) -> np.ndarray | None:
+    """Draw ``text`` upright, white on black: glyph height about ``height``, strokes ``thickness`` px.
+
+    Drawn into a generous canvas and cropped to the ink (plus room for the stroke change), which avoids
+    text-metrics calls that differ between OpenCV versions.
+    """
+    font, weight = face
+    pad = int(math.ceil(thickness)) + 4
+    canvas = np.zeros((int(height * 2.2) + 2 * pad, int(height * 1.8 * len(text)) + 2 * pad), np.uint8)
+    org = (pad + int(0.3 * height), pad + int(1.5 * height))  # baseline; room for ascenders and descenders
+    if isinstance(font, str):
+        ff = _FONT_CACHE.get(font)
+        if ff is None:
+            ff = _FONT_CACHE[font] = cv2.FontFace(font)
+        cv2.putText(canvas, text, org, 255, ff, max(1, int(round(height / 0.75))), weight)  # cap height ~0.75 em
+    else:  # pragma: no cover - OpenCV 4 Hershey path
+        (_, h1), _ = cv2.getTextSize(text, font, 1.0, 1)
+        face_id = font | (cv2.FONT_ITALIC if italic else 0)
+        cv2.putText(canvas, text, org, face_id, height / max(h1, 1), 255, 1, cv2.LINE_AA)
+    rows = np.flatnonzero(canvas.any(1))
+    cols = np.flatnonzero(canvas.any(0))
+    if rows.size == 0:
+        return None
+    y0, y1 = max(rows[0] - pad, 0), rows[-1] + pad + 1
+    x0, x1 = max(cols[0] - pad, 0), cols[-1] + pad + 1
+    return _set_stroke(np.ascontiguousarray(canvas[y0:y1, x0:x1]), thickness)
 
 
 def _polygon(kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -343,10 +399,12 @@ def _render_object(cls: int, target: float, rng: np.random.Generator) -> np.ndar
     """Render labelled class ``cls`` (digit 0-9 or one of the six shapes) as an alpha patch."""
     ss = _supersample(target)
     if cls < 10:
-        font = _FONTS[rng.integers(len(_FONTS))]
+        face = _FACES[rng.integers(len(_FACES))]
         italic = bool(rng.random() < 0.3)
-        stroke = max(1.0, target * rng.uniform(0.04, 0.15))
-        canvas = _text_canvas(str(cls), font, italic, target * ss, max(1, int(round(stroke * ss))))
+        stroke = max(1.0, target * rng.uniform(0.04, 0.13))
+        canvas = _text_canvas(str(cls), face, italic, target * ss, stroke * ss)
+        if canvas is None:
+            return None
         return _warp_to_size(
             canvas, target, ss, rng.uniform(-25, 25), rng.uniform(-0.25, 0.25), rng.uniform(0.8, 1.2)
         )
@@ -367,9 +425,11 @@ def _render_distractor(rng: np.random.Generator, imgsz: int) -> np.ndarray | Non
         target = _sample_size(rng, imgsz)
         ss = _supersample(target)
         letter = _DISTRACTOR_LETTERS[rng.integers(len(_DISTRACTOR_LETTERS))]
-        font = _FONTS[rng.integers(len(_FONTS))]
-        stroke = max(1.0, target * rng.uniform(0.04, 0.15))
-        canvas = _text_canvas(letter, font, bool(rng.random() < 0.3), target * ss, max(1, int(round(stroke * ss))))
+        face = _FACES[rng.integers(len(_FACES))]
+        stroke = max(1.0, target * rng.uniform(0.04, 0.13))
+        canvas = _text_canvas(letter, face, bool(rng.random() < 0.3), target * ss, stroke * ss)
+        if canvas is None:
+            return None
         return _warp_to_size(
             canvas, target, ss, rng.uniform(-25, 25), rng.uniform(-0.25, 0.25), rng.uniform(0.8, 1.2)
         )
@@ -547,17 +607,30 @@ def render_sample(cfg: SynthConfig, split: str, index: int) -> SynthSample:
             continue
         boxes[i] = (x + xs.min(), y + ys.min(), x + xs.max() + 1, y + ys.max() + 1)
 
-    # Camera-like degradations: the blur scales with the image so it means the same at any imgsz.
+    image, quality = _degrade(rng, img)
+    return SynthSample(image, boxes[keep], np.asarray(classes, np.int64)[keep], quality)
+
+
+def _degrade(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray, int]:
+    """Camera-like degradations; returns the uint8 image and the JPEG quality to store it with.
+
+    The blur scales with the image so it means the same at any imgsz; JPEG quality 55-95 adds blocking
+    and chroma-subsampling artefacts of varying strength when the image is written.
+    """
+    size = img.shape[0]
     if rng.random() < 0.3:
         sigma = rng.uniform(0.4, 1.1) * size / 512
         if sigma >= 0.3:
             img = cv2.GaussianBlur(img, (0, 0), sigma)
     if rng.random() < 0.5:
-        img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2.0, 9.0))
+        # Sensor noise with std sigma. Sum of two uniform int8 fields (triangular, std 104.4) instead of
+        # standard_normal: the exact shape is irrelevant here and it is ~4x cheaper at 512 px.
+        sigma = rng.uniform(2.0, 9.0)
+        n = rng.integers(-128, 128, (2, *img.shape), dtype=np.int8)
+        img += (n[0].astype(np.int16) + n[1]) * np.float32(sigma / 104.4)
     quality = int(rng.integers(55, 96))
     # Negative values first (convertScaleAbs would mirror them), then a saturating, rounding cast to uint8.
-    image = cv2.convertScaleAbs(np.maximum(img, 0, out=img))
-    return SynthSample(image, boxes[keep], np.asarray(classes, np.int64)[keep], quality)
+    return cv2.convertScaleAbs(np.maximum(img, 0, out=img)), quality
 
 
 def _label_text(sample: SynthSample, size: int) -> str:
@@ -648,11 +721,15 @@ def _is_complete(root: Path, cfg: SynthConfig, info: dict) -> bool:
     return label_sha256(root) == info.get("labels_sha256")
 
 
-def _resolve_workers(workers: int | None, n_images: int) -> int:
-    """0 means in-process; None picks min(cpu_count, 8), but in-process for tiny sets where spawning
-    processes (each importing numpy and OpenCV) would cost more than the work."""
+def _resolve_workers(workers: int | None, n_images: int, imgsz: int) -> int:
+    """Number of worker processes: 0 means in-process.
+
+    None picks min(cpu_count, 8), except for sets smaller than ~256 images at 512 px (about 5 CPU-seconds
+    of work): a spawned worker re-imports the package (and whatever it imports, e.g. torch) at a cost of
+    seconds, which such a set would not earn back.
+    """
     if workers is None:
-        if n_images < 64:
+        if n_images * imgsz * imgsz < 256 * 512 * 512:
             return 0
         return min(os.cpu_count() or 1, 8)
     w = _check_int("workers", workers, 0, " (0 or 1 = in-process)")
@@ -661,6 +738,8 @@ def _resolve_workers(workers: int | None, n_images: int) -> int:
 
 def _cleanup_stale_tmp(out: Path) -> None:
     """Remove temp dirs of earlier runs on this host whose process is gone (killed mid-generation)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows, not probe it
+        return
     host = socket.gethostname()
     for d in out.parent.glob(f".{out.name}{_TMP_TAG}*"):
         try:
@@ -674,6 +753,38 @@ def _cleanup_stale_tmp(out: Path) -> None:
             continue
 
 
+def _run_in_process(jobs: list) -> list[tuple[int, int, int]]:
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(0)  # same settings as the workers; restored because the caller may rely on threads
+    try:
+        return [st for job in jobs for st in _work_chunk(job)]
+    finally:
+        cv2.setNumThreads(prev)
+
+
+def _run_jobs(jobs: list, workers: int) -> list[tuple[int, int, int]]:
+    """Run the write jobs in ``workers`` spawned processes (in-process for 0) and collect object stats.
+
+    spawn rather than fork: forking a parent that holds CUDA contexts or OpenMP/torch thread pools can
+    hang the children. ProcessPoolExecutor rather than Pool: a worker that cannot start (e.g. spawn cannot
+    re-import a ``__main__`` read from stdin) raises BrokenProcessPool instead of hanging forever. Every
+    image is a pure function of its index, so falling back to in-process generation then rewrites the
+    same bytes.
+    """
+    if not workers:
+        return _run_in_process(jobs)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    try:
+        return [st for part in pool.map(_work_chunk, jobs) for st in part]
+    except BrokenProcessPool as e:
+        _logger().warning(f"synth: worker processes failed ({e}); generating in-process instead")
+        return _run_in_process(jobs)
+    finally:
+        # Drop queued chunks and wait for running ones, so no worker still writes into the temp dir when
+        # the caller deletes it after an error or Ctrl-C.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _generate(cfg: SynthConfig, out: Path, workers: int) -> None:
     """Generate into a temp dir next to ``out`` and swap it in, so an interrupted run leaves nothing."""
     log = _logger()
@@ -683,28 +794,14 @@ def _generate(cfg: SynthConfig, out: Path, workers: int) -> None:
         for sub in ("images", "labels"):
             for split in SPLIT_IDS:
                 (tmp / sub / split).mkdir(parents=True)
-        # Chunks of ~32 images balance the pool without making the result order matter (imap is ordered
-        # anyway, and each image only depends on its own index).
+        # Chunks of up to 32 images (at least ~4 per worker) amortise task overhead and keep the pool
+        # balanced; results come back in job order, and no image depends on which worker drew it.
         jobs = []
         cfg_dict = dataclasses.asdict(cfg)
         for split, n in (("train", cfg.n_train), ("val", cfg.n_val)):
-            step = 32 if workers else n
+            step = max(1, min(32, -(-n // (4 * workers)))) if workers else n
             jobs += [(cfg_dict, str(tmp), split, s, min(s + step, n), n) for s in range(0, n, step)]
-        stats: list[tuple[int, int, int]] = []
-        if workers:
-            # spawn: safe even when the parent holds CUDA contexts or OpenMP/torch threads, where fork can hang.
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker) as pool:
-                for part in pool.imap(_work_chunk, jobs):
-                    stats.extend(part)
-        else:
-            prev = cv2.getNumThreads()
-            cv2.setNumThreads(0)
-            try:
-                for job in jobs:
-                    stats.extend(_work_chunk(job))
-            finally:
-                cv2.setNumThreads(prev)
+        stats = _run_jobs(jobs, workers)
 
         sizes = [0, 0, 0]
         class_counts = [0] * NUM_CLASSES
@@ -773,8 +870,9 @@ def make_synthetic_dataset(
         seed: Non-negative integer seed.
         max_objects: Each image gets 1..max_objects labelled objects (fewer if placements fail the
             occlusion cap).
-        workers: Processes; 0 or 1 = in-process, None = min(cpu_count, 8) (in-process below 64 images).
-            The output bytes do not depend on it.
+        workers: Processes; 0 or 1 = in-process, None = min(cpu_count, 8) (in-process for sets under
+            ~256 images at 512 px, where starting processes costs more than it saves). The output bytes
+            do not depend on it.
         overwrite: Replace a non-empty ``out_dir`` that is not a synth dataset, or regenerate one that is.
 
     Returns:
@@ -785,7 +883,7 @@ def make_synthetic_dataset(
         FileExistsError: ``out_dir`` is a file, or a non-empty directory not made by this generator.
     """
     cfg = SynthConfig(n_train=n_train, n_val=n_val, imgsz=imgsz, seed=seed, max_objects=max_objects)
-    n_workers = _resolve_workers(workers, cfg.n_train + cfg.n_val)
+    n_workers = _resolve_workers(workers, cfg.n_train + cfg.n_val, cfg.imgsz)
     if not isinstance(overwrite, bool):
         raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):

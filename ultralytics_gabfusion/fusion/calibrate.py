@@ -5,20 +5,24 @@ Both fit per-channel affine maps by closed-form least squares from per-channel s
 calibration images fits in constant memory.
 
 Examples:
+    >>> import torch
+    >>> from ultralytics.nn.tasks import DetectionModel
+    >>> from ultralytics_gabfusion.fusion import calibrate_identity, fold_gabfusion, insert_gabfusion
     >>> model = DetectionModel("yolov5s.yaml", nc=16, verbose=False)
     >>> insert_gabfusion(model)
     [12, 16, 19, 22]
-    >>> images = torch.rand(2, 3, 64, 64)
+    >>> images = torch.rand(4, 3, 64, 64)
     >>> rep = calibrate_identity(model, images)
     >>> rep["nodes"][12]["after"] <= rep["nodes"][12]["before"]
     True
     >>> deploy = fold_gabfusion(model, images)  # GABFusion -> FoldedFusion, report per node
+    >>> sorted(deploy["nodes"])
+    [12, 16, 19, 22]
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -126,7 +130,10 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _model_io(model):
-    m = detection_model(model) if not isinstance(model, nn.Module) or hasattr(model, "yaml") else model
+    try:
+        m = detection_model(model)  # unwraps YOLO / DDP
+    except ValueError:
+        m = model  # any nn.Module whose forward takes an image batch
     p = next(m.parameters())
     return m, p.device, (p.dtype if p.dtype.is_floating_point else torch.float32)
 
@@ -157,7 +164,7 @@ def calibrate_identity(model, images, batch_size: int = 16) -> dict:
         the model's decoded output vs the model with plain concats.
 
     Examples:
-        >>> rep = calibrate_identity(model, torch.rand(4, 3, 128, 128))
+        >>> rep = calibrate_identity(model, torch.rand(4, 3, 128, 128))  # doctest: +SKIP
         >>> {i: round(r["after"], 3) for i, r in rep["nodes"].items()}  # doctest: +SKIP
         {12: 0.41, 16: 0.38, 19: 0.35, 22: 0.4}
     """

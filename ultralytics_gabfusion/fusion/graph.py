@@ -47,8 +47,11 @@ def detection_model(model) -> nn.Module:
     from ultralytics.utils.torch_utils import unwrap_model
 
     model = unwrap_model(model)
-    while not isinstance(getattr(model, "model", None), nn.Sequential) and isinstance(getattr(model, "model", None), nn.Module):
-        model = unwrap_model(model.model)  # ultralytics.YOLO wrapper (itself an nn.Module) -> DetectionModel
+    inner = getattr(model, "model", None)
+    while not isinstance(inner, nn.Sequential) and isinstance(inner, nn.Module):
+        # ultralytics.YOLO (itself an nn.Module) holds the DetectionModel at .model
+        model = unwrap_model(inner)
+        inner = getattr(model, "model", None)
     if not isinstance(getattr(model, "model", None), nn.Sequential):
         raise ValueError(f"{type(model).__name__} is not an Ultralytics YOLO model (no layer Sequential at .model).")
     return model
@@ -87,7 +90,10 @@ def neck_concat_indices(model) -> list[int]:
     return [
         int(m.i)
         for m in model.model
-        if isinstance(m, kinds) and getattr(m, "i", -1) >= n_backbone and isinstance(m.f, (list, tuple)) and len(m.f) >= 2
+        if isinstance(m, kinds)
+        and getattr(m, "i", -1) >= n_backbone
+        and isinstance(m.f, (list, tuple))
+        and len(m.f) >= 2
     ]
 
 
@@ -136,7 +142,8 @@ def _input_channels(model) -> int:
 
 def _make_node(old: nn.Module, channels: list[int], mode: str, opts: dict, device=None) -> GABFusion:
     """Build a GABFusion for the Concat ``old`` (same dimension, inputs, .i .f .type .np bookkeeping)."""
-    node = GABFusion(dimension=getattr(old, "d", 1), n_branches=len(channels), channels=sum(channels), mode=mode, **opts)
+    dim = getattr(old, "d", 1)
+    node = GABFusion(dimension=dim, n_branches=len(channels), channels=sum(channels), mode=mode, **opts)
     if device is not None:
         node.to(device)  # float32 whatever the model dtype (see _KeepFP32)
     node.i, node.f = old.i, old.f
@@ -183,6 +190,7 @@ def insert_gabfusion(model, mode: str = "balanced", **opts) -> list[int]:
         ValueError: Unknown mode/option, or the model has no Concat after its backbone.
 
     Examples:
+        >>> from ultralytics.nn.tasks import DetectionModel
         >>> model = DetectionModel("yolo11s.yaml", nc=16, verbose=False)
         >>> insert_gabfusion(model, "learned", beta=0.2)
         [12, 15, 18, 21]
@@ -243,10 +251,11 @@ def update_fusion(model, grad_scale=None) -> int:
     if distributed:
         # Every rank has the same nodes and backward count; reduce squared norms and element counts together.
         dev = nodes[0]._grad_sq.device
-        packed = torch.cat(
-            [torch.cat([n._grad_sq.to(dev), torch.tensor(n._grad_numel, dtype=torch.float32, device=dev)]) for n in nodes]
-        )
-        pend = torch.tensor([float(n._pending > 0) for n in nodes], device=dev)
+        parts = []
+        for n in nodes:
+            parts += [n._grad_sq.to(dev), torch.tensor(n._grad_numel, dtype=torch.float32, device=dev)]
+        packed = torch.cat(parts)
+        pend = torch.tensor([float(n.measured) for n in nodes], device=dev)
         dist.all_reduce(packed)
         dist.all_reduce(pend, op=dist.ReduceOp.MIN)
         packed /= dist.get_world_size()
@@ -256,11 +265,14 @@ def update_fusion(model, grad_scale=None) -> int:
             n._grad_sq.copy_(packed[k : k + m])
             n._grad_numel = [int(round(v)) for v in packed[k + m : k + 2 * m].tolist()]
             n._pending = int(p > 0)
+            if not p:
+                n._grad_numel = [0] * m  # some rank missed a branch: skip this step everywhere
             k += 2 * m
     count = 0
     for n in nodes:
         norms = n.pending_norms(grad_scale)
         if norms is None:
+            n.reset_accumulators()
             continue
         n.update_lambda(norms=norms)
         count += 1
@@ -341,7 +353,7 @@ def register_gabfusion() -> None:
             from ultralytics.utils import LOGGER
 
             desc = ", ".join(f"{i} ({'+'.join(map(str, chans[i]))}, {gab[i][1]})" for i in gab)
-            LOGGER.info(f"GABFusion layers: {desc}")
+            LOGGER.info(f"GABFusion replaced the Concat rows built above at layers: {desc}")
         return layers, save
 
     parse_model._gabfusion_wrapper = True

@@ -29,6 +29,7 @@ import torch.nn as nn
 FUSION_MODES = ("balanced", "learned", "off")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _UNSET = object()  # "leave unchanged" marker of GABFusion.configure
+LAM_MAX = 10.0  # |lam - mean(lam)| bound: alpha ratios up to e^20 stay > 0 in float32 (softmax cannot saturate to 0)
 
 
 def _check_mode(mode) -> str:
@@ -124,10 +125,13 @@ class GABFusion(_KeepFP32, nn.Module):
     Drop-in replacement for an Ultralytics neck ``Concat`` (same inputs, same output channel count).
 
     Gradient measurement: in training mode with grad enabled, each branch input passes through an identity view
-    with a tensor hook that adds ``||dL/dF_i||^2`` (the gradient at the branch input, before alpha, through this
-    node only) and its element count to per-step accumulators. ``update_lambda()`` (once per optimizer step, all
+    (a detached leaf for inputs from frozen layers) with a tensor hook that adds ``||dL/dF_i||^2`` (the gradient
+    at the branch input, before alpha, through this node only) and its element count to per-step accumulators. ``update_lambda()`` (once per optimizer step, all
     modes) turns them into ``G_i`` and the EMA ``grad_ema``; only ``mode="balanced"`` then moves ``lam``:
-    ``e_i = log(Gbar_i+eps) - mean_j log(Gbar_j+eps) - tau_i``, ``lam_i -= eta * e_i``.
+    ``e_i = log(Gbar_i+eps) - mean_j log(Gbar_j+eps) - tau_i``, ``lam_i -= eta * e_i``. Our addition (paper
+    silent): lam is re-centred (softmax invariant) and bounded to ``+-LAM_MAX`` so an unstable ``eta`` can never
+    drive a branch's alpha to exactly 0; with the defaults the bound is never reached (|lam| ~ log of the
+    gradient ratio).
 
     Args:
         dimension (int): Concatenation (channel) dimension, as ``Concat``'s argument.
@@ -251,10 +255,15 @@ class GABFusion(_KeepFP32, nn.Module):
         """LayerNorm affine ``[gamma, beta]`` (Ultralytics already puts them in its no-decay groups)."""
         return [] if self.norm is None else [self.norm.weight, self.norm.bias]
 
+    def alpha_t(self) -> torch.Tensor:
+        """Differentiable float32 alpha: softmax of the centred logits, clamped to ``+-LAM_MAX``."""
+        lam = self.lam.float()
+        return torch.softmax((lam - lam.mean()).clamp(-LAM_MAX, LAM_MAX), 0)
+
     @property
     def alpha(self) -> torch.Tensor:
-        """Branch weights softmax(lam), float32, detached (on the simplex: positive, sum 1)."""
-        return torch.softmax(self.lam.detach().float(), 0)
+        """Branch weights softmax(lam), float32, detached (on the simplex: strictly positive, sum 1)."""
+        return self.alpha_t().detach()
 
     def extra_repr(self) -> str:
         """Summary shown by ``print(model)``."""
@@ -280,7 +289,11 @@ class GABFusion(_KeepFP32, nn.Module):
                 # A view is a new autograd node used only here: its hook sees dL/dF_i through this fusion node,
                 # not the gradient of other consumers of the same tensor (e.g. YOLOv5's layer 10 feeds two nodes).
                 xi = xi.view_as(xi)
-                xi.register_hook(self._make_hook(i))
+            else:
+                # Branch from frozen layers: a detached leaf still gets dL/dF_i (upstream is unaffected), so the
+                # balancer never sees a spurious zero norm.
+                xi = xi.detach().requires_grad_(True)
+            xi.register_hook(self._make_hook(i))
             out.append(xi)
         return out
 
@@ -298,7 +311,7 @@ class GABFusion(_KeepFP32, nn.Module):
         d = self.d % x[0].ndim
         with _no_autocast(x[0].device.type):
             z = torch.cat([xi.float() for xi in x], d)
-            alpha = torch.softmax(self.lam.float(), 0)
+            alpha = self.alpha_t()
             scale = torch.cat([alpha[i].expand(xi.shape[d]) for i, xi in enumerate(x)])  # no host->device copy
             shape = [1] * z.ndim
             shape[d] = -1
@@ -307,7 +320,8 @@ class GABFusion(_KeepFP32, nn.Module):
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         """Fuse the branch list ``x``; output has the dtype of ``x[0]``."""
         if len(x) != self.n_branches:
-            raise RuntimeError(f"GABFusion (layer {getattr(self, 'i', '?')}) expects {self.n_branches} inputs, got {len(x)}.")
+            i = getattr(self, "i", "?")
+            raise RuntimeError(f"GABFusion (layer {i}) expects {self.n_branches} inputs, got {len(x)}.")
         x = self._probe(list(x))
         if self.mode == "off" or self._bypass:
             return torch.cat(x, self.d)
@@ -316,13 +330,18 @@ class GABFusion(_KeepFP32, nn.Module):
 
     # ------------------------------------------------------------------ balancer
     def pending_norms(self, grad_scale=None) -> torch.Tensor | None:
-        """Per-branch gradient norms G_i accumulated since the last update (None if no backward ran)."""
-        if self._pending == 0:
+        """Per-branch gradient norms G_i accumulated since the last update (None unless every branch was measured)."""
+        if not self.measured:
             return None
         g = self._grad_sq.clamp_min(0).sqrt()
         if self.rms:
             g = g / torch.tensor([math.sqrt(max(n, 1)) for n in self._grad_numel], device=g.device)
         return g if grad_scale is None else g / grad_scale
+
+    @property
+    def measured(self) -> bool:
+        """Whether every branch received a gradient since the last update (python state: no device sync)."""
+        return self._pending > 0 and min(self._grad_numel) > 0
 
     def reset_accumulators(self):
         """Drop the accumulated gradient norms (start of a new optimizer step)."""
@@ -334,7 +353,8 @@ class GABFusion(_KeepFP32, nn.Module):
     def update_lambda(self, grad_scale=None, norms: torch.Tensor | None = None, sync: bool = True):
         """Apply one EMA (+ lambda in balanced mode) update from the accumulated norms, then reset them.
 
-        Call once per optimizer step, after the backward passes of that step. No-op if nothing was accumulated.
+        Call once per optimizer step, after the backward passes of that step. No-op (accumulators reset) unless
+        every branch received a gradient.
         Non-finite norms (an AMP overflow step that the GradScaler skips) leave the state unchanged, decided on
         device without a host sync. Under an initialised torch.distributed group the squared norms are averaged
         over ranks first so every rank keeps the same lambda (all ranks must call this together).
@@ -349,10 +369,12 @@ class GABFusion(_KeepFP32, nn.Module):
             (torch.Tensor | None): The norms G_i used, or None if nothing was accumulated.
         """
         if norms is None:
-            if self._pending == 0:
+            if not self.measured:
+                self.reset_accumulators()
                 return None
             if sync and dist.is_available() and dist.is_initialized():
-                packed = torch.cat([self._grad_sq, torch.tensor(self._grad_numel, dtype=torch.float32, device=self._grad_sq.device)])
+                numel = torch.tensor(self._grad_numel, dtype=torch.float32, device=self._grad_sq.device)
+                packed = torch.cat([self._grad_sq, numel])
                 dist.all_reduce(packed)
                 packed /= dist.get_world_size()
                 self._grad_sq.copy_(packed[: self.n_branches])
@@ -368,7 +390,9 @@ class GABFusion(_KeepFP32, nn.Module):
             logg = torch.log(self.grad_ema + self.eps)
             tau = torch.tensor(self.tau, dtype=torch.float32, device=logg.device)
             e = logg - logg.mean() - tau
-            self.lam.copy_(torch.where(ok, self.lam - self.eta * e, self.lam))
+            lam = self.lam - self.eta * e
+            lam = (lam - lam.mean()).clamp(-LAM_MAX, LAM_MAX)  # softmax-invariant centring; bounded (see LAM_MAX)
+            self.lam.copy_(torch.where(ok, lam, self.lam))
         self.n_updates.add_(ok.long())
         return g
 

@@ -78,7 +78,7 @@ class FusionTelemetry:
     Examples:
         >>> from types import SimpleNamespace
         >>> tel = FusionTelemetry()
-        >>> fake = SimpleNamespace(save_dir=Path("runs/x"), model=model, epoch=0)
+        >>> fake = SimpleNamespace(save_dir=Path("runs/x"), model=model, epoch=0)  # doctest: +SKIP
         >>> tel.on_train_epoch_end(fake)  # appends rows to runs/x/gabfusion.csv  # doctest: +SKIP
         >>> tel.on_train_end(fake)  # writes runs/x/gabfusion.png and logs a summary  # doctest: +SKIP
     """
@@ -121,7 +121,7 @@ class FusionTelemetry:
                 last[(int(r["epoch"]), int(r["layer"]), int(r["branch"]))] = r
         out = {}
         for (ep, layer, br), r in sorted(last.items()):
-            d = out.setdefault(layer, {"epochs": [], "ratio": [], "alpha": {}, "role": {}, "source": {}, "mode": r["mode"]})
+            d = out.setdefault(layer, {"epochs": [], "ratio": [], "alpha": {}, "role": {}, "source": {}, "mode": ""})
             if not d["epochs"] or d["epochs"][-1] != ep:
                 d["epochs"].append(ep)
                 d["ratio"].append(float(r["deep_shallow_ratio"]))

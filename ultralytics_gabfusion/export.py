@@ -1,0 +1,1215 @@
+"""Q/DQ ONNX export of fake-quantized (LSQ, LSQ+, PACT/DoReFa, N2UQ) Ultralytics detection models.
+
+A QAT checkpoint evaluates its quantizers in float ("fake quantization"). Exporting it with Ultralytics' own
+exporter would trace that float arithmetic and lose the integer grids, so quantized models get their own ONNX
+path here; full-precision models are handed to Ultralytics unchanged (:func:`export_main`).
+
+What :func:`export_qdq_onnx` does:
+
+1. Deep-copies the model (the caller's model is never modified), puts it in eval mode and checks that every
+   quantizer was initialised (calibrated / trained).
+2. Folds every BatchNorm into its :class:`~ultralytics_gabfusion.quant.qconv.QuantConv2d` *exactly*: with
+   ``f_c = gamma_c / sqrt(var_c + eps)`` the quantized weight ``W_c = off_c + k*s_c`` becomes
+   ``f_c*W_c = F_c*off_c + k*(F_c*s_c)`` with ``F_c = |f_c|``. A negative ``f_c`` is moved into the integers by
+   mirroring the grid, ``k' = qmin + qmax - k`` (always inside ``[qmin, qmax]``, also for the asymmetric signed
+   range ``[-8, 7]``), ``off'_c = -F_c*(off_c + (qmin+qmax)*s_c)``; the bias becomes
+   ``beta - mu*f + b*f``. Scales stay positive. Weights are quantized to integers offline.
+3. Replaces each quantized conv by a module whose input/weight quantizers are traced as custom ``gabq::`` nodes
+   (the installed torch's TorchScript exporter stops at opset 20 and cannot emit INT4), exports with
+   ``torch.onnx.export(..., dynamo=False, opset_version=20)`` and lowers the ``gabq::`` nodes to standard ONNX
+   opset-21 operators with the ``onnx`` package (below). The other opset-20 operators of the graph have the same
+   semantics at opset 21 (opset 21 only added INT4/UINT4/float8 types to them), so the opset import is raised.
+4. Runs ``onnx.checker`` (full check with shape inference) and, with ``check=True``, :func:`check_parity` against the
+   original fake-quant PyTorch model. The file is written under a temporary name in the target directory and
+   renamed only after both passed.
+
+Emitted operators (``b`` = bits, container = tensor element type holding the integers):
+
+=====================  ==========================================================================================
+quantizer              ONNX subgraph
+=====================  ==========================================================================================
+weights, any method    ``DequantizeLinear(k, scale[C], zero_point[C], axis=0) -> Conv`` with ``k`` an initializer.
+                       Container: ``INT4``/``UINT4`` for b=4, ``INT8``/``UINT8`` for b=8 and for b in 2,3,5,6,7
+                       (values checked to lie in the b-bit range ``[qmin, qmax]``; the range is also recorded in
+                       the ``quantization`` metadata). LSQ/LSQ+ grids (``k*s``, signed) are exact with integer zero
+                       points: 0, or -1 on channels whose BN scale is negative (mirrored grid).
+DoReFa (PACT) / N2UQ   grid ``-M + k*2M/L`` (L = 2^b-1) has no zero level: its zero point ``L/2`` is not an integer.
+weights                ``weight_offset="add"`` (default): ``DequantizeLinear(k UINT4|UINT8, scale, 0, axis=0) ->
+                       Add(offset[C,1,1,1]) -> Conv`` keeps the b-bit storage. ``"widen"``: integers ``2k - L`` in
+                       ``[-L, L]`` (b+1 bits: ``INT8``, ``INT16`` for b=8) with ``scale/2`` and zero point 0,
+                       a plain ``DequantizeLinear -> Conv`` that Q/DQ-fusing runtimes recognise.
+LSQ / PACT (canonical)  ``QuantizeLinear(x, s, 0) -> DequantizeLinear(., s, 0)``, per tensor; ``INT4``/``UINT4``
+activations, offset 0  for b=4, ``INT8``/``UINT8`` for b=8; for b in 2,3,5,6,7 an 8-bit container with
+                       ``Clip(q, qmin, qmax)`` on the integers between Q and DQ (Q alone saturates to the container
+                       range). Q rounds half to even like ``torch.round``.
+LSQ+ / signed PACT     float offsets (``beta``, ``-alpha``) are not integer zero points: ``Sub(x, offset) ->
+activations            QuantizeLinear -> [Clip] -> DequantizeLinear -> Add(offset)``, same containers.
+N2UQ activations       ``count = sum_i (beta1*x > T_i)`` over the 2^b-1 learned thresholds, output
+                       ``count*Delta*beta2 + input_shift``. b <= 4: ``Mul(beta1) -> Unsqueeze(-1) ->
+                       Greater(T[L]) -> Cast(INT32) -> ReduceSum(-1) -> Cast(UINT4|UINT8)``; b >= 5 (where the
+                       broadcast would hold 2^b-1 copies of the tensor): a branchless binary search over the sorted
+                       thresholds, ``b`` rounds of ``Add -> Gather(T) -> Greater -> Where`` on an INT64 position,
+                       then ``Cast(UINT8)``. Both end in ``DequantizeLinear(count, Delta*beta2, 0) ->
+                       Add(input_shift)``. Thresholds are compared in the ``beta1``-scaled domain exactly as the
+                       PyTorch forward does (``torch.bucketize``, ``x == T`` does not count).
+=====================  ==========================================================================================
+
+GABFusion nodes are exported as traced float operators (softmax-weighted ``Concat`` and the channel LayerNorm
+as ``ReduceMean``/``Sub``/``Mul``/``Sqrt``/``Div`` ...); a model already folded with ``fold_gabfusion`` exports its
+``FoldedFusion`` affine as ``Mul``/``Add``. The Detect head is exported as Ultralytics does for ``format=onnx``
+(decoded boxes, output ``(1, 4+nc, anchors)``, batch 1, static shape), and Ultralytics' metadata keys are stored
+in ``metadata_props`` (plus ``quantization``, a JSON summary), so ``YOLO("model.onnx")`` predicts and validates
+through ONNX Runtime.
+
+Examples:
+    >>> from ultralytics_gabfusion.export import export_qdq_onnx
+    >>> info = export_qdq_onnx("runs/qat/weights/best.pt", "best-w4a4.onnx", imgsz=640, images="data.yaml")  # doctest: +SKIP
+    >>> info["parity"]["max_abs_diff"] < 0.05  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quant.qconv import QuantConv2d, QuantConvBlock, is_quantized, quant_convs
+
+__all__ = [
+    "ParityError",
+    "PARITY_DEFAULTS",
+    "SUPPORTED_OPSETS",
+    "check_parity",
+    "export_main",
+    "export_qdq_onnx",
+    "generated_images",
+    "load_images",
+    "load_quantized_model",
+]
+
+# ONNX opsets this exporter writes: INT4/UINT4 tensors need opset 21; later opsets are not verified here.
+SUPPORTED_OPSETS = (21,)
+_TRACE_OPSET = 20  # highest opset of torch's TorchScript ONNX exporter; raised to 21 after lowering
+_DOMAIN = "gabq"  # private domain of the placeholder nodes; none survives lowering
+
+# Parity tolerance of check_parity (see its docstring for the reasoning behind each number).
+PARITY_DEFAULTS = {
+    "atol": 2e-3,  # element tolerance on outputs in [0, 1] units (boxes / imgsz, class probabilities)
+    "rtol": 1e-3,
+    "max_frac": 0.01,  # at most 1% of output elements may exceed the element tolerance
+    "max_diff": 0.25,  # and none may move by more than a quarter of the image / probability range
+    "conf": 0.25,  # detections compared at Ultralytics' predict threshold
+    "margin": 0.05,  # +- band around conf where a box may appear in one output only
+    "iou": 0.9,  # a detection matches if same class and IoU > 0.9
+    "nms_iou": 0.7,  # Ultralytics' default NMS IoU
+}
+
+_IMG_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
+
+
+class ParityError(RuntimeError):
+    """The exported ONNX model disagrees with the fake-quant PyTorch model beyond the documented tolerance."""
+
+
+def _log(msg: str, verbose: bool = True) -> None:
+    if verbose:
+        from ultralytics.utils import LOGGER
+
+        LOGGER.info(msg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Integer containers
+# ----------------------------------------------------------------------------------------------------------------
+def _tp():
+    import onnx
+
+    return onnx.TensorProto
+
+
+# name -> (lo, hi) of the container's integer range
+_CONTAINER_RANGE = {
+    "INT4": (-8, 7),
+    "UINT4": (0, 15),
+    "INT8": (-128, 127),
+    "UINT8": (0, 255),
+    "INT16": (-32768, 32767),
+    "UINT16": (0, 65535),
+}
+
+
+def _container(lo: int, hi: int, bits: int | None) -> str:
+    """Smallest standard container for integers in ``[lo, hi]``: 4-bit types only for 4-bit grids, else 8/16 bit."""
+    if bits == 4:
+        if lo >= -8 and hi <= 7:
+            return "INT4"
+        if lo >= 0 and hi <= 15:
+            return "UINT4"
+    if lo < 0:
+        return "INT8" if lo >= -128 and hi <= 127 else "INT16"
+    return "UINT8" if hi <= 255 else "UINT16"
+
+
+def _int_tensor(name: str, container: str, values, dims=None):
+    """An ONNX integer initializer of the given container type (INT4/UINT4 packed two per byte by onnx.helper)."""
+    from onnx import helper
+
+    arr = np.asarray(values).astype(np.int64)
+    lo, hi = _CONTAINER_RANGE[container]
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+        raise RuntimeError(f"{name}: integers [{arr.min()}, {arr.max()}] do not fit container {container}")
+    dims = list(arr.shape) if dims is None else list(dims)
+    np_dtype = {"INT4": np.int8, "UINT4": np.uint8, "INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16,
+                "UINT16": np.uint16}[container]
+    if container in ("INT8", "UINT8", "INT16", "UINT16"):
+        from onnx import numpy_helper
+
+        return numpy_helper.from_array(arr.astype(np_dtype).reshape(dims), name)
+    return helper.make_tensor(name, getattr(_tp(), container), dims, arr.astype(np_dtype).reshape(-1))
+
+
+def _float_tensor(name: str, values, dims=None):
+    from onnx import numpy_helper
+
+    arr = np.asarray(values, dtype=np.float32)
+    if dims is not None:
+        arr = arr.reshape(dims)
+    return numpy_helper.from_array(arr, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantizer specs: everything needed to emit a quantizer, and its exact PyTorch forward (for the trace dry run)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _WeightSpec:
+    """Integer weight ``W' = (k - zp)*scale (+ offset)`` per output channel (axis 0)."""
+
+    key: str
+    bits: int
+    ints: np.ndarray  # int64, weight shape
+    scale: np.ndarray  # float32 (C,)
+    zp: np.ndarray  # int64 (C,)
+    offset: np.ndarray | None  # float32 (C,) added after DequantizeLinear ("add" mode), else None
+    container: str
+    qrange: tuple  # declared integer range of `ints`
+    mode: str  # "zero_point", "add" or "widen"
+    op_type: str = "WeightDQ"
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight ONNX Runtime reconstructs (float32 arithmetic, as DequantizeLinear)."""
+        c = self.ints.shape[0]
+        shape = (c,) + (1,) * (self.ints.ndim - 1)
+        k = torch.from_numpy(self.ints.astype(np.float32))
+        zp = torch.from_numpy(self.zp.astype(np.float32)).view(shape)
+        w = (k - zp) * torch.from_numpy(self.scale).view(shape)
+        if self.offset is not None:
+            w = w + torch.from_numpy(self.offset).view(shape)
+        return w
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:  # the traced input is already the dequantized weight
+        return w.clone()
+
+    def describe(self) -> str:
+        s = f"DequantizeLinear {self.container} axis=0"
+        if self.mode == "add":
+            s += " + Add(offset)"
+        elif self.mode == "widen":
+            s += f" (widened 2k-L, range {list(self.qrange)})"
+        elif self.container not in ("INT4", "UINT4") and self.bits != 8:
+            s += f" (range {list(self.qrange)})"
+        return s
+
+    def lower(self, inp: str, out: str):
+        from onnx import helper
+
+        k = self.key
+        inits = [
+            _int_tensor(f"{k}/w_int", self.container, self.ints),
+            _float_tensor(f"{k}/w_scale", self.scale),
+            _int_tensor(f"{k}/w_zero_point", self.container, self.zp),
+        ]
+        dq_out = out if self.offset is None else f"{k}/w_dq"
+        nodes = [helper.make_node("DequantizeLinear", [f"{k}/w_int", f"{k}/w_scale", f"{k}/w_zero_point"], [dq_out],
+                                  name=f"{k}/WeightDequantize", axis=0)]
+        if self.offset is not None:
+            c = self.ints.shape[0]
+            inits.append(_float_tensor(f"{k}/w_offset", self.offset, (c,) + (1,) * (self.ints.ndim - 1)))
+            nodes.append(helper.make_node("Add", [dq_out, f"{k}/w_offset"], [out], name=f"{k}/WeightOffset"))
+        return nodes, inits
+
+
+@dataclass
+class _ActSpec:
+    """Uniform per-tensor activation grid ``offset + k*scale``, k in [qmin, qmax] (LSQ, LSQ+, PACT)."""
+
+    key: str
+    method: str
+    bits: int
+    scale: float  # float32 value
+    offset: float  # float32 value (0.0: no Sub/Add)
+    qmin: int
+    qmax: int
+    container: str
+    op_type: str = "ActQDQ"
+
+    @property
+    def clip(self) -> bool:
+        lo, hi = _CONTAINER_RANGE[self.container]
+        return (self.qmin, self.qmax) != (lo, hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.tensor(self.scale, dtype=torch.float32)
+        b = torch.tensor(self.offset, dtype=torch.float32)
+        v = x - b if self.offset != 0.0 else x
+        y = torch.round(v / s).clamp(self.qmin, self.qmax) * s
+        return y + b if self.offset != 0.0 else y
+
+    def describe(self) -> str:
+        s = f"QuantizeLinear/DequantizeLinear {self.container}"
+        if self.clip:
+            s += f" + Clip[{self.qmin},{self.qmax}]"
+        if self.offset != 0.0:
+            s = f"Sub(offset) -> {s} -> Add(offset)"
+        return s
+
+    def lower(self, inp: str, out: str):
+        from onnx import helper
+
+        k = self.key
+        inits = [_float_tensor(f"{k}/a_scale", self.scale, ()), _int_tensor(f"{k}/a_zero_point", self.container, 0, ())]
+        nodes = []
+        src = inp
+        if self.offset != 0.0:
+            inits.append(_float_tensor(f"{k}/a_offset", self.offset, ()))
+            nodes.append(helper.make_node("Sub", [inp, f"{k}/a_offset"], [f"{k}/a_centered"], name=f"{k}/ActSubOffset"))
+            src = f"{k}/a_centered"
+        nodes.append(helper.make_node("QuantizeLinear", [src, f"{k}/a_scale", f"{k}/a_zero_point"], [f"{k}/a_int"],
+                                      name=f"{k}/ActQuantize"))
+        q = f"{k}/a_int"
+        if self.clip:
+            inits += [_int_tensor(f"{k}/a_qmin", self.container, self.qmin, ()),
+                      _int_tensor(f"{k}/a_qmax", self.container, self.qmax, ())]
+            nodes.append(helper.make_node("Clip", [q, f"{k}/a_qmin", f"{k}/a_qmax"], [f"{k}/a_int_clipped"],
+                                          name=f"{k}/ActClipRange"))
+            q = f"{k}/a_int_clipped"
+        dq_out = out if self.offset == 0.0 else f"{k}/a_dq"
+        nodes.append(helper.make_node("DequantizeLinear", [q, f"{k}/a_scale", f"{k}/a_zero_point"], [dq_out],
+                                      name=f"{k}/ActDequantize"))
+        if self.offset != 0.0:
+            nodes.append(helper.make_node("Add", [dq_out, f"{k}/a_offset"], [out], name=f"{k}/ActAddOffset"))
+        return nodes, inits
+
+
+@dataclass
+class _N2UQSpec:
+    """N2UQ activation: ``count = #{i: beta1*x > T_i}``, output ``count*out_scale + shift``."""
+
+    key: str
+    bits: int
+    beta1: float
+    thresholds: np.ndarray  # float32 (L,), non-decreasing, beta1-scaled domain
+    out_scale: float  # Delta*beta2 (float32)
+    shift: float | None  # the conv's input_shift (None: no Add)
+    method: str = "n2uq"
+    op_type: str = "N2UQAct"
+    broadcast_max_levels: int = 15  # up to this many thresholds use the Greater/ReduceSum broadcast
+
+    @property
+    def container(self) -> str:
+        return "UINT4" if self.bits == 4 else "UINT8"
+
+    @property
+    def form(self) -> str:
+        return "broadcast" if len(self.thresholds) <= self.broadcast_max_levels else "binary-search"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x * torch.tensor(self.beta1, dtype=torch.float32)
+        count = torch.bucketize(xs, torch.from_numpy(self.thresholds), right=False)
+        y = count.to(torch.float32) * torch.tensor(self.out_scale, dtype=torch.float32)
+        return y + torch.tensor(self.shift, dtype=torch.float32) if self.shift is not None else y
+
+    def describe(self) -> str:
+        core = ("Mul -> Unsqueeze -> Greater -> Cast -> ReduceSum" if self.form == "broadcast"
+                else f"Mul -> {self.bits}x(Add -> Gather -> Greater -> Where)")
+        return f"N2UQ count ({core}) -> Cast {self.container} -> DequantizeLinear" + (" -> Add(shift)" if self.shift is not None else "")
+
+    def lower(self, inp: str, out: str):
+        from onnx import helper
+
+        tp = _tp()
+        k = self.key
+        L = len(self.thresholds)
+        inits = [_float_tensor(f"{k}/n2uq_beta1", self.beta1, ()),
+                 _float_tensor(f"{k}/n2uq_out_scale", self.out_scale, ()),
+                 _int_tensor(f"{k}/n2uq_zero_point", self.container, 0, ())]
+        nodes = [helper.make_node("Mul", [inp, f"{k}/n2uq_beta1"], [f"{k}/n2uq_xs"], name=f"{k}/N2UQScaleIn")]
+        if self.form == "broadcast":
+            # count = ReduceSum_i (x' > T_i): the thresholds vector broadcasts on a new last axis.
+            inits += [_float_tensor(f"{k}/n2uq_thresholds", self.thresholds),
+                      _int_tensor_i64(f"{k}/n2uq_axes", [-1])]
+            nodes += [
+                helper.make_node("Unsqueeze", [f"{k}/n2uq_xs", f"{k}/n2uq_axes"], [f"{k}/n2uq_xu"], name=f"{k}/N2UQUnsqueeze"),
+                helper.make_node("Greater", [f"{k}/n2uq_xu", f"{k}/n2uq_thresholds"], [f"{k}/n2uq_gt"], name=f"{k}/N2UQGreater"),
+                helper.make_node("Cast", [f"{k}/n2uq_gt"], [f"{k}/n2uq_gt_i"], name=f"{k}/N2UQCastInt", to=tp.INT32),
+                helper.make_node("ReduceSum", [f"{k}/n2uq_gt_i", f"{k}/n2uq_axes"], [f"{k}/n2uq_count"],
+                                 name=f"{k}/N2UQCount", keepdims=0),
+            ]
+        else:
+            # Branchless binary search (lower bound) over the sorted thresholds: pos <- pos + step while
+            # T[pos + step - 1] < x', steps 2^(b-1) .. 1. L = 2^b - 1, so pos + step never exceeds L. The table is
+            # shifted by one ([-inf, T_0, ..]) so that Gather(T_shift, pos + step) reads T[pos + step - 1].
+            steps = [1 << i for i in range(self.bits - 1, -1, -1)]
+            assert sum(steps) == L, "binary search needs 2^b - 1 thresholds"
+            t_shift = np.concatenate([np.array([-np.inf], np.float32), self.thresholds])
+            inits.append(_float_tensor(f"{k}/n2uq_thresholds_shifted", t_shift))
+            first = steps[0]
+            inits += [_float_tensor(f"{k}/n2uq_t_first", self.thresholds[first - 1], ()),
+                      _int_tensor_i64(f"{k}/n2uq_step0", first, ())]
+            nodes += [
+                helper.make_node("Greater", [f"{k}/n2uq_xs", f"{k}/n2uq_t_first"], [f"{k}/n2uq_g0"], name=f"{k}/N2UQGreater0"),
+                helper.make_node("Cast", [f"{k}/n2uq_g0"], [f"{k}/n2uq_g0_i"], name=f"{k}/N2UQCast0", to=tp.INT64),
+                helper.make_node("Mul", [f"{k}/n2uq_g0_i", f"{k}/n2uq_step0"], [f"{k}/n2uq_pos0"], name=f"{k}/N2UQPos0"),
+            ]
+            pos = f"{k}/n2uq_pos0"
+            for j, step in enumerate(steps[1:], 1):
+                inits.append(_int_tensor_i64(f"{k}/n2uq_step{j}", step, ()))
+                t, g, p = f"{k}/n2uq_try{j}", f"{k}/n2uq_g{j}", f"{k}/n2uq_pos{j}"
+                nodes += [
+                    helper.make_node("Add", [pos, f"{k}/n2uq_step{j}"], [t], name=f"{k}/N2UQTry{j}"),
+                    helper.make_node("Gather", [f"{k}/n2uq_thresholds_shifted", t], [f"{k}/n2uq_t{j}"],
+                                     name=f"{k}/N2UQGather{j}", axis=0),
+                    helper.make_node("Greater", [f"{k}/n2uq_xs", f"{k}/n2uq_t{j}"], [g], name=f"{k}/N2UQGreater{j}"),
+                    helper.make_node("Where", [g, t, pos], [p], name=f"{k}/N2UQStep{j}"),
+                ]
+                pos = p
+            nodes.append(helper.make_node("Identity", [pos], [f"{k}/n2uq_count"], name=f"{k}/N2UQCount"))
+        dq_out = out if self.shift is None else f"{k}/n2uq_dq"
+        nodes += [
+            helper.make_node("Cast", [f"{k}/n2uq_count"], [f"{k}/n2uq_level"], name=f"{k}/N2UQCastLevel",
+                             to=getattr(tp, self.container)),
+            helper.make_node("DequantizeLinear", [f"{k}/n2uq_level", f"{k}/n2uq_out_scale", f"{k}/n2uq_zero_point"],
+                             [dq_out], name=f"{k}/N2UQDequantize"),
+        ]
+        if self.shift is not None:
+            inits.append(_float_tensor(f"{k}/n2uq_shift", self.shift, ()))
+            nodes.append(helper.make_node("Add", [dq_out, f"{k}/n2uq_shift"], [out], name=f"{k}/N2UQAddShift"))
+        return nodes, inits
+
+
+def _int_tensor_i64(name, values, dims=None):
+    from onnx import numpy_helper
+
+    arr = np.asarray(values, dtype=np.int64)
+    return numpy_helper.from_array(arr.reshape(dims) if dims is not None else arr, name)
+
+
+class _GabqOp(torch.autograd.Function):
+    """Placeholder traced as one ``gabq::<op_type>`` node; forward computes the exact quantized values."""
+
+    @staticmethod
+    def forward(ctx, x, spec):  # noqa: D102
+        return spec.forward(x)
+
+    @staticmethod
+    def symbolic(g, x, spec):  # noqa: D102
+        out = g.op(f"{_DOMAIN}::{spec.op_type}", x, key_s=spec.key)
+        out.setType(x.type())
+        return out
+
+
+class _ExportConv(nn.Module):
+    """Deployment form of a :class:`QuantConv2d` (BN folded, integer weights); traced with ``gabq::`` placeholders."""
+
+    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, act_spec=None, w_spec=None):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by the Q/DQ exporter (zeros only).")
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.register_buffer("weight", weight.detach().float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.act_spec, self.w_spec = act_spec, w_spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize the input (placeholder op), dequantize the integer weight (placeholder op), convolve."""
+        if self.act_spec is not None:
+            x = _GabqOp.apply(x, self.act_spec)
+        w = _GabqOp.apply(self.weight, self.w_spec) if self.w_spec is not None else self.weight
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BN folding and spec construction
+# ----------------------------------------------------------------------------------------------------------------
+def _bn_factors(conv: nn.Conv2d, bn: nn.Module | None):
+    """Return float64 (f, bias') with ``BN(conv(x) + b) == f*conv(x) + bias'`` per output channel."""
+    c = conv.out_channels
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(c, dtype=torch.float64)
+    if bn is None or isinstance(bn, nn.Identity):
+        return torch.ones(c, dtype=torch.float64), b
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats or bn.running_var is None:
+        raise ValueError(f"cannot fold {type(bn).__name__} into a quantized conv: only BatchNorm with running stats.")
+    f = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    if bn.affine:
+        f = f * bn.weight.detach().double()
+    shift = -bn.running_mean.detach().double() * f + b * f
+    if bn.affine:
+        shift = shift + bn.bias.detach().double()
+    return f, shift
+
+
+@torch.no_grad()
+def _weight_spec(key: str, conv: QuantConv2d, f: torch.Tensor, mode: str) -> _WeightSpec:
+    """Quantize ``conv``'s weight to integers and fold the per-channel BN factor ``f`` into grid and integers."""
+    q = conv.weight_quant
+    w = conv.weight.detach().float()
+    wq = q(w).double()  # PACT/N2UQ refresh their w_scale buffer from this weight here (on the export copy)
+    g = q.grid()
+    s, off, qmin, qmax = g["scale"].double(), g["offset"].double(), g["qmin"], g["qmax"]
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    k = torch.round((wq - off.view(shape)) / s.view(shape))
+    err = ((k * s.view(shape) + off.view(shape)) - wq).abs().amax(dim=tuple(range(1, w.dim())))
+    if bool((err > 1e-3 * s).any()) or int(k.min()) < qmin or int(k.max()) > qmax:
+        raise RuntimeError(f"{key}: the weight quantizer's grid() does not describe its output (internal error).")
+    big_f, neg = f.abs(), f < 0
+    # Negative BN scale: mirror the grid so the scale stays positive and k stays in [qmin, qmax].
+    k2 = torch.where(neg.view(shape), qmin + qmax - k, k)
+    off2 = torch.where(neg, -big_f * (off + (qmin + qmax) * s), big_f * off)
+    s2 = big_f * s
+    dead = s2 == 0  # gamma == 0: the channel outputs exactly its bias
+    s2 = torch.where(dead, s, s2)
+    off2 = torch.where(dead, torch.zeros_like(off2), off2)
+    z = -off2 / s2
+    zr = torch.round(z)
+    offset = None
+    if bool(((z - zr).abs() <= 1e-6).all()) and int(zr.min()) >= qmin and int(zr.max()) <= qmax:
+        ints, zp, scale, qrange, used = k2, zr, s2, (qmin, qmax), "zero_point"
+    elif mode == "widen" and bool(((2 * z - torch.round(2 * z)).abs() <= 1e-6).all()):
+        z2 = torch.round(2 * z)
+        ints = 2 * k2 - z2.view(shape)
+        zp, scale, used = torch.zeros_like(z2), s2 / 2, "widen"
+        qrange = (int(2 * qmin - z2.max()), int(2 * qmax - z2.min()))
+    else:
+        ints, zp, scale, qrange, used, offset = k2, torch.zeros_like(z), s2, (qmin, qmax), "add", off2
+    ints = torch.where(dead.view(shape), zp.view(shape), ints)
+    container = _container(qrange[0], qrange[1], q.bits if used != "widen" else None)
+    return _WeightSpec(
+        key=key, bits=q.bits, ints=ints.to(torch.int64).numpy(), scale=scale.float().numpy(),
+        zp=zp.to(torch.int64).numpy(), offset=None if offset is None else offset.float().numpy(),
+        container=container, qrange=qrange, mode=used,
+    )
+
+
+@torch.no_grad()
+def _act_spec(key: str, conv: QuantConv2d):
+    q = conv.act_quant
+    if q.method == "n2uq":
+        from .quant.n2uq import n2uq_boundaries
+
+        s0, a, b1, b2 = q._act_params(torch.float32)
+        _, thr = n2uq_boundaries(s0, a)
+        out_scale = (b2 * q.delta).reshape(())  # exactly the forward's `beta2 * delta`
+        shift = None if conv.input_shift is None else float(conv.input_shift.detach().float().reshape(()))
+        return _N2UQSpec(key=key, bits=q.bits, beta1=float(b1.reshape(())), thresholds=thr.float().numpy().copy(),
+                         out_scale=float(out_scale), shift=shift)
+    g = q.grid()
+    if g["axis"] is not None and g["scale"].numel() > 1:
+        raise ValueError(f"{key}: per-channel activation quantizers are not supported by the Q/DQ exporter.")
+    lo, hi = g["qmin"], g["qmax"]
+    bits = q.bits
+    container = ("INT4" if lo < 0 else "UINT4") if bits == 4 else ("INT8" if lo < 0 else "UINT8")
+    spec = _ActSpec(key=key, method=q.method, bits=bits, scale=float(g["scale"].float().reshape(())),
+                    offset=float(g["offset"].float().reshape(())), qmin=lo, qmax=hi, container=container)
+    if conv.input_shift is not None:  # only N2UQ has one today; keep the function exact if that changes
+        raise ValueError(f"{key}: input_shift on a non-N2UQ quantizer is not supported by the Q/DQ exporter.")
+    return spec
+
+
+def _check_initialized(model: nn.Module) -> None:
+    missing = []
+    for name, m in quant_convs(model):
+        for role, q in (("weight", m.weight_quant), ("act", m.act_quant)):
+            if q is not None and not bool(q.initialized):
+                missing.append(f"{name}.{role}_quant")
+    if missing:
+        raise ValueError(
+            f"{len(missing)} quantizer(s) were never initialised ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}): "
+            "calibrate (quant.convert.calibrate_activations) or train the model before exporting."
+        )
+
+
+def _build_export_model(model: nn.Module, weight_offset: str):
+    """Deep copy of ``model`` with BN folded and every QuantConv2d replaced by an :class:`_ExportConv`."""
+    m = copy.deepcopy(model).float().eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    specs, rows = {}, []
+
+    def convert(name: str, conv: QuantConv2d, bn):
+        f, bias = _bn_factors(conv, bn)
+        key = name
+        a_spec = _act_spec(key + ".act", conv) if conv.act_quant is not None else None
+        if conv.weight_quant is not None:
+            w_spec = _weight_spec(key + ".weight", conv, f, weight_offset)
+            weight = w_spec.dequantized()
+        else:
+            w_spec = None
+            weight = (conv.weight.detach().double() * f.view(-1, 1, 1, 1)).float()
+        if a_spec is None and conv.input_shift is not None:
+            raise ValueError(f"{name}: input_shift without an activation quantizer cannot be exported.")
+        for s in (a_spec, w_spec):
+            if s is not None:
+                specs[s.key] = s
+        rows.append({
+            "name": name,
+            "method": conv.method or "fp",
+            "w_bits": conv.w_bits,
+            "a_bits": conv.a_bits,
+            "bn_folded": bn is not None and not isinstance(bn, nn.Identity),
+            "weight": w_spec.describe() if w_spec else "float initializer",
+            "weight_range": list(w_spec.qrange) if w_spec else None,
+            "act": a_spec.describe() if a_spec else "float",
+        })
+        return _ExportConv(conv, weight, bias.float(), a_spec, w_spec)
+
+    # Blocks first (their conv carries the BN), then the raw quantized convs (Detect predictors).
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, QuantConvBlock) and isinstance(mod.conv, QuantConv2d):
+            mod.conv = convert(f"{name}.conv", mod.conv, mod.bn)
+            mod.bn = nn.Identity()
+    for name, mod in list(m.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, QuantConv2d):
+                full = f"{name}.{child_name}" if name else child_name
+                new = convert(full, child, None)
+                for a in ("i", "f", "type", "np"):
+                    if hasattr(child, a):
+                        setattr(new, a, getattr(child, a))
+                setattr(mod, child_name, new)
+    rows.sort(key=lambda r: _natural_key(r["name"]))
+    return m, specs, rows
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in name.split(".")]
+
+
+def _prepare_for_onnx(m: nn.Module, imgsz: tuple[int, int]) -> nn.Module:
+    """Fuse remaining float Conv+BN and set the Detect export attributes as Ultralytics' ONNX exporter does."""
+    from ultralytics.nn.modules import C2f, Detect
+
+    if hasattr(m, "fuse"):
+        m = m.fuse(verbose=False)
+    stride = m.stride.tolist() if hasattr(m, "stride") else [32]
+    for mod in m.modules():
+        if isinstance(mod, Detect):
+            mod.dynamic = False
+            mod.export = True
+            mod.format = "onnx"
+            mod.xyxy = False
+            mod.shape = None
+            mod.max_det = min(300, sum(int(imgsz[0] / s) * int(imgsz[1] / s) for s in stride))
+            mod.agnostic_nms = False
+        elif isinstance(mod, C2f):
+            mod.forward = mod.forward_split  # Ultralytics' ONNX graph uses Split instead of Chunk (same values)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ONNX lowering
+# ----------------------------------------------------------------------------------------------------------------
+def _lower_graph(proto, specs: dict, opset: int):
+    """Replace the ``gabq::`` placeholders by standard operators, drop dead tensors, set the opset."""
+    from onnx import helper
+
+    graph = proto.graph
+    new_nodes, new_inits = [], []
+    for node in graph.node:
+        if node.domain != _DOMAIN:
+            new_nodes.append(node)
+            continue
+        key = next(a.s.decode() for a in node.attribute if a.name == "key")
+        nodes, inits = specs[key].lower(node.input[0], node.output[0])
+        new_nodes += nodes
+        new_inits += inits
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    _remove_dead(graph)
+    ops = [o for o in proto.opset_import if o.domain not in ("", "ai.onnx", _DOMAIN)]
+    del proto.opset_import[:]
+    proto.opset_import.extend([helper.make_opsetid("", opset), *ops])
+    proto.ir_version = 10  # INT4 needs IR >= 10; Ultralytics also caps at 10 for ONNX Runtime compatibility
+    return proto
+
+
+def _remove_dead(graph) -> None:
+    """Remove nodes whose outputs are unused, then unused initializers and stale value_info (replaced weights)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = set(outputs)
+        for n in graph.node:
+            used.update(i for i in n.input if i)
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+    inits = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    produced = {o for n in graph.node for o in n.output}
+    vi = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(vi)
+
+
+def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: str) -> dict:
+    from ultralytics import __version__ as ul_version
+
+    from . import __version__
+
+    names = getattr(model, "names", None) or {i: f"class{i}" for i in range(int(getattr(model.model[-1], "nc", 80)))}
+    if isinstance(names, (list, tuple)):
+        names = dict(enumerate(names))
+    stride = int(max(model.stride)) if hasattr(model, "stride") else 32
+    yaml_file = Path(getattr(model, "yaml", {}).get("yaml_file", "") or "model").stem
+    methods = sorted({r["method"] for r in rows if r["method"] != "fp"})
+    quant = {
+        "format": "qdq",
+        "plugin": f"ultralytics-gabfusion {__version__}",
+        "methods": methods,
+        "opset": opset,
+        "weight_offset": weight_offset,
+        "bits": sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=str),
+        "layers": [{k: r[k] for k in ("name", "method", "w_bits", "a_bits", "weight", "weight_range", "act")} for r in rows],
+    }
+    data = model.args.get("data", "") if isinstance(getattr(model, "args", None), dict) else ""
+    return {
+        "description": f"Ultralytics {yaml_file} model, {'/'.join(methods)} Q/DQ export by ultralytics-gabfusion"
+        + (f", trained on {data}" if data else ""),
+        "author": "Ultralytics / ultralytics-gabfusion",
+        "date": datetime.now().astimezone().isoformat(),
+        "version": ul_version,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+        "stride": stride,
+        "task": getattr(model, "task", "detect"),
+        "head": type(model.model[-1]).__name__ if hasattr(model, "model") else "Detect",
+        "batch": 1,
+        "imgsz": list(imgsz),
+        "names": names,
+        "args": {"batch": 1, "imgsz": list(imgsz), "dynamic": False, "nms": False, "half": False, "opset": opset},
+        "channels": int(getattr(model, "yaml", {}).get("channels", 3)),
+        "end2end": False,
+        "quantization": json.dumps(quant, default=str),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading models and images
+# ----------------------------------------------------------------------------------------------------------------
+def load_quantized_model(model, require_quantized: bool = True) -> nn.Module:
+    """Return an ``nn.Module`` from a model or an Ultralytics checkpoint path (float32, eval mode).
+
+    Args:
+        model (nn.Module | str | Path): A model, or a ``.pt`` checkpoint written by Ultralytics/the GAB trainer.
+        require_quantized (bool): Raise if the model holds no quantized layers.
+
+    Returns:
+        (nn.Module): The model (the caller's object itself when a module was passed).
+
+    Raises:
+        FileNotFoundError: The path does not exist.
+        ValueError: Not a readable Ultralytics checkpoint, or (``require_quantized``) a full-precision model.
+
+    Examples:
+        >>> load_quantized_model("yolov5s.yaml")  # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        ValueError: yolov5s.yaml is not a .pt checkpoint ...
+    """
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if path.suffix != ".pt":
+            raise ValueError(f"{model} is not a .pt checkpoint; pass a quantized checkpoint written by the GAB trainer.")
+        if not path.is_file():
+            raise FileNotFoundError(f"{model}: checkpoint not found (no weights are downloaded by the Q/DQ exporter).")
+        from ultralytics.nn.tasks import load_checkpoint
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model, _ = load_checkpoint(str(path))
+        except Exception as e:  # torch/pickle raise many types on a corrupt file: report one clear error
+            raise ValueError(f"{path} is not a readable Ultralytics checkpoint ({type(e).__name__}: {e}).") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"expected a model or a .pt checkpoint path, got {type(model).__name__}.")
+    if require_quantized and not is_quantized(model):
+        raise ValueError(
+            f"{type(model).__name__} has no quantized layers (no QuantConv2d with a weight or activation quantizer). "
+            "The Q/DQ exporter is for QAT models; use YOLO(model).export(format='onnx') for FP models."
+        )
+    return model
+
+
+def _image_files(source) -> list[Path]:
+    """Image files from a directory, an image, a list, a ``.txt`` list or a data YAML (its ``val`` split)."""
+    if isinstance(source, (list, tuple)):
+        out = []
+        for s in source:
+            out += _image_files(s)
+        return out
+    p = Path(source)
+    if p.suffix in (".yaml", ".yml"):
+        from ultralytics.data.utils import check_det_dataset
+
+        data = check_det_dataset(str(p), autodownload=False)
+        val = data.get("val") or data.get("test") or data.get("train")
+        return _image_files(val)
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.suffix.lower() in _IMG_SUFFIXES)
+    if p.suffix == ".txt" and p.is_file():
+        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        return [Path(ln) if Path(ln).is_absolute() else (p.parent / ln).resolve() for ln in lines]
+    if p.is_file() and p.suffix.lower() in _IMG_SUFFIXES:
+        return [p]
+    raise ValueError(f"no images found at {source}: pass image files, a directory, a .txt list or a data YAML.")
+
+
+def load_images(source, imgsz=640, n: int = 8) -> torch.Tensor:
+    """Load up to ``n`` images as Ultralytics predicts them: letterbox to ``imgsz`` (pad 114), RGB, CHW, /255.
+
+    Args:
+        source: Image path(s), a directory, a ``.txt`` list or a data YAML (its ``val`` images), or a float tensor
+            ``(N, 3, H, W)`` in [0, 1] (returned as is).
+        imgsz (int | tuple[int, int]): Target size (square int or (h, w)).
+        n (int): Maximum number of images (the first ``n`` in sorted order).
+
+    Returns:
+        (torch.Tensor): float32 ``(N, 3, h, w)`` in [0, 1].
+
+    Examples:
+        >>> x = load_images("datasets/synth/data.yaml", imgsz=64, n=2)  # doctest: +SKIP
+        >>> x.shape  # doctest: +SKIP
+        torch.Size([2, 3, 64, 64])
+    """
+    if torch.is_tensor(source):
+        return source.float()
+    import cv2
+    from ultralytics.data.augment import LetterBox
+
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+    files = _image_files(source)[:n]
+    if not files:
+        raise ValueError(f"no images found at {source}.")
+    lb = LetterBox(new_shape=(h, w), auto=False, stride=32)
+    out = []
+    for f in files:
+        im = cv2.imread(str(f))
+        if im is None:
+            raise ValueError(f"cannot read image {f}")
+        im = lb(image=im)
+        out.append(torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1))).float() / 255.0)
+    return torch.stack(out)
+
+
+def generated_images(imgsz=640, n: int = 4, seed: int = 0) -> torch.Tensor:
+    """Deterministic synthetic test images (gradients, noise and filled shapes) for parity checks without data.
+
+    They exercise the whole activation range of a network better than noise alone, but they are not natural
+    images: prefer ``data=`` / real images for a meaningful detection comparison.
+    """
+    import cv2
+
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([(xx / w), (yy / h), 0.5 + 0.5 * np.sin((xx + yy) / max(h, w) * 6.28)], -1) * 255
+        im = (0.6 * base + 0.4 * rng.uniform(0, 255, (h, w, 3))).astype(np.uint8)
+        for _ in range(int(rng.integers(2, 7))):
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            x0, y0 = int(rng.integers(0, w - 4)), int(rng.integers(0, h - 4))
+            x1, y1 = min(w - 1, x0 + int(rng.integers(4, max(5, w // 2)))), min(h - 1, y0 + int(rng.integers(4, max(5, h // 2))))
+            if rng.random() < 0.5:
+                cv2.rectangle(im, (x0, y0), (x1, y1), color, -1)
+            else:
+                cv2.ellipse(im, ((x0 + x1) // 2, (y0 + y1) // 2), (max(1, (x1 - x0) // 2), max(1, (y1 - y0) // 2)), 0, 0,
+                            360, color, -1)
+        out.append(torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).float() / 255.0)
+    return torch.stack(out)
+
+
+def _imgsz_pair(imgsz, stride: int) -> tuple[int, int]:
+    from ultralytics.utils.checks import check_imgsz
+
+    sz = check_imgsz(imgsz, stride=stride, min_dim=2)
+    return (int(sz[0]), int(sz[1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity
+# ----------------------------------------------------------------------------------------------------------------
+def _ort_session(onnx_file):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+
+
+def _match(det_a: torch.Tensor, det_b: torch.Tensor, conf: float, margin: float, iou: float) -> int:
+    """Count detections of ``a`` with conf >= conf+margin that have no same-class, IoU>iou partner in ``b``."""
+    from ultralytics.utils.metrics import box_iou
+
+    strong = det_a[det_a[:, 4] >= conf + margin]
+    if not len(strong):
+        return 0
+    if not len(det_b):
+        return len(strong)
+    ious = box_iou(strong[:, :4], det_b[:, :4])
+    same = strong[:, 5:6] == det_b[:, 5].unsqueeze(0)
+    return int((~((ious > iou) & same).any(1)).sum())
+
+
+@torch.no_grad()
+def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> dict:
+    """Compare the fake-quant PyTorch model with the exported ONNX model in ONNX Runtime on the same images.
+
+    The reference is the original quantized model (fake quantization, BN not folded) in eval mode, float32. Both
+    produce Ultralytics' decoded output ``(N, 4+nc, anchors)``: xywh boxes in pixels and class probabilities.
+
+    Tolerance (defaults in :data:`PARITY_DEFAULTS`, override by keyword). The two graphs compute the same integer
+    grids, but not bit-identically: BN folding rounds ``f*W`` and ``beta - mu*f`` differently from running BN after
+    the conv, and ONNX Runtime's convolutions sum in another order than PyTorch's. A float difference of ~1e-7
+    relative is harmless except where it pushes a pre-activation across a rounding boundary of the next quantizer:
+    that activation moves by one quantization step (1/8 of its range at 4 bits) and the change propagates.
+    So a plain ``allclose`` is the wrong test; instead, with outputs expressed in [0, 1] units (boxes / image size,
+    probabilities as they are):
+
+    * elements are *close* if ``|onnx - torch| <= atol + rtol*|torch|`` (``atol=2e-3``: 1.3 px at 640 px, 0.2% of
+      probability; float-level differences are ~1e-6). At most ``max_frac = 1%`` of the elements may be farther
+      (a handful of one-step flips in a network of millions of activations touches far fewer; a wrong scale,
+      zero point, sign or threshold changes most of them), and no element may move by more than
+      ``max_diff = 0.25`` (a whole-box or whole-probability error means a bug, not a flip);
+    * after Ultralytics' NMS (``conf``, ``nms_iou=0.7``), every detection with confidence ``>= conf + margin``
+      (0.30) in one output must have a partner of the same class with IoU > ``iou`` (0.9) and confidence
+      ``>= conf - margin`` in the other; boxes inside the +-0.05 band may appear on one side only (a score of
+      0.251 vs 0.249 is not a disagreement). The numbers of boxes above ``conf`` are reported for both.
+
+    Args:
+        model (nn.Module | str | Path): The quantized model (or its checkpoint) that was exported.
+        onnx_file (str | Path): The ONNX file.
+        images: Float tensor ``(N, 3, H, W)`` in [0, 1] at the export size, or anything :func:`load_images` takes.
+        raise_error (bool): Raise :class:`ParityError` when a criterion fails (else only report ``ok=False``).
+        **tol: Overrides of :data:`PARITY_DEFAULTS` (atol, rtol, max_frac, max_diff, conf, margin, iou, nms_iou).
+
+    Returns:
+        (dict): ``max_abs_diff`` / ``mean_abs_diff`` (raw output units: pixels and probabilities),
+        ``max_scaled_diff``, ``frac_not_close``, ``boxes_max_abs_diff_px``, ``scores_max_abs_diff``,
+        ``detections_torch``, ``detections_onnx`` (counts above ``conf``), ``unmatched``, ``images``, ``tol``, ``ok``.
+
+    Raises:
+        ParityError: If a criterion fails and ``raise_error``.
+
+    Examples:
+        >>> r = check_parity(qmodel, "model.onnx", "data.yaml")  # doctest: +SKIP
+        >>> r["ok"], r["unmatched"]  # doctest: +SKIP
+        (True, 0)
+    """
+    from ultralytics.utils.nms import non_max_suppression
+
+    unknown = set(tol) - set(PARITY_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown parity tolerance keys {sorted(unknown)}; valid: {sorted(PARITY_DEFAULTS)}")
+    t = {**PARITY_DEFAULTS, **tol}
+    model = load_quantized_model(model, require_quantized=False)
+    sess = _ort_session(onnx_file)
+    inp = sess.get_inputs()[0]
+    h, w = int(inp.shape[2]), int(inp.shape[3])
+    x = load_images(images, (h, w))
+    if tuple(x.shape[2:]) != (h, w):
+        raise ValueError(f"images are {tuple(x.shape[2:])}, the ONNX model expects {(h, w)}")
+    ref_model = copy.deepcopy(model).float().eval()
+    y_t = ref_model(x)
+    y_t = (y_t[0] if isinstance(y_t, (list, tuple)) else y_t).float()
+    y_o = torch.cat([torch.from_numpy(sess.run(None, {inp.name: x[i : i + 1].numpy()})[0]) for i in range(len(x))])
+    if y_o.shape != y_t.shape:
+        raise ParityError(f"output shapes differ: onnx {tuple(y_o.shape)} vs torch {tuple(y_t.shape)}")
+    diff = (y_o - y_t).abs()
+    norm = torch.ones(y_t.shape[1], 1)
+    norm[:4] = float(max(h, w))  # boxes in pixels -> fraction of the image
+    d_s, ref_s = diff / norm, y_t.abs() / norm
+    not_close = d_s > t["atol"] + t["rtol"] * ref_s
+    dets_t = non_max_suppression(y_t, conf_thres=max(t["conf"] - t["margin"], 1e-4), iou_thres=t["nms_iou"])
+    dets_o = non_max_suppression(y_o, conf_thres=max(t["conf"] - t["margin"], 1e-4), iou_thres=t["nms_iou"])
+    unmatched = sum(_match(a, b, t["conf"], t["margin"], t["iou"]) + _match(b, a, t["conf"], t["margin"], t["iou"])
+                    for a, b in zip(dets_t, dets_o))
+    res = {
+        "images": int(len(x)),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "boxes_max_abs_diff_px": float(diff[:, :4].max()),
+        "scores_max_abs_diff": float(diff[:, 4:].max()),
+        "max_scaled_diff": float(d_s.max()),
+        "frac_not_close": float(not_close.float().mean()),
+        "detections_torch": int(sum(int((d[:, 4] >= t["conf"]).sum()) for d in dets_t)),
+        "detections_onnx": int(sum(int((d[:, 4] >= t["conf"]).sum()) for d in dets_o)),
+        "unmatched": int(unmatched),
+        "tol": t,
+    }
+    fails = []
+    if res["frac_not_close"] > t["max_frac"]:
+        fails.append(f"{res['frac_not_close']:.2%} of output elements differ by more than atol+rtol*|ref| (max {t['max_frac']:.2%})")
+    if res["max_scaled_diff"] > t["max_diff"]:
+        fails.append(f"max scaled difference {res['max_scaled_diff']:.4f} > {t['max_diff']}")
+    if unmatched:
+        fails.append(f"{unmatched} detection(s) above conf {t['conf'] + t['margin']:.2f} without a same-class IoU>{t['iou']} partner")
+    res["ok"] = not fails
+    if fails and raise_error:
+        raise ParityError(f"ONNX/PyTorch parity failed for {onnx_file}: " + "; ".join(fails) + f". Numbers: {_fmt_parity(res)}")
+    return res
+
+
+def _fmt_parity(r: dict) -> str:
+    return (f"max|diff| {r['max_abs_diff']:.4g} (boxes {r['boxes_max_abs_diff_px']:.4g} px, scores "
+            f"{r['scores_max_abs_diff']:.4g}), mean|diff| {r['mean_abs_diff']:.3g}, not close {r['frac_not_close']:.3%}, "
+            f"detections torch/onnx {r['detections_torch']}/{r['detections_onnx']}, unmatched {r['unmatched']} "
+            f"on {r['images']} image(s)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------
+def export_qdq_onnx(
+    model,
+    file=None,
+    imgsz=640,
+    opset: int = 21,
+    images=None,
+    check: bool = True,
+    rtol: float = PARITY_DEFAULTS["rtol"],
+    atol: float = PARITY_DEFAULTS["atol"],
+    weight_offset: str = "add",
+    verbose: bool = True,
+    **parity_tol,
+) -> dict:
+    """Export a fake-quantized Ultralytics detection model to a Q/DQ ONNX file (opset 21, INT4 where 4-bit).
+
+    See the module docstring for the exact operators emitted per quantizer and bit-width.
+
+    Args:
+        model (nn.Module | str | Path): A quantized ``DetectionModel`` or a ``.pt`` checkpoint path (loaded with
+            ``ultralytics.nn.tasks.load_checkpoint``). It is deep-copied, never modified.
+        file (str | Path | None): Output ``.onnx`` path; default: the checkpoint path with suffix ``.onnx``
+            (required when ``model`` is a module).
+        imgsz (int | tuple[int, int]): Input size, rounded up to a multiple of the model stride; batch is 1.
+        opset (int): ONNX opset; only 21 (INT4/UINT4 types) is supported.
+        images: Parity images: a tensor ``(N,3,H,W)`` in [0,1], image files, a directory, a data YAML (its val
+            split); None uses :func:`generated_images` (synthetic, not natural images).
+        check (bool): Run :func:`check_parity` and refuse to write the file if it fails.
+        rtol (float): Element relative tolerance of the parity check.
+        atol (float): Element absolute tolerance of the parity check (outputs in [0, 1] units).
+        weight_offset (str): How weights whose grid has no integer zero point (DoReFa, N2UQ) are stored:
+            ``"add"`` (b-bit integers + per-channel float ``Add``) or ``"widen"`` (``2k-L`` in b+1 bits).
+        verbose (bool): Log progress with Ultralytics' logger.
+        **parity_tol: Further :data:`PARITY_DEFAULTS` overrides (max_frac, max_diff, conf, margin, iou, nms_iou).
+
+    Returns:
+        (dict): ``file``, ``opset``, ``imgsz``, ``output_shape``, ``ops`` (op type counts), ``int_types``
+        (element types of the integer tensors), ``layers`` (per-conv rows: bits, weight and activation encoding),
+        ``parity`` (the :func:`check_parity` result, or None) and ``images`` (what parity ran on).
+
+    Raises:
+        ValueError: Not a checkpoint / corrupt file, an FP model (use ``YOLO(model).export``), uninitialised
+            quantizers, an unsupported opset or option.
+        ParityError: ``check=True`` and the ONNX model disagrees with the PyTorch model beyond the tolerance.
+
+    Examples:
+        >>> from ultralytics.nn.tasks import DetectionModel
+        >>> from ultralytics_gabfusion.quant.convert import quantize_model, init_weight_quantizers, calibrate_activations
+        >>> m = DetectionModel("yolov5s.yaml", nc=16, verbose=False)
+        >>> _ = quantize_model(m, "lsq", 4, 4); _ = init_weight_quantizers(m)
+        >>> _ = calibrate_activations(m, [torch.rand(2, 3, 64, 64)])
+        >>> info = export_qdq_onnx(m, "w4a4.onnx", imgsz=64)  # doctest: +SKIP
+        >>> info["int_types"]  # doctest: +SKIP
+        ['INT4', 'INT8', 'UINT8']
+    """
+    import onnx
+
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"opset={opset} is not supported by the Q/DQ exporter: use opset=21 (INT4/UINT4 need 21).")
+    if weight_offset not in ("add", "widen"):
+        raise ValueError(f"weight_offset={weight_offset!r} is not valid: use 'add' or 'widen'.")
+    src_path = Path(model) if isinstance(model, (str, Path)) else None
+    model = load_quantized_model(model)
+    if file is None:
+        if src_path is None:
+            raise ValueError("file= is required when exporting a model object (no checkpoint path to derive it from).")
+        file = src_path.with_suffix(".onnx")
+    file = Path(file)
+    if file.suffix != ".onnx":
+        raise ValueError(f"file={file}: the output must end in .onnx")
+    _check_initialized(model)
+    stride = int(max(model.stride)) if hasattr(model, "stride") else 32
+    hw = _imgsz_pair(imgsz, stride)
+
+    exp, specs, rows = _build_export_model(model, weight_offset)
+    exp = _prepare_for_onnx(exp, hw)
+    im = torch.zeros(1, int(getattr(model, "yaml", {}).get("channels", 3)), *hw)
+    with torch.no_grad():
+        y = exp(im)
+    out_shape = tuple((y[0] if isinstance(y, (list, tuple)) else y).shape)
+    _log(f"Q/DQ ONNX: tracing {len(rows)} quantized convs at {hw[0]}x{hw[1]}, output {out_shape}", verbose)
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
+        torch.onnx.export(exp, im, buf, opset_version=_TRACE_OPSET, dynamo=False, input_names=["images"],
+                          output_names=["output0"], custom_opsets={_DOMAIN: 1}, do_constant_folding=True)
+    proto = _lower_graph(onnx.load_from_string(buf.getvalue()), specs, opset)
+    for k, v in _metadata(model, hw, opset, rows, weight_offset).items():
+        meta = proto.metadata_props.add()
+        meta.key, meta.value = k, str(v)
+    onnx.checker.check_model(proto, full_check=True)
+
+    ops = {}
+    for n in proto.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    int_types = sorted({onnx.TensorProto.DataType.Name(i.data_type) for i in proto.graph.initializer
+                        if i.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)})
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.onnx")
+    result = {"file": str(file), "opset": opset, "imgsz": list(hw), "output_shape": out_shape, "ops": ops,
+              "int_types": int_types, "layers": rows, "parity": None, "images": None}
+    try:
+        onnx.save(proto, str(tmp))
+        if check:
+            if images is None:
+                x, result["images"] = generated_images(hw, n=4), "generated synthetic images (no data given)"
+            else:
+                x = load_images(images, hw)
+                result["images"] = f"{len(x)} image(s) from {images if not torch.is_tensor(images) else 'a tensor'}"
+            result["parity"] = check_parity(model, tmp, x, rtol=rtol, atol=atol, **parity_tol)
+            _log(f"Q/DQ ONNX parity on {result['images']}: {_fmt_parity(result['parity'])}", verbose)
+        os.replace(tmp, file)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _log(f"Q/DQ ONNX: saved {file} ({file.stat().st_size / 1e6:.1f} MB, opset {opset}, integer types {int_types})", verbose)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+_IGNORED_FOR_QDQ = ("half", "int8", "dynamic", "simplify", "nms", "optimize", "keras", "quantize", "batch", "workspace")
+
+
+def export_main(overrides: dict) -> int:
+    """Handle ``yolo-gab export model=... [format=onnx] [imgsz=..] [opset=21] [data=...] [file=out.onnx]``.
+
+    * quantized checkpoint, ``format=onnx`` (or no format): :func:`export_qdq_onnx` with a parity check on the
+      ``data=`` val images (first 8) or, without ``data=``, on generated synthetic images (the log says which);
+      prints the output path and the parity numbers. ``file=`` (Python callers; the CLI may not accept the key) or
+      ``save_dir=`` choose the output, default: next to the checkpoint with suffix ``.onnx``.
+    * quantized checkpoint, any other format: ``ValueError`` (other formats would trace the fake-quant graph in
+      float, or have no integer-grid representation).
+    * full-precision model: handed to Ultralytics' exporter, ``YOLO(model).export(**overrides)``.
+
+    Args:
+        overrides (dict): Parsed ``key=value`` pairs (plugin keys and ``trainer`` are ignored with a warning).
+
+    Returns:
+        (int): 0 on success, 1 when the parity check failed (the message is printed; no file is written).
+
+    Raises:
+        ValueError: Missing/invalid model, corrupt checkpoint, quantized model with a non-ONNX format.
+        FileNotFoundError: The checkpoint does not exist.
+
+    Examples:
+        >>> export_main({"model": "runs/qat/weights/best.pt", "format": "onnx", "data": "data.yaml"})  # doctest: +SKIP
+        0
+    """
+    from ultralytics.utils import LOGGER
+
+    from .settings import PLUGIN_KEYS
+
+    ov = dict(overrides)
+    ov.pop("mode", None)
+    model = ov.pop("model", None)
+    if model is None:
+        raise ValueError("export needs model=, e.g. yolo-gab export model=runs/qat/weights/best.pt format=onnx")
+    ours = sorted(k for k in ov if k in PLUGIN_KEYS or k == "trainer")
+    if ours:
+        LOGGER.warning(f"yolo-gab export: ignoring training keys {ours}")
+        for k in ours:
+            ov.pop(k)
+    path = Path(str(model))
+    quantized = False
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise FileNotFoundError(f"model={model}: file not found (no weights are downloaded by yolo-gab export).")
+        net = load_quantized_model(path, require_quantized=False)
+        quantized = is_quantized(net)
+    if not quantized:
+        bad = [k for k in ("file", "save_dir") if ov.get(k) is not None]
+        if bad:
+            raise ValueError(f"{bad} apply to quantized (Q/DQ) exports only; Ultralytics writes FP exports next to the weights.")
+        ov.pop("file", None)
+        ov.pop("save_dir", None)
+        from ultralytics import YOLO
+
+        LOGGER.info(f"yolo-gab export: {model} has no quantized layers, handing over to Ultralytics' exporter.")
+        f = YOLO(str(model), task=ov.pop("task", None)).export(**ov)
+        print(f"Exported {f}")
+        return 0
+
+    fmt = str(ov.pop("format", None) or "onnx").lower()
+    if fmt != "onnx":
+        raise ValueError(
+            f"format={fmt} is not supported for quantized models: other formats would run the fake-quant graph in float "
+            "(or drop the learned integer grids). Use format=onnx for the Q/DQ export."
+        )
+    for k in _IGNORED_FOR_QDQ:
+        v = ov.get(k)
+        if v not in (None, False, "", 1) or (k == "batch" and v not in (None, 1, 16)):
+            LOGGER.warning(f"yolo-gab export: {k}={v} is ignored by the Q/DQ ONNX export (static batch-1 graph).")
+    imgsz = ov.get("imgsz")
+    if imgsz is None:
+        args = getattr(net, "args", None)
+        imgsz = (args.get("imgsz") if isinstance(args, dict) else None) or 640
+    opset = ov.get("opset") or 21
+    file = ov.get("file")
+    if file is None and ov.get("save_dir"):
+        file = Path(ov["save_dir"]) / path.with_suffix(".onnx").name
+    data = ov.get("data")
+    if data:
+        images, what = load_images(data, _imgsz_pair(imgsz, int(max(net.stride)))), f"val images of data={data}"
+    else:
+        images, what = None, "generated synthetic images (pass data=... to use real validation images)"
+    LOGGER.info(f"yolo-gab export: Q/DQ ONNX export of {model}; parity check on {what}")
+    try:
+        res = export_qdq_onnx(net, file or path.with_suffix(".onnx"), imgsz=imgsz, opset=int(opset), images=images)
+    except ParityError as e:
+        print(f"yolo-gab: error: {e}", file=sys.stderr)
+        return 1
+    p = res["parity"]
+    print(f"Exported {res['file']}")
+    print(f"Parity ({what}): {_fmt_parity(p)}")
+    return 0
