@@ -103,10 +103,8 @@ def test_label_file_matches_rendered_boxes(ci_set):
     s = render_sample(cfg, "train", 3)
     rows = np.loadtxt(ci_set.parent / "labels" / "train" / "000003.txt", ndmin=2)
     assert np.array_equal(rows[:, 0].astype(int), s.classes)
-    xyxy = np.stack(
-        [rows[:, 1] - rows[:, 3] / 2, rows[:, 2] - rows[:, 4] / 2, rows[:, 1] + rows[:, 3] / 2, rows[:, 2] + rows[:, 4] / 2],
-        1,
-    )
+    cx, cy, w, h = rows[:, 1:].T
+    xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
     assert np.abs(xyxy * cfg.imgsz - s.boxes).max() < 1e-3
 
 
@@ -315,13 +313,13 @@ def test_synth_main_unknown_key_names_closest():
 
 
 def test_synth_main_string_args(tmp_path, capsys):
-    path = synth_main(
-        {"out": str(tmp_path / "cli"), "train": "24", "val": "8", "imgsz": "160", "seed": "0", "workers": "0", "overwrite": "False"}
-    )
+    args = {"out": str(tmp_path / "cli"), "train": "24", "val": "8", "imgsz": "160", "seed": "0"}
+    path = synth_main({**args, "workers": "0", "overwrite": "False"})
     assert path == tmp_path / "cli" / "data.yaml"
     line = capsys.readouterr().out.strip().splitlines()[-1]
     info = load_synth_info(path)
     assert str(path) in line and "train 24 val 8" in line and info["labels_sha256"] in line
     assert "small/medium/large" in line and line.endswith("s")
     # same content as the Python API with the same settings
-    assert info["labels_sha256"] == load_synth_info(make_synthetic_dataset(tmp_path / "api", workers=0, **CI))["labels_sha256"]
+    api = make_synthetic_dataset(tmp_path / "api", workers=0, **CI)
+    assert info["labels_sha256"] == load_synth_info(api)["labels_sha256"]

@@ -69,7 +69,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict]:
         else:
             raise UsageError(f"'{a}' is not a mode or key=value pair.{_suggest(a)}")
     overrides = {**recipe, **overrides}
-    valid = set(DEFAULT_CFG_DICT) | set(PLUGIN_KEYS) | {"trainer", "task", "save_dir"}
+    valid = set(DEFAULT_CFG_DICT) | set(PLUGIN_KEYS) | {"trainer", "task", "save_dir", "file"}
     bad = [k for k in overrides if k not in valid]
     if bad:
         raise UsageError("\n".join(f"'{k}' is not a valid yolo-gab argument.{_suggest(k)}" for k in bad))

@@ -23,36 +23,32 @@ What :func:`export_qdq_onnx` does:
    original fake-quant PyTorch model. The file is written under a temporary name in the target directory and
    renamed only after both passed.
 
-Emitted operators (``b`` = bits, container = tensor element type holding the integers):
+Emitted operators (``b`` = bits; container = element type of the tensor holding the integers; Q/DQ =
+``QuantizeLinear``/``DequantizeLinear``):
 
-=====================  ==========================================================================================
-quantizer              ONNX subgraph
-=====================  ==========================================================================================
-weights, any method    ``DequantizeLinear(k, scale[C], zero_point[C], axis=0) -> Conv`` with ``k`` an initializer.
-                       Container: ``INT4``/``UINT4`` for b=4, ``INT8``/``UINT8`` for b=8 and for b in 2,3,5,6,7
-                       (values checked to lie in the b-bit range ``[qmin, qmax]``; the range is also recorded in
-                       the ``quantization`` metadata). LSQ/LSQ+ grids (``k*s``, signed) are exact with integer zero
-                       points: 0, or -1 on channels whose BN scale is negative (mirrored grid).
-DoReFa (PACT) / N2UQ   grid ``-M + k*2M/L`` (L = 2^b-1) has no zero level: its zero point ``L/2`` is not an integer.
-weights                ``weight_offset="add"`` (default): ``DequantizeLinear(k UINT4|UINT8, scale, 0, axis=0) ->
-                       Add(offset[C,1,1,1]) -> Conv`` keeps the b-bit storage. ``"widen"``: integers ``2k - L`` in
-                       ``[-L, L]`` (b+1 bits: ``INT8``, ``INT16`` for b=8) with ``scale/2`` and zero point 0,
-                       a plain ``DequantizeLinear -> Conv`` that Q/DQ-fusing runtimes recognise.
-LSQ / PACT (canonical)  ``QuantizeLinear(x, s, 0) -> DequantizeLinear(., s, 0)``, per tensor; ``INT4``/``UINT4``
-activations, offset 0  for b=4, ``INT8``/``UINT8`` for b=8; for b in 2,3,5,6,7 an 8-bit container with
-                       ``Clip(q, qmin, qmax)`` on the integers between Q and DQ (Q alone saturates to the container
-                       range). Q rounds half to even like ``torch.round``.
-LSQ+ / signed PACT     float offsets (``beta``, ``-alpha``) are not integer zero points: ``Sub(x, offset) ->
-activations            QuantizeLinear -> [Clip] -> DequantizeLinear -> Add(offset)``, same containers.
-N2UQ activations       ``count = sum_i (beta1*x > T_i)`` over the 2^b-1 learned thresholds, output
-                       ``count*Delta*beta2 + input_shift``. b <= 4: ``Mul(beta1) -> Unsqueeze(-1) ->
-                       Greater(T[L]) -> Cast(INT32) -> ReduceSum(-1) -> Cast(UINT4|UINT8)``; b >= 5 (where the
-                       broadcast would hold 2^b-1 copies of the tensor): a branchless binary search over the sorted
-                       thresholds, ``b`` rounds of ``Add -> Gather(T) -> Greater -> Where`` on an INT64 position,
-                       then ``Cast(UINT8)``. Both end in ``DequantizeLinear(count, Delta*beta2, 0) ->
-                       Add(input_shift)``. Thresholds are compared in the ``beta1``-scaled domain exactly as the
-                       PyTorch forward does (``torch.bucketize``, ``x == T`` does not count).
-=====================  ==========================================================================================
+* **Weights, every method**: ``DequantizeLinear(k, scale[C], zero_point[C], axis=0) -> Conv``, ``k`` an
+  initializer. Container ``INT4``/``UINT4`` for b=4, ``INT8``/``UINT8`` for b=8 and for b in 2, 3, 5, 6, 7 (the
+  integers are checked to lie in the b-bit range ``[qmin, qmax]`` at export; the range is recorded per layer in the
+  ``quantization`` metadata). LSQ/LSQ+ grids (``k*s``, signed) are exact with integer zero points: 0, or -1 on
+  channels whose BN scale is negative (mirrored grid).
+* **DoReFa (PACT) and N2UQ weights**: their grid ``-M + k*2M/L`` (``L = 2^b-1``) has no zero level, so its zero
+  point ``L/2`` is not an integer. ``weight_offset="add"`` (default) keeps the b-bit storage:
+  ``DequantizeLinear(k UINT4|UINT8, scale, 0, axis=0) -> Add(offset[C,1,1,1]) -> Conv``. ``weight_offset="widen"``
+  stores ``2k - L`` in ``[-L, L]`` (b+1 bits: ``INT8``, ``INT16`` for b=8) with ``scale/2`` and zero point 0, a
+  plain ``DequantizeLinear -> Conv`` that Q/DQ-fusing runtimes recognise.
+* **LSQ and canonical PACT activations** (offset 0): ``QuantizeLinear(x, s, 0) -> DequantizeLinear(., s, 0)``,
+  per tensor; ``INT4``/``UINT4`` for b=4, ``INT8``/``UINT8`` for b=8; for b in 2, 3, 5, 6, 7 an 8-bit container
+  with ``Clip(q, qmin, qmax)`` on the integers between Q and DQ (Q alone saturates to the container range only).
+  ``QuantizeLinear`` divides by the scale and rounds half to even, exactly like the PyTorch forward.
+* **LSQ+ and signed PACT activations**: their float offsets (``beta``, ``-alpha``) are not integer zero points:
+  ``Sub(x, offset) -> QuantizeLinear -> [Clip] -> DequantizeLinear -> Add(offset)``, same containers.
+* **N2UQ activations**: ``count = sum_i (beta1*x > T_i)`` over the 2^b-1 learned thresholds (compared in the
+  ``beta1``-scaled domain exactly as the PyTorch forward, ``torch.bucketize``: ``x == T`` does not count), output
+  ``count*Delta*beta2 + input_shift``. For b <= 4: ``Mul(beta1) -> Unsqueeze(-1) -> Greater(T[L]) -> Cast(INT32)
+  -> ReduceSum(-1)``; for b >= 5, where that broadcast would hold 2^b-1 copies of the tensor, a branchless binary
+  search over the sorted thresholds: ``Greater -> Cast -> Mul`` for the first step, then ``b-1`` rounds of
+  ``Add -> Gather(T) -> Greater -> Where`` on an INT64 position. Both end in ``Cast(UINT4|UINT8) ->
+  DequantizeLinear(count, Delta*beta2, 0) -> Add(input_shift)``, so the integer level is explicit in the graph.
 
 GABFusion nodes are exported as traced float operators (softmax-weighted ``Concat`` and the channel LayerNorm
 as ``ReduceMean``/``Sub``/``Mul``/``Sqrt``/``Div`` ...); a model already folded with ``fold_gabfusion`` exports its
@@ -77,10 +73,9 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -387,7 +382,8 @@ class _N2UQSpec:
             pos = f"{k}/n2uq_pos0"
             for j, step in enumerate(steps[1:], 1):
                 inits.append(_int_tensor_i64(f"{k}/n2uq_step{j}", step, ()))
-                t, g, p = f"{k}/n2uq_try{j}", f"{k}/n2uq_g{j}", f"{k}/n2uq_pos{j}"
+                last = j == len(steps) - 1
+                t, g, p = f"{k}/n2uq_try{j}", f"{k}/n2uq_g{j}", f"{k}/n2uq_count" if last else f"{k}/n2uq_pos{j}"
                 nodes += [
                     helper.make_node("Add", [pos, f"{k}/n2uq_step{j}"], [t], name=f"{k}/N2UQTry{j}"),
                     helper.make_node("Gather", [f"{k}/n2uq_thresholds_shifted", t], [f"{k}/n2uq_t{j}"],
@@ -396,7 +392,6 @@ class _N2UQSpec:
                     helper.make_node("Where", [g, t, pos], [p], name=f"{k}/N2UQStep{j}"),
                 ]
                 pos = p
-            nodes.append(helper.make_node("Identity", [pos], [f"{k}/n2uq_count"], name=f"{k}/N2UQCount"))
         dq_out = out if self.shift is None else f"{k}/n2uq_dq"
         nodes += [
             helper.make_node("Cast", [f"{k}/n2uq_count"], [f"{k}/n2uq_level"], name=f"{k}/N2UQCastLevel",
@@ -471,6 +466,9 @@ def _bn_factors(conv: nn.Conv2d, bn: nn.Module | None):
     return f, shift
 
 
+_ZP_TOL = 1e-4  # largest zero-point snap, in quantization steps (float rounding of the scale is ~1e-5 at 8 bits)
+
+
 @torch.no_grad()
 def _weight_spec(key: str, conv: QuantConv2d, f: torch.Tensor, mode: str) -> _WeightSpec:
     """Quantize ``conv``'s weight to integers and fold the per-channel BN factor ``f`` into grid and integers."""
@@ -492,13 +490,15 @@ def _weight_spec(key: str, conv: QuantConv2d, f: torch.Tensor, mode: str) -> _We
     dead = s2 == 0  # gamma == 0: the channel outputs exactly its bias
     s2 = torch.where(dead, s, s2)
     off2 = torch.where(dead, torch.zeros_like(off2), off2)
+    # Zero point in steps. Snapping it to an integer (or half-integer) moves the grid by at most ZP_TOL of a step:
+    # float32 scales such as 2M/255 make DoReFa's L/2 come out as 127.50001.
     z = -off2 / s2
     zr = torch.round(z)
     offset = None
-    if bool(((z - zr).abs() <= 1e-6).all()) and int(zr.min()) >= qmin and int(zr.max()) <= qmax:
+    if bool(((z - zr).abs() <= _ZP_TOL).all()) and int(zr.min()) >= qmin and int(zr.max()) <= qmax:
         ints, zp, scale, qrange, used = k2, zr, s2, (qmin, qmax), "zero_point"
-    elif mode == "widen" and bool(((2 * z - torch.round(2 * z)).abs() <= 1e-6).all()):
-        z2 = torch.round(2 * z)
+    elif mode == "widen" and bool(((2 * z - torch.round(2 * z)).abs() <= 2 * _ZP_TOL).all()):
+        z2 = torch.where(dead, torch.full_like(z, float(qmin + qmax)), torch.round(2 * z))  # dead: any in-range z
         ints = 2 * k2 - z2.view(shape)
         zp, scale, used = torch.zeros_like(z2), s2 / 2, "widen"
         qrange = (int(2 * qmin - z2.max()), int(2 * qmax - z2.min()))
@@ -870,21 +870,30 @@ def _ort_session(onnx_file):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # A verification run, not a benchmark: spinning worker threads only steal CPU from the PyTorch reference.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
 
 
-def _match(det_a: torch.Tensor, det_b: torch.Tensor, conf: float, margin: float, iou: float) -> int:
-    """Count detections of ``a`` with conf >= conf+margin that have no same-class, IoU>iou partner in ``b``."""
-    from ultralytics.utils.metrics import box_iou
+def _anchor_unmatched(dets, idx, other, conf: float, margin: float, iou: float) -> int:
+    """Detections (``conf >= conf+margin``) whose own anchor in the ``other`` raw output disagrees.
 
-    strong = det_a[det_a[:, 4] >= conf + margin]
-    if not len(strong):
+    ``dets``: NMS rows ``[x1, y1, x2, y2, score, cls]``; ``idx``: their anchor indices; ``other``: the other model's
+    raw output ``(4+nc, anchors)`` for the same image. Disagreement: the other model's box at that anchor overlaps
+    with IoU <= ``iou``, or its score for the same class differs by more than ``margin``.
+    """
+    from ultralytics.utils.metrics import bbox_iou
+    from ultralytics.utils.ops import xywh2xyxy
+
+    strong = dets[:, 4] >= conf + margin
+    if not bool(strong.any()):
         return 0
-    if not len(det_b):
-        return len(strong)
-    ious = box_iou(strong[:, :4], det_b[:, :4])
-    same = strong[:, 5:6] == det_b[:, 5].unsqueeze(0)
-    return int((~((ious > iou) & same).any(1)).sum())
+    d, a = dets[strong], idx.view(-1)[strong].long()
+    o = other[:, a].T  # (k, 4+nc)
+    cls = d[:, 5].long()
+    score = o[torch.arange(len(o)), 4 + cls]
+    ious = bbox_iou(d[:, :4], xywh2xyxy(o[:, :4]), xywh=False).view(-1)
+    return int(((ious <= iou) | ((score - d[:, 4]).abs() > margin)).sum())
 
 
 @torch.no_grad()
@@ -907,10 +916,20 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
       (a handful of one-step flips in a network of millions of activations touches far fewer; a wrong scale,
       zero point, sign or threshold changes most of them), and no element may move by more than
       ``max_diff = 0.25`` (a whole-box or whole-probability error means a bug, not a flip);
-    * after Ultralytics' NMS (``conf``, ``nms_iou=0.7``), every detection with confidence ``>= conf + margin``
-      (0.30) in one output must have a partner of the same class with IoU > ``iou`` (0.9) and confidence
-      ``>= conf - margin`` in the other; boxes inside the +-0.05 band may appear on one side only (a score of
-      0.251 vs 0.249 is not a disagreement). The numbers of boxes above ``conf`` are reported for both.
+    * detections: Ultralytics' NMS (``conf``, ``nms_iou=0.7``) runs on both outputs. Every detection with
+      confidence ``>= conf + margin`` (0.30) of one model must be reproduced by the other model *at the same
+      anchor*: box IoU > ``iou`` (0.9) and a score for the same class within ``margin`` (0.05). Comparing at the
+      anchor rather than between the two NMS results keeps the test independent of NMS tie-breaking: with
+      near-duplicate boxes a 1e-7 score difference can make NMS keep a different (equally valid) neighbour, which
+      is not an export error. The numbers of boxes above ``conf`` must agree up to the boxes inside the
+      ``conf +- margin`` band (a score of 0.251 vs 0.249 is not a disagreement) plus 2% for such NMS re-orderings
+      (measured: 628 vs 629 boxes on a random, densely-firing 160 px model whose raw outputs agreed to 1e-4 px).
+
+    Measured with this plugin (YOLOv5s / YOLO11s; LSQ, LSQ+, PACT, N2UQ; 2 to 8 bits; 64 to 320 px; random weights
+    with random BN and a 1-epoch QAT checkpoint): max |diff| 6e-5 to 1.5e-4 px on boxes and <= 3.2e-7 on
+    probabilities, 0% of elements outside the element tolerance, no unmatched detection. Multiplying a single 4-bit
+    activation scale by 1.5 puts 20% of the elements outside the tolerance and changes 55 detections to 52, so the
+    criteria have a margin of several orders of magnitude on both sides.
 
     Args:
         model (nn.Module | str | Path): The quantized model (or its checkpoint) that was exported.
@@ -922,7 +941,8 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
     Returns:
         (dict): ``max_abs_diff`` / ``mean_abs_diff`` (raw output units: pixels and probabilities),
         ``max_scaled_diff``, ``frac_not_close``, ``boxes_max_abs_diff_px``, ``scores_max_abs_diff``,
-        ``detections_torch``, ``detections_onnx`` (counts above ``conf``), ``unmatched``, ``images``, ``tol``, ``ok``.
+        ``detections_torch``, ``detections_onnx`` (counts above ``conf``), ``count_slack``, ``unmatched``,
+        ``images``, ``tol``, ``ok``.
 
     Raises:
         ParityError: If a criterion fails and ``raise_error``.
@@ -956,10 +976,18 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
     norm[:4] = float(max(h, w))  # boxes in pixels -> fraction of the image
     d_s, ref_s = diff / norm, y_t.abs() / norm
     not_close = d_s > t["atol"] + t["rtol"] * ref_s
-    dets_t = non_max_suppression(y_t, conf_thres=max(t["conf"] - t["margin"], 1e-4), iou_thres=t["nms_iou"])
-    dets_o = non_max_suppression(y_o, conf_thres=max(t["conf"] - t["margin"], 1e-4), iou_thres=t["nms_iou"])
-    unmatched = sum(_match(a, b, t["conf"], t["margin"], t["iou"]) + _match(b, a, t["conf"], t["margin"], t["iou"])
-                    for a, b in zip(dets_t, dets_o))
+    lo = max(t["conf"] - t["margin"], 1e-4)
+    dets_t, idx_t = non_max_suppression(y_t, conf_thres=lo, iou_thres=t["nms_iou"], return_idxs=True)
+    dets_o, idx_o = non_max_suppression(y_o, conf_thres=lo, iou_thres=t["nms_iou"], return_idxs=True)
+    unmatched = sum(
+        _anchor_unmatched(dets_t[i], idx_t[i], y_o[i], t["conf"], t["margin"], t["iou"])
+        + _anchor_unmatched(dets_o[i], idx_o[i], y_t[i], t["conf"], t["margin"], t["iou"])
+        for i in range(len(x))
+    )
+    n_t = sum(int((d[:, 4] >= t["conf"]).sum()) for d in dets_t)
+    n_o = sum(int((d[:, 4] >= t["conf"]).sum()) for d in dets_o)
+    in_band = sum(int(((d[:, 4] >= lo) & (d[:, 4] < t["conf"] + t["margin"])).sum()) for d in (*dets_t, *dets_o))
+    count_slack = in_band + math.ceil(0.02 * max(n_t, n_o))
     res = {
         "images": int(len(x)),
         "max_abs_diff": float(diff.max()),
@@ -968,8 +996,9 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
         "scores_max_abs_diff": float(diff[:, 4:].max()),
         "max_scaled_diff": float(d_s.max()),
         "frac_not_close": float(not_close.float().mean()),
-        "detections_torch": int(sum(int((d[:, 4] >= t["conf"]).sum()) for d in dets_t)),
-        "detections_onnx": int(sum(int((d[:, 4] >= t["conf"]).sum()) for d in dets_o)),
+        "detections_torch": n_t,
+        "detections_onnx": n_o,
+        "count_slack": count_slack,
         "unmatched": int(unmatched),
         "tol": t,
     }
@@ -979,7 +1008,10 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
     if res["max_scaled_diff"] > t["max_diff"]:
         fails.append(f"max scaled difference {res['max_scaled_diff']:.4f} > {t['max_diff']}")
     if unmatched:
-        fails.append(f"{unmatched} detection(s) above conf {t['conf'] + t['margin']:.2f} without a same-class IoU>{t['iou']} partner")
+        fails.append(f"{unmatched} detection(s) above conf {t['conf'] + t['margin']:.2f} not reproduced at their anchor "
+                     f"(IoU>{t['iou']}, same-class score within {t['margin']})")
+    if abs(n_t - n_o) > count_slack:
+        fails.append(f"{n_t} vs {n_o} detections above conf {t['conf']} (allowed difference {count_slack})")
     res["ok"] = not fails
     if fails and raise_error:
         raise ParityError(f"ONNX/PyTorch parity failed for {onnx_file}: " + "; ".join(fails) + f". Numbers: {_fmt_parity(res)}")
@@ -1056,6 +1088,9 @@ def export_qdq_onnx(
         raise ValueError(f"opset={opset} is not supported by the Q/DQ exporter: use opset=21 (INT4/UINT4 need 21).")
     if weight_offset not in ("add", "widen"):
         raise ValueError(f"weight_offset={weight_offset!r} is not valid: use 'add' or 'widen'.")
+    unknown = set(parity_tol) - set(PARITY_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown export_qdq_onnx arguments {sorted(unknown)}; parity tolerances: {sorted(PARITY_DEFAULTS)}")
     src_path = Path(model) if isinstance(model, (str, Path)) else None
     model = load_quantized_model(model)
     if file is None:
@@ -1072,10 +1107,7 @@ def export_qdq_onnx(
     exp, specs, rows = _build_export_model(model, weight_offset)
     exp = _prepare_for_onnx(exp, hw)
     im = torch.zeros(1, int(getattr(model, "yaml", {}).get("channels", 3)), *hw)
-    with torch.no_grad():
-        y = exp(im)
-    out_shape = tuple((y[0] if isinstance(y, (list, tuple)) else y).shape)
-    _log(f"Q/DQ ONNX: tracing {len(rows)} quantized convs at {hw[0]}x{hw[1]}, output {out_shape}", verbose)
+    _log(f"Q/DQ ONNX: tracing {len(rows)} quantized convs at {hw[0]}x{hw[1]} (batch 1)", verbose)
 
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -1087,6 +1119,7 @@ def export_qdq_onnx(
         meta = proto.metadata_props.add()
         meta.key, meta.value = k, str(v)
     onnx.checker.check_model(proto, full_check=True)
+    out_shape = tuple(d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim)
 
     ops = {}
     for n in proto.graph.node:
@@ -1188,8 +1221,9 @@ def export_main(overrides: dict) -> int:
         )
     for k in _IGNORED_FOR_QDQ:
         v = ov.get(k)
-        if v not in (None, False, "", 1) or (k == "batch" and v not in (None, 1, 16)):
-            LOGGER.warning(f"yolo-gab export: {k}={v} is ignored by the Q/DQ ONNX export (static batch-1 graph).")
+        if v in (None, False, "") or (k == "batch" and v == 1):
+            continue
+        LOGGER.warning(f"yolo-gab export: {k}={v} is ignored by the Q/DQ ONNX export (static batch-1 graph).")
     imgsz = ov.get("imgsz")
     if imgsz is None:
         args = getattr(net, "args", None)
@@ -1200,7 +1234,7 @@ def export_main(overrides: dict) -> int:
         file = Path(ov["save_dir"]) / path.with_suffix(".onnx").name
     data = ov.get("data")
     if data:
-        images, what = load_images(data, _imgsz_pair(imgsz, int(max(net.stride)))), f"val images of data={data}"
+        images, what = str(data), f"val images of data={data}"
     else:
         images, what = None, "generated synthetic images (pass data=... to use real validation images)"
     LOGGER.info(f"yolo-gab export: Q/DQ ONNX export of {model}; parity check on {what}")

@@ -148,7 +148,7 @@ class GABTrainer(DetectionTrainer):
         if args.qat != "none":
             from .quant.convert import init_weight_quantizers
 
-            init_weight_quantizers(model, only_uninitialized=True)  # from the loaded weights, not the random init
+            init_weight_quantizers(model, only_uninitialized=True, init=args.qat_init)  # from the loaded weights, not the random init
         model.gabfusion = {"version": __version__, **{k: getattr(args, k) for k in sorted(PLUGIN_KEYS)}}
         return model
 
@@ -192,7 +192,7 @@ class GABTrainer(DetectionTrainer):
         if need_act and self.args.qat_calib > 0:
             from .quant.convert import calibrate_activations
 
-            k = calibrate_activations(model, images)
+            k = calibrate_activations(model, images, init=self.args.qat_init)
             LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {batch} images")
         if self.world_size > 1 and dist.is_initialized():  # every rank must start from rank 0's calibration
             for t in list(model.parameters()) + list(model.buffers()):
@@ -222,8 +222,8 @@ class GABTrainer(DetectionTrainer):
             if g.get("param_group") == "bias" and template is None:
                 template = {k: v for k, v in g.items() if k not in ("params", "param_group", "initial_lr", "lr", "weight_decay", "use_muon")}
         template = template or {k: v for k, v in optimizer.defaults.items() if k not in ("params", "lr", "weight_decay")}
-        lr_q = optimizer.param_groups[0]["lr"] * self.args.qat_lr
-        base_lr = optimizer.param_groups[0]["lr"]
+        base_lr = self.args.lr0  # 'optimizer=auto' has written its choice back here; MuSGD boosts some groups x3
+        lr_q = base_lr * self.args.qat_lr
         for params, group, g_lr, g_decay in (
             (q_plain, "quant", lr_q, 0.0),
             (q_decay, "quant_decay", lr_q, decay),

@@ -1,4 +1,4 @@
-"""Synthetic 16-class detection set: Hershey digits and geometric shapes on procedural backgrounds.
+"""Synthetic 16-class detection set: OpenCV-font digits and geometric shapes on procedural backgrounds.
 
 No real detection data or pretrained YOLO weights can be downloaded where this project is developed, so
 the benchmarks train on a generated stand-in (see ``docs/benchmark.md``). The set is built so that all
@@ -244,9 +244,8 @@ def _set_stroke(canvas: np.ndarray, thickness: float) -> np.ndarray | None:
 
     The current stroke width w0 is estimated as 2 * area / perimeter (exact for long strokes); the ink is
     then grown or shrunk by (thickness - w0) / 2 through its signed distance to the outline (shrinking at
-    most to 0.8 * w0). This gives
-    the same stroke widths whether OpenCV draws 1-px Hershey vectors (OpenCV 4, where putText's own
-    thickness works) or filled outline fonts (OpenCV 5, where it is ignored beyond 2).
+    most to 0.8 * w0). This gives the same stroke widths whether OpenCV draws 1-px Hershey vectors
+    (OpenCV 4) or filled outline fonts (OpenCV 5, whose putText ignores thickness beyond 2).
     """
     mask = (canvas >= 128).astype(np.uint8)
     area = int(mask.sum())
@@ -284,7 +283,8 @@ def _text_canvas(text: str, face: tuple, italic: bool, height: float, thickness:
     else:  # pragma: no cover - OpenCV 4 Hershey path
         (_, h1), _ = cv2.getTextSize(text, font, 1.0, 1)
         face_id = font | (cv2.FONT_ITALIC if italic else 0)
-        cv2.putText(canvas, text, org, face_id, height / max(h1, 1), 255, 1, cv2.LINE_AA)
+        # LINE_8: a connected binary centre line; _set_stroke adds the anti-aliasing.
+        cv2.putText(canvas, text, org, face_id, height / max(h1, 1), 255, 1, cv2.LINE_8)
     rows = np.flatnonzero(canvas.any(1))
     cols = np.flatnonzero(canvas.any(0))
     if rows.size == 0:
@@ -312,10 +312,9 @@ def _polygon(kind: str, rng: np.random.Generator) -> np.ndarray:
         return np.stack([np.cos(a), np.sin(a)], 1)
     if kind == "cross":
         w = rng.uniform(0.22, 0.36)
-        return np.array(
-            [[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w], [-1, w], [-1, -w], [-w, -w]],
-            np.float64,
-        )
+        quarter = [[-w, -1], [w, -1], [w, -w]]  # one arm's end and the inner corner, rotated 4 times
+        pts = [(x * c - y * s, x * s + y * c) for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1)) for x, y in quarter]
+        return np.array(pts, np.float64)
     if kind == "blob":  # irregular closed outline: low harmonics of the radius around the centre
         a = np.linspace(0, 2 * np.pi, 48, endpoint=False)
         r = np.ones_like(a)
@@ -329,9 +328,8 @@ def _shape_canvas(kind: str, size: float, thickness: int, filled: bool, rng: np.
     """Draw a shape upright, white on black, about ``size`` canvas pixels across."""
     radius = size / 2.0
     pad = thickness + 4
-    dim = int(math.ceil(size * 1.15)) + 2 * pad  # blob radii reach ~1.5; the crop later removes slack
-    if kind == "blob":
-        dim = int(math.ceil(size * 1.6)) + 2 * pad
+    # Unit outlines reach radius 1 (blobs up to 1.75); the crop in _warp_to_size removes the slack.
+    dim = int(math.ceil(size * (1.8 if kind == "blob" else 1.15))) + 2 * pad
     canvas = np.zeros((dim, dim), np.uint8)
     c = dim / 2.0
     shift = 4  # sub-pixel vertex precision (coordinates in 1/16 px)
@@ -815,6 +813,10 @@ def _generate(cfg: SynthConfig, out: Path, workers: int) -> None:
             "sizes": {"small": sizes[0], "medium": sizes[1], "large": sizes[2]},
             "size_rule": f"longest box side in px: small < {SIZE_BINS[0]} <= medium < {SIZE_BINS[1]} <= large",
             "class_counts": class_counts,
+            # Fonts and drawing differ between OpenCV releases: recorded so that a changed labels_sha256
+            # can be traced to a library update rather than a code change.
+            "opencv": cv2.__version__,
+            "numpy": np.__version__,
         }
         data = {
             "path": str(out),

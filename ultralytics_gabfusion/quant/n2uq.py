@@ -77,7 +77,7 @@ class N2UQFakeQuantize(torch.autograd.Function):
         delta = 2.0 / intervals.numel()
         _, thr = n2uq_boundaries(start, intervals)
         xs = x.to(cdtype) * beta1
-        count = torch.bucketize(xs, thr, right=False, out_int32=True)  # = #{T < x'}
+        count = torch.bucketize(xs.contiguous(), thr, right=False, out_int32=True)  # = #{T < x'}
         del xs
         return count.to(cdtype).mul_(beta2 * delta)
 
@@ -95,7 +95,7 @@ class N2UQFakeQuantize(torch.autograd.Function):
 
         xf = x.to(cdtype).reshape(-1)
         xs = xf * beta1
-        j = torch.bucketize(xs, merged, right=True)  # #{boundaries <= x'} in [0, 2L+1] (int64 for scatter)
+        j = torch.bucketize(xs.contiguous(), merged, right=True)  # #{boundaries <= x'} in [0, 2L+1] (int64 for scatter)
 
         # Per-bin tables (length 2L+2): bin j is in segment (j+1)//2; bins 0 and 2L+1 are outside.
         nb = 2 * L + 2

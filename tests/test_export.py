@@ -1,0 +1,312 @@
+"""Q/DQ ONNX export: operator/type content, ONNX Runtime parity, CLI handler and error paths.
+
+Models are built from yolov5s.yaml / yolo11s.yaml at IMGSZ (64 px) and made non-trivial before export: BN affines are
+random (some negative scales, which exercises the mirrored-grid folding), BN running statistics come from the images,
+N2UQ intervals are perturbed (non-uniform thresholds) and the Detect class biases are zeroed so that the untrained
+head fires and the detection comparison of the parity check has boxes to compare.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import IMGSZ
+from onnx import numpy_helper
+
+from ultralytics_gabfusion.export import (
+    ParityError,
+    check_parity,
+    export_main,
+    export_qdq_onnx,
+    load_images,
+)
+
+ANCHORS = sum((IMGSZ // s) ** 2 for s in (8, 16, 32))
+NC = 16
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def build_quantized(cfg: str, method: str, bits: int, images: torch.Tensor, gab: bool = False, seed: int = 0):
+    """A calibrated fake-quant DetectionModel with non-trivial BN, quantizer and head state (eval mode)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from ultralytics_gabfusion.quant.convert import calibrate_activations, init_weight_quantizers, quantize_model
+
+    torch.manual_seed(seed)
+    m = DetectionModel(cfg, nc=NC, verbose=False)
+    if gab:
+        from ultralytics_gabfusion.fusion import insert_gabfusion
+
+        insert_gabfusion(m, "balanced")
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 0.5 + 0.8)  # ~5% negative
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.2)
+            mod.momentum = None  # cumulative average: running stats = mean of the batches below
+            mod.reset_running_stats()
+    for seq in m.model[-1].cv3:
+        torch.nn.init.zeros_(seq[-1].bias)
+    quantize_model(m, method, bits, bits)
+    init_weight_quantizers(m)
+    calibrate_activations(m, [images])
+    m.train()
+    with torch.no_grad():
+        m(images)  # BN running statistics from the data (what a short training run would leave)
+    if method == "n2uq":
+        for mod in m.modules():
+            if hasattr(mod, "intervals"):
+                with torch.no_grad():
+                    mod.intervals.mul_(torch.empty(mod.intervals.shape).uniform_(0.6, 1.4, generator=g))
+    return m.eval()
+
+
+def weight_dq_types(proto) -> dict:
+    """{conv weight DequantizeLinear name: element type name of its integer initializer}."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    out = {}
+    for n in proto.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[0].endswith("/w_int"):
+            out[n.input[0]] = onnx.TensorProto.DataType.Name(inits[n.input[0]].data_type)
+    return out
+
+
+def act_q_types(proto) -> set:
+    """Element types of the activation QuantizeLinear zero points (= the integer tensor types)."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    return {onnx.TensorProto.DataType.Name(inits[n.input[2]].data_type) for n in proto.graph.node
+            if n.op_type == "QuantizeLinear"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """One intra-op thread for this module: at 64 px threading costs more than it saves, and on shared CI cores
+    two spinning OpenMP threads per process made these tests 5-10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def images(tiny_data) -> torch.Tensor:
+    """Two letterboxed validation images of the generated set, (2, 3, 64, 64) in [0, 1]."""
+    return load_images(tiny_data, IMGSZ, n=2)
+
+
+@pytest.fixture(scope="module")
+def lsq_v5(images):
+    """YOLOv5s LSQ W4A4, the model shared by the CLI / error-path tests."""
+    return build_quantized("yolov5s.yaml", "lsq", 4, images)
+
+
+@pytest.fixture(scope="module")
+def lsq_v5_onnx(lsq_v5, images, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "lsq_w4a4.onnx"
+    info = export_qdq_onnx(lsq_v5, path, imgsz=IMGSZ, images=images, verbose=False)
+    return path, info
+
+
+# ------------------------------------------------------------------------------------------------ export + parity
+def test_lsq_w4a4_yolov5s(lsq_v5, lsq_v5_onnx, images):
+    path, info = lsq_v5_onnx
+    assert path.exists() and not list(path.parent.glob(".*.tmp.onnx"))
+    p = info["parity"]
+    assert p["ok"] and p["frac_not_close"] <= 0.01 and p["unmatched"] == 0
+    assert p["detections_torch"] > 0, "the detection comparison must not be vacuous"
+    assert info["output_shape"] == (1, 4 + NC, ANCHORS)
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version == 21 and all(o.domain != "gabq" for o in proto.opset_import)
+    onnx.checker.check_model(proto, full_check=True)
+    w = weight_dq_types(proto)
+    rows = {r["name"]: r for r in info["layers"]}
+    for name, r in rows.items():  # 4-bit convs: INT4 weights; first conv and Detect predictors: 8-bit
+        assert w[f"{name}.weight/w_int"] == ("INT4" if r["w_bits"] == 4 else "INT8"), name
+    assert {"INT4", "UINT8", "INT8"} <= act_q_types(proto)  # 4-bit signed acts, unsigned 8-bit image input, head
+    assert "Clip" not in info["ops"]  # 4- and 8-bit grids fill their containers
+    # Negative BN scales were folded into mirrored integers: zero point -1 on those channels, scales positive.
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    zps = np.concatenate([v.ravel() for k, v in inits.items() if k.endswith("/w_zero_point")])
+    assert set(np.unique(zps)) == {-1, 0}
+    assert all((v > 0).all() for k, v in inits.items() if k.endswith("/w_scale"))
+    assert all(v.min() >= -8 and v.max() <= 7 for k, v in inits.items()
+               if k.endswith("/w_int") and w[k] == "INT4")
+    meta = {m.key: m.value for m in proto.metadata_props}
+    assert ast.literal_eval(meta["imgsz"]) == [IMGSZ, IMGSZ] and meta["stride"] == "32"
+    assert len(ast.literal_eval(meta["names"])) == NC
+    assert json.loads(meta["quantization"])["methods"] == ["lsq"]
+    # the caller's model is untouched: still fake-quant with BN
+    assert type(lsq_v5.model[1]).__name__ == "QuantConvBlock" and isinstance(lsq_v5.model[1].bn, torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize(
+    "cfg,method,bits,opts",
+    [
+        ("yolo11s.yaml", "lsq", 3, {}),
+        ("yolo11s.yaml", "n2uq", 4, {}),
+        ("yolov5s.yaml", "n2uq", 3, {}),
+        ("yolov5s.yaml", "pact", 4, {"weight_offset": "widen"}),
+        ("yolov5s.yaml", "lsqplus", 3, {"gab": True}),
+    ],
+)
+def test_export_parity(cfg, method, bits, opts, images, tmp_path):
+    opts = dict(opts)
+    gab = opts.pop("gab", False)
+    model = build_quantized(cfg, method, bits, images, gab=gab)
+    path = tmp_path / "q.onnx"
+    info = export_qdq_onnx(model, path, imgsz=IMGSZ, images=images, verbose=False, **opts)
+    p = info["parity"]
+    assert p["ok"] and p["unmatched"] == 0 and p["detections_torch"] > 0, p
+    assert info["output_shape"] == (1, 4 + NC, ANCHORS)
+    proto = onnx.load(str(path))
+    ops = info["ops"]
+    w = weight_dq_types(proto)
+    rows = {r["name"]: r for r in info["layers"]}
+    low = [n for n, r in rows.items() if r["w_bits"] == bits]
+    assert low and all(r["w_bits"] in (bits, 8) for r in rows.values())
+    if method in ("lsq", "lsqplus"):
+        assert {w[f"{n}.weight/w_int"] for n in low} == ({"INT4"} if bits == 4 else {"INT8"})
+    elif method == "pact":  # widened DoReFa integers 2k-15 in [-15, 15]: INT8, no Add
+        assert {w[f"{n}.weight/w_int"] for n in low} == {"INT8"} and all(rows[n]["weight_range"] == [-15, 15] for n in low)
+    else:  # N2UQ grid -M + k*2M/L stored as UINT-b integers + per-channel Add
+        assert {w[f"{n}.weight/w_int"] for n in low} == ({"UINT4"} if bits == 4 else {"UINT8"})
+        assert all(rows[n]["weight_range"] == [0, 2**bits - 1] for n in low)
+    if method == "n2uq":
+        assert "QuantizeLinear" not in ops
+        # 4/3-bit: Greater against the broadcast threshold vector + ReduceSum; 8-bit ends: binary search (Gather/Where)
+        assert ops["ReduceSum"] == len(low) and ops["Greater"] > len(low) and ops["Where"] > 0
+        assert ops["DequantizeLinear"] == 2 * len(rows)  # one per weight, one per activation count
+    else:
+        types = act_q_types(proto)
+        if bits == 4:
+            assert "UINT4" in types or "INT4" in types
+        else:  # 3-bit activations: 8-bit container, range enforced by Clip between Q and DQ
+            assert ops["Clip"] >= len(low) and not ({"INT4", "UINT4"} & types)
+        if method in ("lsqplus", "pact"):  # float offsets -> explicit Sub before Q, Add after DQ
+            assert ops["Sub"] >= len(low)
+    if gab:
+        assert ops.get("ReduceMean", 0) >= 8  # 4 channel LayerNorms, mean and variance each
+
+
+def test_yolo_loads_exported_onnx(lsq_v5_onnx, images, tiny_data):
+    """Ultralytics' AutoBackend reads the metadata and predicts through ONNX Runtime."""
+    from ultralytics import YOLO
+
+    from ultralytics_gabfusion.export import _image_files
+
+    path, _ = lsq_v5_onnx
+    m = YOLO(str(path), task="detect")
+    res = m.predict([str(f) for f in _image_files(tiny_data)[:2]], imgsz=IMGSZ, conf=0.25, verbose=False)
+    assert len(res) == 2 and len(res[0].names) == NC and res[0].boxes.data.shape[1] == 6
+
+
+def test_parity_catches_a_wrong_scale(lsq_v5, lsq_v5_onnx, images, tmp_path):
+    path, _ = lsq_v5_onnx
+    proto = onnx.load(str(path))
+    for init in proto.graph.initializer:
+        if init.name == "model.2.cv1.conv.act/a_scale":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+            break
+    else:
+        pytest.fail("activation scale initializer not found")
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    r = check_parity(lsq_v5, bad, images, raise_error=False)
+    assert not r["ok"] and r["frac_not_close"] > 0.01
+    with pytest.raises(ParityError, match="parity failed"):
+        check_parity(lsq_v5, bad, images)
+
+
+def test_failed_parity_writes_nothing(lsq_v5, images, tmp_path):
+    out = tmp_path / "never.onnx"
+    with pytest.raises(ParityError):
+        export_qdq_onnx(lsq_v5, out, imgsz=IMGSZ, images=images, verbose=False, max_frac=-1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ CLI handler
+@pytest.fixture(scope="module")
+def lsq_ckpt(lsq_v5, tmp_path_factory):
+    """The LSQ model saved as Ultralytics saves checkpoints (half-precision module under 'model')."""
+    path = tmp_path_factory.mktemp("ckpt") / "q.pt"
+    model = copy.deepcopy(lsq_v5)
+    model.args = {"imgsz": IMGSZ, "data": "synth"}
+    torch.save({"model": model.half(), "train_args": {"imgsz": IMGSZ}, "epoch": -1}, path)
+    return path
+
+
+def test_export_main_quantized_checkpoint(lsq_ckpt, tiny_data, tmp_path, capsys):
+    rc = export_main({"model": str(lsq_ckpt), "format": "onnx", "data": str(tiny_data), "save_dir": str(tmp_path)})
+    out = capsys.readouterr().out
+    assert rc == 0 and (tmp_path / "q.onnx").exists()
+    assert "Parity (val images of data=" in out and "unmatched 0" in out
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value == IMGSZ  # imgsz from the checkpoint args
+
+
+def test_export_main_quantized_other_format_raises(lsq_ckpt):
+    with pytest.raises(ValueError, match="format=onnx"):
+        export_main({"model": str(lsq_ckpt), "format": "torchscript"})
+
+
+def test_export_main_fp_checkpoint_goes_to_ultralytics(tmp_path, monkeypatch):
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    path = tmp_path / "fp.pt"
+    torch.save({"model": DetectionModel("yolov5s.yaml", nc=NC, verbose=False).half(), "train_args": {}}, path)
+    calls = []
+    monkeypatch.setattr(YOLO, "export", lambda self, **kw: calls.append(kw) or "fp.onnx")
+    assert export_main({"model": str(path), "format": "onnx", "imgsz": IMGSZ}) == 0
+    assert calls == [{"format": "onnx", "imgsz": IMGSZ}]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_fp_model_raises():
+    from ultralytics.nn.tasks import DetectionModel
+
+    with pytest.raises(ValueError, match="has no quantized layers.*YOLO\\(model\\).export\\(format='onnx'\\)"):
+        export_qdq_onnx(DetectionModel("yolov5s.yaml", nc=NC, verbose=False), "fp.onnx", imgsz=IMGSZ)
+
+
+def test_corrupt_checkpoint_raises(tmp_path):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(ValueError, match="not a readable Ultralytics checkpoint"):
+        export_qdq_onnx(bad, imgsz=IMGSZ)
+    with pytest.raises(ValueError, match="not a readable Ultralytics checkpoint"):
+        export_main({"model": str(bad), "format": "onnx"})
+    other = tmp_path / "dict.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ValueError, match="not a readable Ultralytics checkpoint"):
+        export_qdq_onnx(other, imgsz=IMGSZ)
+    with pytest.raises(FileNotFoundError):
+        export_qdq_onnx(tmp_path / "missing.pt", imgsz=IMGSZ)
+
+
+def test_bad_options_raise(lsq_v5, tmp_path):
+    with pytest.raises(ValueError, match="opset=21"):
+        export_qdq_onnx(lsq_v5, tmp_path / "x.onnx", imgsz=IMGSZ, opset=17)
+    with pytest.raises(ValueError, match="weight_offset"):
+        export_qdq_onnx(lsq_v5, tmp_path / "x.onnx", imgsz=IMGSZ, weight_offset="round")
+    with pytest.raises(ValueError, match="file= is required"):
+        export_qdq_onnx(lsq_v5, imgsz=IMGSZ)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uncalibrated_model_raises(tmp_path):
+    from ultralytics.nn.tasks import DetectionModel
+
+    from ultralytics_gabfusion.quant.convert import quantize_model
+
+    m = DetectionModel("yolov5s.yaml", nc=NC, verbose=False)
+    quantize_model(m, "lsq", 4, 4)
+    with pytest.raises(ValueError, match="never initialised"):
+        export_qdq_onnx(m, tmp_path / "x.onnx", imgsz=IMGSZ)

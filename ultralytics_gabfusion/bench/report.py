@@ -1,0 +1,170 @@
+"""Benchmark reports: per-row aggregation over seeds, the markdown table and the grouped bar chart.
+
+Differences are paired per seed before they are averaged: the gap to FP of an arm is ``arm - FP`` of the same
+model and seed (negative = below FP), the gain over baseline is ``arm - baseline`` of the same model, seed, method
+and bit-width. With several seeds a row shows mean +- sample standard deviation (ddof = 1) of the per-seed values.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from .accuracy import ARM_LABELS
+
+METRICS = ("mAP50", "mAP50_95")
+METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50-95"}
+
+
+def summarize(values: list[float]) -> dict:
+    """``{"mean", "std", "n", "values"}`` of finite per-seed values (std None for fewer than two)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": list(values)}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
+            "n": len(vals), "values": vals}
+
+
+def _ok(r: dict) -> bool:
+    return r.get("status") in ("trained", "given")  # a reused stored result keeps its original status
+
+
+def aggregate(records: list[dict], s: dict) -> list[dict]:
+    """Table rows: one FP reference row per model, then one row per model x bits x method x arm.
+
+    Args:
+        records: Per-run records (``kind`` fp/qat, ``seed``, ``mAP50``, ``mAP50_95``, ``status``...).
+        s: Resolved settings (for the row order).
+
+    Returns:
+        (list[dict]): Rows with ``model, bits, method, arm, seeds`` and, for each metric m, ``m`` (summary),
+            ``gap_m`` (arm - FP) and ``gain_m`` (arm - baseline; None without a baseline arm).
+    """
+    ok = [r for r in records if _ok(r)]
+    fp = {(r["model"], r["seed"]): r for r in ok if r["kind"] == "fp"}
+    qat = {(r["model"], r["seed"], r["method"], r["bits"], r["arm"]): r for r in ok if r["kind"] == "qat"}
+    rows = []
+    for model in s["models"]:
+        seeds = [sd for sd in s["seeds"] if (model, sd) in fp]
+        row = {"model": model, "bits": None, "method": None, "arm": "fp", "label": "FP (reference)",
+               "seeds": seeds, "failed_seeds": [sd for sd in s["seeds"] if sd not in seeds]}
+        for m in METRICS:
+            row[m] = summarize([fp[(model, sd)][m] for sd in seeds])
+            row[f"gap_{m}"] = summarize([0.0 for _ in seeds])
+            row[f"gain_{m}"] = None
+        row["epochs_run"] = [fp[(model, sd)].get("epochs_run") for sd in seeds]
+        rows.append(row)
+        for bits in s["bits"]:
+            for method in s["methods"]:
+                for arm in s["arms"]:
+                    keys = [(model, sd, method, bits, arm) for sd in s["seeds"]]
+                    have = [k for k in keys if k in qat and (model, k[1]) in fp]
+                    row = {"model": model, "bits": bits, "method": method, "arm": arm, "label": ARM_LABELS[arm],
+                           "seeds": [k[1] for k in have], "failed_seeds": [k[1] for k in keys if k not in have]}
+                    for m in METRICS:
+                        row[m] = summarize([qat[k][m] for k in have])
+                        row[f"gap_{m}"] = summarize([qat[k][m] - fp[(model, k[1])][m] for k in have])
+                        base = [(k, (model, k[1], method, bits, "baseline")) for k in have]
+                        base = [(k, b) for k, b in base if b in qat]
+                        row[f"gain_{m}"] = summarize([qat[k][m] - qat[b][m] for k, b in base]) if \
+                            "baseline" in s["arms"] else None
+                    row["epochs_run"] = [qat[k].get("epochs_run") for k in have]
+                    rows.append(row)
+    return rows
+
+
+def _fmt(summary: dict | None, scale: float = 100.0, signed: bool = False) -> str:
+    if not summary or summary.get("mean") is None:
+        return "—"
+    f = "{:+.2f}" if signed else "{:.2f}"
+    txt = f.format(summary["mean"] * scale)
+    if summary.get("std") is not None:
+        txt += f" ± {summary['std'] * scale:.2f}"
+    return txt
+
+
+def markdown(result: dict) -> str:
+    """The benchmark table (percentage points) with the settings that produced it."""
+    s, env, rows = result["settings"], result["environment"], result["rows"]
+    multi = len(s["seeds"]) > 1
+    data = result["data"]
+    data_txt = (f"generated set {data['n_train']}/{data['n_val']} images at {data['imgsz']} px" if data.get("generated")
+                else f"{data['yaml']}")
+    lines = [
+        "# ultralytics-gabfusion benchmark",
+        "",
+        f"- data: {data_txt}; imgsz {s['imgsz']}, batch {s['batch']}",
+        f"- FP: {s['fp_epochs']} epochs" + (f" (time budget {s['fp_time']} h)" if s.get("fp_time") else "")
+        + f"; QAT: {s['epochs']} epochs" + (f" (time budget {s['time']} h)" if s.get("time") else "")
+        + (f", recipe {s['recipe']}" if s.get("recipe") else ", paper schedule (SGD lr0 0.00334, lrf 0.15135, "
+           "momentum 0.74832, wd 0.00025)")
+        + f"; ADA weight {s['ada']}",
+        f"- seeds: {s['seeds']}" + (" (mean ± std over seeds)" if multi else " (one seed: run-to-run spread unmeasured)"),
+        f"- hardware: {env['hardware']}; torch {env['torch']}, ultralytics {env['ultralytics']}, plugin "
+        f"{env['ultralytics_gabfusion']}, commit {env['git_commit'] or 'unknown'}; wall {result['wall_s']:.0f} s",
+        "",
+        "mAP in percentage points; gap = arm − FP (same seed), gain = arm − baseline QAT (same seed).",
+        "",
+        "| model | bits | method | arm | mAP50 | mAP50-95 | gap mAP50 | gap mAP50-95 | gain mAP50 | gain mAP50-95 | epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        bits = "FP" if r["bits"] is None else f"W{r['bits']}A{r['bits']}"
+        method = r["method"] or "—"
+        ep = sorted({e for e in r.get("epochs_run") or [] if e is not None})
+        ep_txt = "/".join(map(str, ep)) if ep else "—"
+        gap50 = "—" if r["arm"] == "fp" else _fmt(r["gap_mAP50"], signed=True)
+        gap = "—" if r["arm"] == "fp" else _fmt(r["gap_mAP50_95"], signed=True)
+        gain50 = "—" if r["arm"] in ("fp", "baseline") else _fmt(r["gain_mAP50"], signed=True)
+        gain = "—" if r["arm"] in ("fp", "baseline") else _fmt(r["gain_mAP50_95"], signed=True)
+        note = f" (failed seeds {r['failed_seeds']})" if r["failed_seeds"] else ""
+        lines.append(f"| {r['model']} | {bits} | {method} | {r['label']}{note} | {_fmt(r['mAP50'])} | "
+                     f"{_fmt(r['mAP50_95'])} | {gap50} | {gap} | {gain50} | {gain} | {ep_txt} |")
+    if result.get("resumed"):
+        lines += ["", f"Reused stored results (resumed bench): {', '.join(result['resumed'])}"]
+    if result.get("failed"):
+        lines += ["", f"Failed or skipped runs (see bench.json): {', '.join(result['failed'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Grouped bars of mAP50-95 per method/bit-width (one bar per arm, error bars over seeds) with the FP line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, s = result["rows"], result["settings"]
+    models = s["models"]
+    arms = s["arms"]
+    groups = [(b, m) for b in s["bits"] for m in s["methods"]]
+    fig, axes = plt.subplots(1, len(models), figsize=(max(4.0, 1.6 * len(groups) * max(len(arms), 1) / 2 + 2) *
+                                                      len(models), 4), squeeze=False)
+    width = 0.8 / max(len(arms), 1)
+    for ax, model in zip(axes[0], models):
+        by = {(r["bits"], r["method"], r["arm"]): r for r in rows if r["model"] == model}
+        for j, arm in enumerate(arms):
+            xs, ys, es = [], [], []
+            for i, (b, m) in enumerate(groups):
+                r = by.get((b, m, arm))
+                mean = r["mAP50_95"]["mean"] if r else None
+                xs.append(i + (j - (len(arms) - 1) / 2) * width)
+                ys.append(100 * mean if mean is not None else 0.0)
+                es.append(100 * r["mAP50_95"]["std"] if r and r["mAP50_95"]["std"] is not None else 0.0)
+            ax.bar(xs, ys, width, yerr=es if any(es) else None, label=ARM_LABELS[arm], capsize=3)
+        fp = by.get((None, None, "fp"))
+        if fp and fp["mAP50_95"]["mean"] is not None:
+            ax.axhline(100 * fp["mAP50_95"]["mean"], color="k", ls="--", lw=1, label="FP")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{m}\nW{b}A{b}" for b, m in groups])
+        ax.set_ylabel("mAP50-95 (%)")
+        ax.set_title(model)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["aggregate", "markdown", "plot", "summarize"]

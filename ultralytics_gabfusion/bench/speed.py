@@ -1,0 +1,396 @@
+"""``yolo-gab bench speed``: training-step time and peak memory of FP vs QAT (+GABFusion, +ADA), same run.
+
+What one step is: forward, detection loss (plus the ADA term), backward, gradient clipping and an SGD step, plus the
+GABFusion lambda update where GABFusion is on; exactly the work GABTrainer adds per iteration, without data loading,
+EMA or logging, which cost the same in every arm. The model is built directly (``DetectionModel(yaml)``, then
+``insert_gabfusion``, ``quantize_model`` + ``init_weight_quantizers`` + ``calibrate_activations``, ADA through
+``ADALoss``/``ADACriterion`` with an in-memory FP copy as the frozen teacher) and trained on one fixed synthetic
+batch (random image, 4 random boxes per image), so every arm does identical work apart from the method itself.
+
+Timing: ``warmup`` steps are run and discarded, then the median of ``steps`` timed steps (CUDA synchronised
+before and after each step) is reported, with its ratio to the FP arm measured in the same invocation.
+
+Peak memory:
+    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` per arm (tensor memory only,
+      model + optimizer + activations; the caching allocator's reserve is not counted). Arms run in one process.
+    * CPU: every arm runs in a fresh Python process and reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at
+      the end, i.e. the process's peak resident set including the interpreter, torch and Ultralytics (a few
+      hundred MiB that every arm shares). The ratio to FP is therefore a lower bound of the ratio of the training
+      memory itself; ``rss_base_mib`` (peak RSS after the imports, before the model exists) is recorded so the
+      difference can be read off. Python-level tracing (tracemalloc) does not see torch's allocations.
+
+Examples:
+    yolo-gab bench speed                                   # GPU: 640 px, batch 32, AMP; CPU: 128 px, batch 4
+    yolo-gab bench speed methods=[lsq,n2uq] imgsz=320 batch=8 steps=10 out=runs/speed
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    BenchError,
+    as_bool,
+    as_float,
+    as_int,
+    as_int_list,
+    as_list,
+    as_str_list,
+    child_env,
+    environment,
+    parse_tokens,
+    python,
+    resolve_device,
+    unknown_key_error,
+    write_json,
+)
+
+METHODS = ("lsq", "lsqplus", "pact", "n2uq")
+ARMS = ("fp", "fp+gab", "fp+ada", "q", "q+gab", "q+ada", "q+gab+ada")
+DEFAULTS: dict[str, Any] = {
+    "models": ["yolov5s"],
+    "methods": list(METHODS),
+    "bits": [4],
+    "arms": ["fp", "q", "q+gab", "q+gab+ada"],
+    "imgsz": None,  # 640 on CUDA, 128 on CPU
+    "batch": None,  # 32 on CUDA, 4 on CPU
+    "steps": None,  # 20 on CUDA, 5 on CPU
+    "warmup": None,  # 3 on CUDA, 1 on CPU
+    "device": None,
+    "amp": None,  # True on CUDA
+    "nc": 80,
+    "ada": 0.01,
+    "ada_div": None,  # kl, js for n2uq (as the accuracy bench)
+    "isolate": None,  # a fresh process per arm: True on CPU (peak RSS), False on CUDA
+    "seed": 0,
+    "out": "runs/gab-speed",
+}
+HELP = {
+    "models": "model names/YAMLs (built from scratch; weights do not change the step cost)",
+    "methods": "quantizers: lsq, lsqplus, pact, n2uq",
+    "bits": "bit-widths (WbAb; first conv and Detect outputs stay 8-bit as in training)",
+    "arms": "fp, q (QAT), q+gab, q+gab+ada (also fp+gab, fp+ada, q+ada)",
+    "imgsz": "image size (default 640 on CUDA, 128 on CPU)",
+    "batch": "batch size (default 32 on CUDA, 4 on CPU)",
+    "steps": "timed steps, median reported (default 20 CUDA, 5 CPU)",
+    "warmup": "untimed steps first (default 3 CUDA, 1 CPU)",
+    "device": "cpu, 0, ... (default: 0 when CUDA is available)",
+    "amp": "fp16 autocast + GradScaler (default True on CUDA)",
+    "nc": "classes of the Detect head",
+    "ada": "ADA weight of the +ada arms",
+    "ada_div": "ADA divergence kl|js (default: kl, js for n2uq)",
+    "isolate": "one fresh process per arm (default True on CPU: peak RSS per arm)",
+    "seed": "seed of the weights and the synthetic batch",
+    "out": "output directory for speed.md and speed.json",
+}
+
+
+def help_text() -> str:
+    """The key table printed by ``yolo-gab bench speed help``."""
+    w = max(len(k) for k in DEFAULTS) + 2
+    lines = ["yolo-gab bench speed key=value ...   (training-step time and peak memory relative to FP)"]
+    lines += [f"  {k:<{w}}{str(v):<34}{HELP[k]}" for k, v in DEFAULTS.items()]
+    return "\n".join(lines)
+
+
+def resolve_settings(argv: list[str]) -> dict:
+    """Parse and check the speed-bench keys; device-dependent defaults are filled in here."""
+    user = parse_tokens(argv)
+    for k in user:
+        if k not in DEFAULTS:
+            raise unknown_key_error(k, DEFAULTS, "bench speed")
+    s = {**DEFAULTS, **user}
+    s["device"] = resolve_device("device", s["device"])
+    cuda = s["device"] not in ("cpu", "mps")
+    if cuda and "," in s["device"]:
+        raise BenchError(f"device={s['device']}: the speed bench measures one device; pass a single GPU index.")
+    s["models"] = list(dict.fromkeys(str(x).strip() for x in as_list("models", s["models"]) if str(x).strip()))
+    if not s["models"]:
+        raise BenchError("'models' is empty: give at least one model, e.g. models=[yolov5s].")
+    from ultralytics.nn.tasks import yaml_model_load
+
+    for m in s["models"]:
+        y = m if m.endswith((".yaml", ".yml")) else f"{m}.yaml"
+        if m.endswith(".pt"):
+            raise BenchError(f"models: '{m}': the speed bench builds models from YAML (weights do not change the "
+                             f"step cost); pass its name, e.g. yolov5s.")
+        try:
+            yaml_model_load(y)
+        except Exception:
+            raise BenchError(f"models: '{m}' is not a known model YAML ({y} not found).") from None
+    s["methods"] = as_str_list("methods", s["methods"], METHODS)
+    s["bits"] = as_int_list("bits", s["bits"], 2, 8)
+    s["arms"] = as_str_list("arms", s["arms"], ARMS)
+    if "fp" not in s["arms"]:
+        s["arms"] = ["fp", *s["arms"]]  # ratios are always to an FP step measured in the same run
+    s["imgsz"] = as_int("imgsz", s["imgsz"] if s["imgsz"] is not None else (640 if cuda else 128), 32)
+    if s["imgsz"] % 32:
+        raise BenchError(f"imgsz={s['imgsz']} must be a multiple of 32.")
+    s["batch"] = as_int("batch", s["batch"] if s["batch"] is not None else (32 if cuda else 4), 1)
+    s["steps"] = as_int("steps", s["steps"] if s["steps"] is not None else (20 if cuda else 5), 1)
+    s["warmup"] = as_int("warmup", s["warmup"] if s["warmup"] is not None else (3 if cuda else 1), 0)
+    s["amp"] = as_bool("amp", s["amp"] if s["amp"] is not None else cuda)
+    if s["amp"] and not cuda:
+        raise BenchError("amp=True needs a CUDA device (CPU steps run in float32); drop amp or pass device=0.")
+    s["isolate"] = as_bool("isolate", s["isolate"] if s["isolate"] is not None else not cuda)
+    s["nc"] = as_int("nc", s["nc"], 1)
+    s["ada"] = as_float("ada", s["ada"], 0.0, lo_open=True)
+    if s["ada_div"] is not None:
+        s["ada_div"] = as_str_list("ada_div", s["ada_div"], ("kl", "js"))[0]
+    s["seed"] = as_int("seed", s["seed"], 0)
+    out = Path(str(s["out"])).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"out={s['out']} is a file; pass a directory.")
+    s["out"] = out
+    return s
+
+
+def plan(s: dict) -> list[dict]:
+    """One spec per measured arm: FP arms once per model, quantized arms per method x bits."""
+    specs = []
+    common = {k: s[k] for k in ("imgsz", "batch", "steps", "warmup", "device", "amp", "nc", "ada", "seed")}
+    for model in s["models"]:
+        for arm in s["arms"]:
+            if arm.startswith("fp"):
+                specs.append({**common, "model": model, "arm": arm, "method": None, "bits": None,
+                              "ada_div": s["ada_div"] or "kl"})
+        for method in s["methods"]:
+            for bits in s["bits"]:
+                for arm in s["arms"]:
+                    if arm.startswith("q"):
+                        div = s["ada_div"] or ("js" if method == "n2uq" else "kl")
+                        specs.append({**common, "model": model, "arm": arm, "method": method, "bits": bits,
+                                      "ada_div": div})
+    return specs
+
+
+# ================================================================================================ measuring
+def _synthetic_batch(batch: int, imgsz: int, nc: int, device, seed: int) -> dict:
+    """A fixed detection batch: uniform image, 4 boxes per image (normalised xywh), random classes."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = 4 * batch
+    wh = 0.05 + 0.3 * torch.rand(n, 2, generator=g)
+    xy = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=g)
+    return {
+        "img": torch.rand(batch, 3, imgsz, imgsz, generator=g).to(device),
+        "batch_idx": torch.arange(batch).repeat_interleave(4).float().to(device),
+        "cls": torch.randint(0, nc, (n, 1), generator=g).float().to(device),
+        "bboxes": torch.cat([xy, wh], 1).to(device),
+    }
+
+
+def build_arm(spec: dict, device):
+    """Build (model, ADALoss or None) for one arm, as GABTrainer would set it up (structure, init, calibration)."""
+    import torch
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(spec["seed"])
+    yaml = spec["model"] if spec["model"].endswith((".yaml", ".yml")) else f"{spec['model']}.yaml"
+    model = DetectionModel(yaml, nc=spec["nc"], verbose=False)
+    model.args = get_cfg()  # the loss reads box/cls/dfl gains from model.args, as after set_model_attributes
+    arm = spec["arm"]
+    teacher = deepcopy(model) if "ada" in arm else None  # FP copy: same weights, as the FP checkpoint would be
+    if "gab" in arm:
+        from ..fusion import insert_gabfusion
+
+        insert_gabfusion(model, "balanced")
+    model.to(device)
+    batch = _synthetic_batch(spec["batch"], spec["imgsz"], spec["nc"], device, spec["seed"])
+    if arm.startswith("q"):
+        from ..quant.convert import calibrate_activations, init_weight_quantizers, quantize_model
+
+        quantize_model(model, spec["method"], spec["bits"], spec["bits"])
+        model.to(device)
+        init_weight_quantizers(model)
+        calibrate_activations(model, [batch["img"]])
+    ada = None
+    if teacher is not None:
+        from ..distill import ADACriterion, ADALoss, default_layers
+
+        ada = ADALoss(teacher.to(device), default_layers(model), attn="simam", div=spec["ada_div"],
+                      weight=spec["ada"]).attach(model)
+        model.criterion = ADACriterion(model.init_criterion(), ada, model)
+    return model, ada, batch
+
+
+def measure(spec: dict) -> dict:
+    """Time ``warmup + steps`` training steps of one arm; returns times (ms) and the CUDA peak (MiB)."""
+    import torch
+
+    from .common import torch_device
+
+    device = torch_device(spec["device"])
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, ada, batch = build_arm(spec, device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=spec["amp"] and cuda)
+    gab = "gab" in spec["arm"]
+    if gab:
+        from ..fusion import update_fusion
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, enabled=spec["amp"] and cuda):
+            loss, _ = model.loss(batch)
+        scaler.scale(loss.sum()).backward()
+        if gab:  # GABTrainer.optimizer_step: lambda update from the branch gradient norms before the step
+            update_fusion(model, grad_scale=scaler.get_scale() if scaler.is_enabled() else None)
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)  # as BaseTrainer.optimizer_step
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i >= spec["warmup"]:
+            times.append((time.perf_counter() - t0) * 1000)
+    loss_val = float(loss.detach().sum())
+    out = {"step_ms": statistics.median(times), "step_ms_all": [round(t, 3) for t in times], "loss": loss_val}
+    if cuda:
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["memory_method"] = "torch.cuda.max_memory_allocated"
+    if ada is not None:
+        ada.detach()
+    del model, opt, ada, batch
+    return out
+
+
+def _rss_mib() -> float:
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
+
+
+def _worker(spec_json: str) -> None:
+    """Child-process entry: measure one arm and print one JSON line (peak RSS of this fresh process added)."""
+    import torch  # noqa: F401  (imports counted in the base RSS, like in every arm)
+    import ultralytics  # noqa: F401
+
+    import ultralytics_gabfusion  # noqa: F401
+
+    spec = json.loads(spec_json)
+    base = _rss_mib()
+    out = measure(spec)
+    if "peak_mib" not in out:
+        out["peak_mib"] = _rss_mib()
+        out["rss_base_mib"] = base
+        out["memory_method"] = "peak RSS (ru_maxrss) of a fresh process per arm"
+    print("GAB_SPEED_RESULT " + json.dumps(out), flush=True)
+
+
+def _measure_isolated(spec: dict) -> dict:
+    code = "import sys; from ultralytics_gabfusion.bench.speed import _worker; _worker(sys.argv[1])"
+    r = subprocess.run([python(), "-c", code, json.dumps(spec)], capture_output=True, text=True, env=child_env())
+    for line in r.stdout.splitlines():
+        if line.startswith("GAB_SPEED_RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    raise RuntimeError(f"speed worker failed (exit {r.returncode}): {(r.stderr or r.stdout)[-2000:]}")
+
+
+# ================================================================================================ reporting
+def _label(r: dict) -> str:
+    return r["arm"] if r["method"] is None else f"{r['arm']} {r['method']} W{r['bits']}A{r['bits']}"
+
+
+def speed_markdown(result: dict) -> str:
+    """``speed.md``: one row per arm with its ratio to the FP arm of the same model."""
+    s, env = result["settings"], result["environment"]
+    lines = [
+        "# ultralytics-gabfusion training-step cost",
+        "",
+        f"- device: {env['hardware']}; torch {env['torch']}, ultralytics {env['ultralytics']}, plugin "
+        f"{env['ultralytics_gabfusion']}, commit {env['git_commit'] or 'unknown'}",
+        f"- step = forward + loss (+ADA) + backward + clip + SGD (+GABFusion update); imgsz {s['imgsz']}, batch "
+        f"{s['batch']}, amp {s['amp']}, nc {s['nc']}; median of {s['steps']} steps after {s['warmup']} warm-up",
+        f"- peak memory: {result['memory_method']}",
+        "",
+        "| model | arm | method | bits | step ms | × FP | peak MiB | × FP |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['arm']} | {r['method'] or '—'} | — | failed | — | — | — |")
+            continue
+        bits = "FP" if r["bits"] is None else f"W{r['bits']}A{r['bits']}"
+        lines.append(f"| {r['model']} | {r['arm']} | {r['method'] or '—'} | {bits} | {r['step_ms']:.1f} | "
+                     f"{r['step_ratio']:.2f} | {r['peak_mib']:.0f} | {r['mem_ratio']:.2f} |")
+    if result["rows"] and "rss_base_mib" in result["rows"][0]:
+        base = statistics.median(r["rss_base_mib"] for r in result["rows"] if "rss_base_mib" in r)
+        lines += ["", f"Peak RSS includes ~{base:.0f} MiB of interpreter + libraries present before the model "
+                      f"is built (same in every arm)."]
+    return "\n".join(lines) + "\n"
+
+
+def run_speed(s: dict) -> int:
+    """Measure every planned arm, compute ratios to FP, write ``speed.md``/``speed.json``; returns exit status."""
+    from ultralytics.utils import LOGGER
+
+    t0 = time.perf_counter()
+    env = environment(s["device"])
+    specs = plan(s)
+    rows, failed = [], 0
+    for spec in specs:
+        LOGGER.info(f"bench speed: {spec['model']} {_label(spec)} ...")
+        try:
+            res = _measure_isolated(spec) if s["isolate"] else measure(spec)
+        except Exception as e:  # report the others; this arm is marked failed (exit status 1)
+            LOGGER.error(f"bench speed: {spec['model']} {_label(spec)} failed: {type(e).__name__}: {e}")
+            res, failed = {"error": f"{type(e).__name__}: {e}"}, failed + 1
+        row = {k: spec[k] for k in ("model", "arm", "method", "bits", "ada_div")} | res
+        rows.append(row)
+        if "step_ms" in res:
+            LOGGER.info(f"bench speed:   {res['step_ms']:.1f} ms/step, peak {res['peak_mib']:.0f} MiB")
+    for r in rows:
+        fp = next((x for x in rows if x["model"] == r["model"] and x["arm"] == "fp" and "step_ms" in x), None)
+        if "step_ms" in r and fp:
+            r["step_ratio"] = r["step_ms"] / fp["step_ms"]
+            r["mem_ratio"] = r["peak_mib"] / fp["peak_mib"]
+        elif "step_ms" in r:
+            r["error"] = "no FP reference"
+    s_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()}
+    methods = {r.get("memory_method") for r in rows if r.get("memory_method")}
+    result = {
+        "format": "ultralytics-gabfusion bench speed v1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": s_json,
+        "environment": env,
+        "memory_method": ", ".join(sorted(methods)) or "n/a",
+        "rows": rows,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    s["out"].mkdir(parents=True, exist_ok=True)
+    write_json(s["out"] / "speed.json", result)
+    md = speed_markdown(result)
+    (s["out"] / "speed.md").write_text(md)
+    print(md, flush=True)
+    LOGGER.info(f"bench speed: results in {s['out']} (speed.md, speed.json); {result['wall_s']:.0f} s")
+    return 1 if failed else 0
+
+
+def speed_main(argv: list[str]) -> int:
+    """``yolo-gab bench speed key=value ...``; see the module docstring."""
+    if argv and argv[0] in ("help", "-h", "--help"):
+        print(help_text())
+        return 0
+    return run_speed(resolve_settings(argv))
+
+
+__all__ = ["DEFAULTS", "build_arm", "measure", "plan", "resolve_settings", "run_speed", "speed_main"]
