@@ -77,7 +77,9 @@ class GABTrainer(DetectionTrainer):
         overrides.update({k: v for k, v in validated.items() if k in overrides})
         check_consistency(validated)
         if not merged.get("resume"):
-            self._check_teacher_source(merged)
+            teacher = self._check_teacher_source(merged)
+            if teacher:  # recorded in args.yaml and checkpoints, so resume finds the same teacher
+                overrides["teacher"] = teacher
         super().__init__(base, overrides, _callbacks)
         for k, v in validate_settings(vars(self.args)).items():
             setattr(self.args, k, v)  # normalised values (e.g. resumed runs)
@@ -94,10 +96,10 @@ class GABTrainer(DetectionTrainer):
 
     # ------------------------------------------------------------------------------------------------ settings
     @staticmethod
-    def _check_teacher_source(args: dict) -> None:
-        """Fail early when ADA is on but no teacher can be determined or the teacher file is missing."""
+    def _check_teacher_source(args: dict) -> str | None:
+        """Return the ADA teacher path (``teacher=`` or the FP ``.pt`` QAT starts from); fail early if there is none."""
         if not args.get("ada"):
-            return
+            return None
         teacher = args.get("teacher") or (str(args.get("model")) if str(args.get("model", "")).endswith(".pt") else None)
         if teacher is None:
             raise ValueError(
@@ -106,6 +108,7 @@ class GABTrainer(DetectionTrainer):
             )
         if not Path(teacher).exists():
             raise FileNotFoundError(f"teacher checkpoint '{teacher}' not found: pass teacher=path/to/fp.pt or set ada=0.")
+        return str(Path(teacher).resolve())
 
     # ----------------------------------------------------------------------------------------------- structure
     def get_model(self, cfg=None, weights=None, verbose=True):

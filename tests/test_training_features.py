@@ -1,0 +1,186 @@
+"""GABFusion and ADA inside real GABTrainer runs; resume and reload of quantized checkpoints."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import IMGSZ, ROOT, run_cli, run_python, train_kwargs
+
+
+def qat_train(fp, data, tmp_path, **kw):
+    from ultralytics import YOLO
+
+    from ultralytics_gabfusion import GABTrainer
+
+    model = YOLO(str(fp))
+    model.train(trainer=GABTrainer, data=str(data), qat_calib=1, **train_kwargs(tmp_path, **kw))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- GABFusion
+@pytest.mark.parametrize("qat", ["none", "lsq"])
+def test_gabfusion_training_with_and_without_quantization(qat, tmp_path, tiny_data, fp_ckpt):
+    from ultralytics_gabfusion.fusion import GABFusion
+
+    model = qat_train(fp_ckpt["yolov5s"], tiny_data, tmp_path, qat=qat, gab="balanced", epochs=2)
+    run = Path(model.trainer.save_dir)
+    nodes = [m for m in model.trainer.model.modules() if isinstance(m, GABFusion)]
+    assert [n.i for n in nodes] == [12, 16, 19, 22]
+    rows = list(csv.DictReader(open(run / "gabfusion.csv")))
+    assert {r["layer"] for r in rows} == {"12", "16", "19", "22"} and {r["epoch"] for r in rows} == {"1", "2"}
+    # 2 batches/epoch with accumulate=4: the first optimizer step (and gradient measurement) is in epoch 2
+    assert all(float(r["grad_ema"]) > 0 for r in rows if r["epoch"] == "2")
+    assert (run / "gabfusion.png").stat().st_size > 1000
+    lam_train = nodes[0].lam.detach().clone()
+    assert not torch.allclose(lam_train, torch.zeros_like(lam_train)), "balanced mode moved lambda"
+
+    # alpha survives the fp16 checkpoint and a reload in a fresh process, bit for bit
+    best = run / "weights" / "best.pt"
+    ck = torch.load(best, weights_only=False)
+    alphas = [m.alpha.tolist() for m in ck["model"].modules() if isinstance(m, GABFusion)]
+    r = run_python(
+        "import ultralytics_gabfusion; from ultralytics import YOLO; from ultralytics_gabfusion.fusion import GABFusion\n"
+        f"m = YOLO(r'{best}').model\n"
+        "print('ALPHA', [g.alpha.tolist() for g in m.modules() if isinstance(g, GABFusion)])"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"ALPHA {alphas}" in r.stdout
+
+
+def test_gab_model_yaml_trains_and_learned_mode(tmp_path, tiny_data):
+    from ultralytics import YOLO
+
+    from ultralytics_gabfusion import GABTrainer
+    from ultralytics_gabfusion.fusion import GABFusion
+
+    model = YOLO(str(ROOT / "cfg" / "models" / "yolo11s-gab.yaml"))
+    model.train(trainer=GABTrainer, data=str(tiny_data), gab="learned", **train_kwargs(tmp_path))
+    nodes = [m for m in model.trainer.model.modules() if isinstance(m, GABFusion)]
+    assert [n.i for n in nodes] == [12, 15, 18, 21] and all(n.mode == "learned" for n in nodes)
+    groups = {g.get("param_group"): g for g in model.trainer.optimizer.param_groups}
+    lam_ids = {id(n.lam) for n in nodes}
+    assert lam_ids <= {id(p) for p in groups["fusion"]["params"]} and groups["fusion"]["weight_decay"] == 0
+
+
+def test_gab_bad_value_is_rejected(tiny_data, tmp_path):
+    r = run_cli("train", "model=yolov5s.yaml", f"data={tiny_data}", "gab=on", f"project={tmp_path}")
+    assert r.returncode == 2 and "balanced, learned, off" in r.stderr
+
+
+# -------------------------------------------------------------------------------------------------------- ADA
+@pytest.mark.parametrize("attn,div,qat", [("simam", "kl", "lsq"), ("qada", "js", "n2uq")])
+def test_ada_run_logs_loss_and_never_saves_teacher(attn, div, qat, tmp_path, tiny_data, fp_ckpt):
+    import shutil
+
+    fp_copy = tmp_path / "fp_teacher.pt"
+    shutil.copy(fp_ckpt["yolov5s"], fp_copy)
+    model = qat_train(fp_copy, tiny_data, tmp_path, qat=qat, gab="balanced", ada=0.01, ada_attn=attn, ada_div=div)
+    run = Path(model.trainer.save_dir)
+    header = (run / "results.csv").read_text().splitlines()[0].split(",")
+    assert "train/ada_loss" in header and "val/ada_loss" in header and "ada/ratio" in header
+    row = list(csv.DictReader(open(run / "results.csv")))[0]
+    assert float(row["train/ada_loss"]) > 0 and float(row["val/ada_loss"]) >= 0
+    assert "teacher: " + str(fp_copy) in (run / "args.yaml").read_text()
+
+    best = run / "weights" / "best.pt"
+    ck = torch.load(best, weights_only=False)
+    n_params = sum(p.numel() for p in ck["model"].parameters())
+    fp_params = sum(p.numel() for p in torch.load(fp_copy, weights_only=False)["model"].parameters())
+    assert n_params < 1.2 * fp_params, "the checkpoint holds no teacher"
+    assert getattr(ck["model"], "criterion", None) is None
+    fp_copy.unlink()  # the quantized model must reload and validate without the teacher file
+    r = run_python(
+        "import ultralytics_gabfusion; from ultralytics import YOLO\n"
+        f"r = YOLO(r'{best}').val(data=r'{tiny_data}', imgsz={IMGSZ}, batch=8, device='cpu', plots=False)\n"
+        "print('OK', r.box.map50)"
+    )
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_ada_mismatched_teacher(tmp_path, tiny_data, fp_ckpt):
+    from ultralytics import YOLO
+
+    from ultralytics_gabfusion import GABTrainer
+
+    with pytest.raises(ValueError, match="teacher"):
+        YOLO(str(fp_ckpt["yolov5s"])).train(trainer=GABTrainer, data=str(tiny_data), qat="lsq", ada=0.01,
+                                           teacher=str(fp_ckpt["yolo11s"]), **train_kwargs(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- resume/reload
+class Interrupt(Exception):
+    pass
+
+
+def _quant_state(model):
+    from ultralytics_gabfusion.fusion import GABFusion
+    from ultralytics_gabfusion.quant.convert import quantizers
+
+    out = {f"q.{n}.{k}": v.detach().float().clone() for n, q in quantizers(model) for k, v in q.state_dict().items()}
+    for i, m in enumerate(x for x in model.modules() if isinstance(x, GABFusion)):
+        out[f"gab{i}.lam"] = m.lam.detach().float().clone()
+        out[f"gab{i}.grad_ema"] = m.grad_ema.detach().float().clone()
+    return out
+
+
+def test_resume_restores_quantizers_fusion_and_keys(tmp_path, tiny_data, fp_ckpt):
+    from ultralytics import YOLO
+
+    from ultralytics_gabfusion import GABTrainer
+    from ultralytics_gabfusion.settings import PLUGIN_KEYS
+
+    model = YOLO(str(fp_ckpt["yolov5s"]))
+
+    def stop_after_first_epoch(trainer):
+        if trainer.epoch == 0:
+            raise Interrupt
+
+    model.add_callback("on_fit_epoch_end", stop_after_first_epoch)
+    with pytest.raises(Interrupt):
+        model.train(trainer=GABTrainer, data=str(tiny_data), qat="n2uq", w_bits=3, a_bits=3, gab="balanced",
+                    qat_calib=1, qat_lr=0.1, **train_kwargs(tmp_path, epochs=2))
+    last = tmp_path / "run" / "weights" / "last.pt"
+    saved = torch.load(last, weights_only=False)
+    assert saved["epoch"] == 0 and saved["optimizer"] is not None
+    saved_state = _quant_state(saved["ema"])
+    saved_args = {k: saved["train_args"][k] for k in PLUGIN_KEYS}
+
+    seen = {}
+
+    def capture(trainer):
+        seen["ema"] = _quant_state(trainer.ema.ema)
+        seen["args"] = {k: getattr(trainer.args, k) for k in PLUGIN_KEYS}
+        seen["groups"] = [g.get("param_group") for g in trainer.optimizer.param_groups]
+
+    resumed = YOLO(str(last))
+    resumed.add_callback("on_pretrain_routine_end", capture)
+    resumed.train(trainer=GABTrainer, resume=True)
+    assert seen["args"] == saved_args and seen["args"]["qat"] == "n2uq" and seen["args"]["w_bits"] == 3
+    assert set(seen["ema"]) == set(saved_state)
+    for k, v in saved_state.items():
+        assert torch.equal(seen["ema"][k], v), k
+    assert "quant" in seen["groups"] and "fusion" in seen["groups"]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))
+    assert [r["epoch"].strip() for r in rows][:2] == ["1", "2"]
+    assert float(rows[-1]["metrics/mAP50-95(B)"]) >= 0
+
+
+def test_reload_in_fresh_process_gives_final_eval_metrics(tmp_path, tiny_data, fp_ckpt):
+    model = qat_train(fp_ckpt["yolo11s"], tiny_data, tmp_path, qat="lsq", gab="balanced", epochs=1)
+    final = model.trainer.metrics
+    best = Path(model.trainer.best)
+    r = run_python(
+        "import json, ultralytics_gabfusion; from ultralytics import YOLO\n"
+        f"m = YOLO(r'{best}').val(data=r'{tiny_data}', imgsz={IMGSZ}, batch=16, device='cpu', plots=False)\n"
+        "print('METRICS', json.dumps({k: float(v) for k, v in m.results_dict.items()}))"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    fresh = json.loads(r.stdout.split("METRICS", 1)[1].strip().splitlines()[0])
+    for k in ("metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"):
+        assert fresh[k] == pytest.approx(float(final[k]), abs=1e-9), k
