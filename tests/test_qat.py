@@ -258,3 +258,14 @@ def test_optimizer_groups(tmp_path, tiny_data, fp_ckpt):
     assert any(p.numel() == 2 for p in groups["fusion"]["params"]), "learned lambda is optimised"
     other = [p for g in model.trainer.optimizer.param_groups if g.get("param_group") not in ("quant", "quant_decay", "fusion") for p in g["params"]]
     assert not fusion_ids & {id(p) for p in other}
+
+
+def test_checkpoint_from_other_plugin_format_is_a_clear_error(tmp_path):
+    from ultralytics_gabfusion.quant.qconv import quant_convs
+
+    model = quantized("yolov5s", "lsq")
+    for _, m in quant_convs(model):
+        m.format_version = 0  # as written by an incompatible plugin version
+    torch.save({"model": model.half(), "train_args": {}}, tmp_path / "old.pt")
+    with pytest.raises(RuntimeError, match="format 0.*reads format"):
+        torch.load(tmp_path / "old.pt", weights_only=False)

@@ -184,3 +184,26 @@ def test_reload_in_fresh_process_gives_final_eval_metrics(tmp_path, tiny_data, f
     fresh = json.loads(r.stdout.split("METRICS", 1)[1].strip().splitlines()[0])
     for k in ("metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"):
         assert fresh[k] == pytest.approx(float(final[k]), abs=1e-9), k
+
+
+def test_cli_resume_finishes_interrupted_run(tmp_path, tiny_data, fp_ckpt):
+    from ultralytics import YOLO
+
+    from ultralytics_gabfusion import GABTrainer
+
+    model = YOLO(str(fp_ckpt["yolov5s"]))
+
+    def stop(trainer):
+        raise Interrupt
+
+    model.add_callback("on_fit_epoch_end", stop)
+    with pytest.raises(Interrupt):
+        model.train(trainer=GABTrainer, data=str(tiny_data), qat="lsq", gab="balanced", qat_calib=1,
+                    **train_kwargs(tmp_path, epochs=2))
+    last = tmp_path / "run" / "weights" / "last.pt"
+    r = run_cli("train", "resume", f"model={last}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))
+    assert len(rows) >= 2 and (tmp_path / "run" / "weights" / "best.pt").exists()
+    args = (tmp_path / "run" / "args.yaml").read_text()
+    assert "qat: lsq" in args and "gab: balanced" in args
