@@ -108,8 +108,12 @@ HELP = {
 }
 PRESETS: dict[str, dict] = {
     # Sized so FP + 2 QAT arms finish in a few minutes on 2 CPU cores (see README / the measured table there).
-    "demo": {"synth_train": 160, "synth_val": 40, "imgsz": 128, "fp_epochs": 12, "epochs": 3, "batch": 16,
-             "methods": ["lsq"], "bits": [4], "arms": ["baseline", "gab_ada"]},
+    # yolov5n (the paper's YOLOv5 graph at 1/4 width) is ~5x cheaper per image than yolov5s on a CPU, which is what
+    # lets the FP model reach a measurable (still small) mAP in ~2 minutes; AdamW at lr 0.003 learns fastest from
+    # scratch in ~400 steps (Ultralytics' auto choice, lr 0.0005, stays at mAP ~0 that long).
+    "demo": {"models": ["yolov5n"], "synth_train": 160, "synth_val": 40, "imgsz": 128, "fp_epochs": 40,
+             "fp_optimizer": "AdamW", "fp_lr0": 0.003, "epochs": 5, "batch": 16, "methods": ["lsq"], "bits": [4],
+             "arms": ["baseline", "gab_ada"]},
     # The paper's protocol: VOC, YOLOv5 hyp.VOC optimiser, batch 64, QAT with early stopping (patience is our
     # choice; the paper does not give it). FP from scratch needs ~300 epochs; pass models=fp.pt to skip it.
     "paper-voc": {"data": "VOC.yaml", "imgsz": 640, "batch": 64, "fp_epochs": 300, "epochs": 100, "patience": 20,
@@ -135,7 +139,8 @@ def help_text() -> str:
     for k, v in DEFAULTS.items():
         lines.append(f"  {k:<{w}}{str(v):<26}{HELP[k]}")
     lines.append("  Any other Ultralytics train key (lr0=, patience=, mosaic=, ...) or plugin key (qat_lr=, gab_eta=, "
-                 "ada_attn=, ...) is passed to every QAT run; amp/cache/fraction also to the FP run.")
+                 "ada_attn=, ...) is passed to every QAT run; amp/cache/fraction also to the FP run; "
+                 "fp_<key>= (fp_lr0=, fp_optimizer=, ...) to the FP run only.")
     lines.append("  Presets: " + "; ".join(f"{k}: {' '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
     return "\n".join(lines)
 
@@ -194,19 +199,23 @@ def resolve_settings(argv: list[str]) -> dict:
 
     user = parse_tokens(argv)
     valid = set(DEFAULTS) | set(DEFAULT_CFG_DICT) | set(PLUGIN_KEYS)
+    fp_valid = {f"fp_{k}" for k in DEFAULT_CFG_DICT if k not in RESERVED and k not in DEFAULTS}
     for k in user:
-        if k in RESERVED:
-            alt = RESERVED[k]
+        base = k[3:] if k.startswith("fp_") and k not in DEFAULTS else k
+        if base in RESERVED:
+            alt = RESERVED[base]
             raise BenchError(f"'{k}' is set by the bench itself" + (f"; use '{alt}=' instead." if alt else "."))
-        if k not in valid:
-            raise unknown_key_error(k, set(DEFAULTS) | set(DEFAULT_CFG_DICT) | set(PLUGIN_KEYS), "bench")
+        if k not in valid and k not in fp_valid:
+            raise unknown_key_error(k, valid | fp_valid, "bench")
     preset = user.get("preset")
     if preset is not None and str(preset).lower() not in PRESETS:
         raise BenchError(f"preset={preset} is unknown: use one of {', '.join(PRESETS)}.")
     given = {**(PRESETS[str(preset).lower()] if preset else {}), **user}
     s = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
     s["preset"] = str(preset).lower() if preset else None
-    extra = {k: v for k, v in given.items() if k not in DEFAULTS}
+    extra = {k: v for k, v in given.items() if k not in DEFAULTS and not k.startswith("fp_")}
+    # fp_<key>=value: an Ultralytics train key for the FP run only (like fp_epochs / fp_time)
+    fp_extra = {k[3:]: v for k, v in given.items() if k not in DEFAULTS and k.startswith("fp_")}
 
     s["methods"] = as_str_list("methods", s["methods"], METHODS)
     s["bits"] = as_int_list("bits", s["bits"], 2, 8)
@@ -268,12 +277,14 @@ def resolve_settings(argv: list[str]) -> dict:
     ul = {k: v for k, v in {**s["recipe_cfg"], **extra}.items() if k not in PLUGIN_KEYS}
     try:
         check_cfg(dict(ul))
+        check_cfg(dict(fp_extra))
         validate_settings({k: v for k, v in {**s["recipe_cfg"], **extra}.items() if k in PLUGIN_KEYS})
     except (TypeError, ValueError, SyntaxError) as e:
         raise BenchError(str(e)) from None
     if "patience" in extra:
         as_int("patience", extra["patience"], 1)
     s["extra"] = extra
+    s["fp_extra"] = fp_extra
     s["explicit"] = sorted(given)
     return s
 
@@ -316,6 +327,7 @@ def fp_train_args(s: dict, data: str, seed: int, name: str) -> dict:
     if s["fp_time"]:
         kw["time"] = s["fp_time"]
     kw.update({k: v for k, v in s["extra"].items() if k in SHARED_KEYS})
+    kw.update(s["fp_extra"])
     return kw
 
 
@@ -357,7 +369,8 @@ def validate_weights(s: dict, weights: str, data: str, name: str) -> tuple[dict,
 
     t0 = time.perf_counter()
     kw = {"data": data, "imgsz": s["imgsz"], "batch": s["batch"], "device": s["device"], "plots": False,
-          "project": str(s["out"] / "val"), "name": name, "exist_ok": True, "split": "val"}
+          "project": str(s["out"] / "val"), "name": name, "exist_ok": True, "split": "val",
+          "verbose": False}  # no per-class table: the bench prints its own
     if s["workers"] is not None:
         kw["workers"] = s["workers"]
     r = YOLO(weights).val(**kw)

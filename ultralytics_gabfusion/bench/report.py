@@ -95,7 +95,10 @@ def markdown(result: dict) -> str:
         "# ultralytics-gabfusion benchmark",
         "",
         f"- data: {data_txt}; imgsz {s['imgsz']}, batch {s['batch']}",
+        f"- models: {', '.join(s['models'])}; methods {', '.join(s['methods'])}; bits "
+        f"{', '.join(f'W{b}A{b}' for b in s['bits'])}",
         f"- FP: {s['fp_epochs']} epochs" + (f" (time budget {s['fp_time']} h)" if s.get("fp_time") else "")
+        + (f" ({', '.join(f'{k}={v}' for k, v in s['fp_extra'].items())})" if s.get("fp_extra") else "")
         + f"; QAT: {s['epochs']} epochs" + (f" (time budget {s['time']} h)" if s.get("time") else "")
         + (f", recipe {s['recipe']}" if s.get("recipe") else ", paper schedule (SGD lr0 0.00334, lrf 0.15135, "
            "momentum 0.74832, wd 0.00025)")
@@ -103,6 +106,11 @@ def markdown(result: dict) -> str:
         f"- seeds: {s['seeds']}" + (" (mean ± std over seeds)" if multi else " (one seed: run-to-run spread unmeasured)"),
         f"- hardware: {env['hardware']}; torch {env['torch']}, ultralytics {env['ultralytics']}, plugin "
         f"{env['ultralytics_gabfusion']}, commit {env['git_commit'] or 'unknown'}; wall {result['wall_s']:.0f} s",
+    ]
+    if s.get("preset") == "demo":
+        lines.append("- demo preset: a pipeline check sized for minutes of CPU time, so absolute mAP is small and "
+                     "differences between arms are within noise; use the default sizes (GPU) for conclusions")
+    lines += [
         "",
         "mAP in percentage points; gap = arm − FP (same seed), gain = arm − baseline QAT (same seed).",
         "",

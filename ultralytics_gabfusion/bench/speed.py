@@ -322,20 +322,26 @@ def speed_markdown(result: dict) -> str:
         f"{s['batch']}, amp {s['amp']}, nc {s['nc']}; median of {s['steps']} steps after {s['warmup']} warm-up",
         f"- peak memory: {result['memory_method']}",
         "",
-        "| model | arm | method | bits | step ms | × FP | peak MiB | × FP |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    cpu = any("rss_base_mib" in r for r in result["rows"])
+    extra_h = " above imports MiB | × FP |" if cpu else ""
+    lines += [f"| model | arm | method | bits | step ms | × FP | peak MiB | × FP |{extra_h}",
+              "|---|---|---|---|---|---|---|---|" + ("---|---|" if cpu else "")]
     for r in result["rows"]:
-        if r.get("error"):
-            lines.append(f"| {r['model']} | {r['arm']} | {r['method'] or '—'} | — | failed | — | — | — |")
+        if r.get("error") or "step_ratio" not in r:
+            lines.append(f"| {r['model']} | {r['arm']} | {r['method'] or '—'} | — | failed | — | — | — |"
+                         + (" — | — |" if cpu else ""))
             continue
         bits = "FP" if r["bits"] is None else f"W{r['bits']}A{r['bits']}"
+        extra = f" {r['train_mib']:.0f} | {r['train_mem_ratio']:.2f} |" if cpu and "train_mib" in r else ""
+        mem = "— | —" if r["mem_ratio"] is None else f"{r['peak_mib']:.0f} | {r['mem_ratio']:.2f}"
         lines.append(f"| {r['model']} | {r['arm']} | {r['method'] or '—'} | {bits} | {r['step_ms']:.1f} | "
-                     f"{r['step_ratio']:.2f} | {r['peak_mib']:.0f} | {r['mem_ratio']:.2f} |")
-    if result["rows"] and "rss_base_mib" in result["rows"][0]:
+                     f"{r['step_ratio']:.2f} | {mem} |{extra}")
+    if cpu:
         base = statistics.median(r["rss_base_mib"] for r in result["rows"] if "rss_base_mib" in r)
-        lines += ["", f"Peak RSS includes ~{base:.0f} MiB of interpreter + libraries present before the model "
-                      f"is built (same in every arm)."]
+        lines += ["", f"Peak RSS includes ~{base:.0f} MiB of interpreter + libraries present before the model is "
+                      f"built (same in every arm); 'above imports' = peak RSS minus that process's RSS after the "
+                      f"imports, i.e. model + optimizer + activations (+ teacher)."]
     return "\n".join(lines) + "\n"
 
 
@@ -357,16 +363,22 @@ def run_speed(s: dict) -> int:
         row = {k: spec[k] for k in ("model", "arm", "method", "bits", "ada_div")} | res
         rows.append(row)
         if "step_ms" in res:
-            LOGGER.info(f"bench speed:   {res['step_ms']:.1f} ms/step, peak {res['peak_mib']:.0f} MiB")
+            peak = f", peak {res['peak_mib']:.0f} MiB" if res.get("peak_mib") else ""
+            LOGGER.info(f"bench speed:   {res['step_ms']:.1f} ms/step{peak}")
     for r in rows:
         fp = next((x for x in rows if x["model"] == r["model"] and x["arm"] == "fp" and "step_ms" in x), None)
         if "step_ms" in r and fp:
+            r.setdefault("peak_mib", None)  # CPU without isolate: no per-arm peak can be measured in one process
             r["step_ratio"] = r["step_ms"] / fp["step_ms"]
-            r["mem_ratio"] = r["peak_mib"] / fp["peak_mib"]
+            r["mem_ratio"] = r["peak_mib"] / fp["peak_mib"] if r["peak_mib"] and fp.get("peak_mib") else None
+            if "rss_base_mib" in r and "rss_base_mib" in fp:  # CPU: what the training itself added to the process
+                r["train_mib"] = r["peak_mib"] - r["rss_base_mib"]
+                r["train_mem_ratio"] = r["train_mib"] / max(fp["peak_mib"] - fp["rss_base_mib"], 1e-9)
         elif "step_ms" in r:
             r["error"] = "no FP reference"
     s_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()}
-    methods = {r.get("memory_method") for r in rows if r.get("memory_method")}
+    methods = {r.get("memory_method") for r in rows if r.get("memory_method")} or \
+        {"not measured (CPU in one process: pass isolate=True for a fresh process per arm)"}
     result = {
         "format": "ultralytics-gabfusion bench speed v1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
