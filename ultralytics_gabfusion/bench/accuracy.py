@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import time
 import traceback
@@ -25,10 +26,10 @@ from typing import Any
 
 from .common import (
     BenchError,
-    as_list,
     as_float,
     as_int,
     as_int_list,
+    as_list,
     as_str_list,
     environment,
     fingerprint,
@@ -137,12 +138,18 @@ def help_text() -> str:
     w = max(len(k) for k in DEFAULTS) + 2
     lines = ["yolo-gab bench key=value ...   (accuracy / paper table; 'yolo-gab bench speed help' for step cost)"]
     for k, v in DEFAULTS.items():
-        lines.append(f"  {k:<{w}}{str(v):<26}{HELP[k]}")
+        lines.append(f"  {k:<{w}}{_cli_value(v):<24}{HELP[k]}")
     lines.append("  Any other Ultralytics train key (lr0=, patience=, mosaic=, ...) or plugin key (qat_lr=, gab_eta=, "
                  "ada_attn=, ...) is passed to every QAT run; amp/cache/fraction also to the FP run; "
                  "fp_<key>= (fp_lr0=, fp_optimizer=, ...) to the FP run only.")
-    lines.append("  Presets: " + "; ".join(f"{k}: {' '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
+    for k, v in PRESETS.items():
+        lines.append(f"  preset={k}: " + " ".join(f"{a}={_cli_value(b)}" for a, b in v.items()))
     return "\n".join(lines)
+
+
+def _cli_value(v) -> str:
+    """A value as it is typed on the command line (lists as [a,b])."""
+    return f"[{','.join(map(str, v))}]" if isinstance(v, (list, tuple)) else str(v)
 
 
 def _model_entries(v) -> list[dict]:
@@ -160,6 +167,13 @@ def _model_entries(v) -> list[dict]:
                 raise BenchError(f"models: '{raw}' is not an existing .pt file (nothing is downloaded); pass a model "
                                  f"name such as yolov5s or the path of a trained FP checkpoint.")
             p = p.resolve()
+            from ..distill import load_teacher
+
+            try:  # readable, and full precision (it is also the ADA teacher); refuse now rather than after hours
+                load_teacher(p, device="cpu")
+            except (ValueError, FileNotFoundError) as e:
+                why = str(e).split(". Pass teacher")[0].split(": pass teacher")[0]
+                raise BenchError(f"models: '{raw}' is not a usable FP checkpoint: {why}.") from None
             label = p.parents[1].name if p.stem in ("best", "last") and len(p.parents) > 1 else p.stem
             out.append({"label": label, "source": str(p), "kind": "pt"})
             continue
@@ -368,8 +382,8 @@ def validate_weights(s: dict, weights: str, data: str, name: str) -> tuple[dict,
     from ultralytics import YOLO
 
     t0 = time.perf_counter()
-    kw = {"data": data, "imgsz": s["imgsz"], "batch": s["batch"], "device": s["device"], "plots": False,
-          "project": str(s["out"] / "val"), "name": name, "exist_ok": True, "split": "val",
+    kw = {"data": data, "imgsz": s["imgsz"], "batch": s["batch"], "device": s["device"].split(",")[0],
+          "plots": False, "project": str(s["out"] / "val"), "name": name, "exist_ok": True, "split": "val",
           "verbose": False}  # no per-class table: the bench prints its own
     if s["workers"] is not None:
         kw["workers"] = s["workers"]
@@ -392,8 +406,6 @@ def _run(s: dict, rec: dict, fp: str, train_fn) -> dict:
     res_file = s["out"] / "results" / f"{rec['id']}.json"
     if res_file.exists():
         try:
-            import json
-
             old = json.loads(res_file.read_text())
         except (OSError, ValueError):
             old = None
@@ -425,7 +437,7 @@ def _train_fp(s: dict, entry: dict, data: str, seed: int, run_id: str):
         from ultralytics import YOLO
 
         if entry["kind"] == "pt":
-            return {"status": "given", "weights": entry["source"], "epochs_run": None, "train_metrics": None}
+            return {"status": "given", "weights": _loadable_fp(entry, s), "epochs_run": None, "train_metrics": None}
         run_dir = s["out"] / "runs" / run_id
         shutil.rmtree(run_dir, ignore_errors=True)  # Ultralytics appends to an old results.csv otherwise
         model = YOLO(entry["source"])
@@ -516,7 +528,8 @@ def run_bench(s: dict) -> int:
         for seed in s["seeds"]:
             fp_id = f"{entry['label']}-s{seed}-fp"
             fp_args = None if entry["kind"] == "pt" else fp_train_args(s, data, seed, fp_id)
-            fp_fp = fingerprint({"source": entry["source"], "args": fp_args, "data": data_info, "val": _val_key(s)})
+            fp_fp = fingerprint({"source": entry["source"], "args": _stable(fp_args), "data": data_info,
+                                 "val": _val_key(s)})
             rec = {"id": fp_id, "model": entry["label"], "seed": seed, "kind": "fp", "method": None, "bits": None,
                    "arm": "fp", "data": data, "train_args": fp_args}
             LOGGER.info(f"bench: ---- {fp_id} ----")
@@ -533,7 +546,7 @@ def run_bench(s: dict) -> int:
             for method, bits, arm in qat_plan:
                 run_id = f"{entry['label']}-s{seed}-{method}-w{bits}a{bits}-{arm}"
                 args = qat_train_args(s, data, seed, run_id, method, bits, arm)
-                fpr = fingerprint({"fp": fp_rec["fingerprint"], "args": args, "val": _val_key(s)})
+                fpr = fingerprint({"fp": fp_rec["fingerprint"], "args": _stable(args), "val": _val_key(s)})
                 rec = {"id": run_id, "model": entry["label"], "seed": seed, "kind": "qat", "method": method,
                        "bits": bits, "arm": arm, "data": data, "train_args": args, "fp_weights": fp_weights}
                 LOGGER.info(f"bench: ---- {run_id} ----")
@@ -567,6 +580,11 @@ def run_bench(s: dict) -> int:
         LOGGER.error(f"bench: {len(result['failed'])} run(s) failed or were skipped: {result['failed']}")
         return 1
     return 0
+
+
+def _stable(args: dict | None) -> dict | None:
+    """Train args without those that cannot change the result (so a resumed bench may use other worker counts)."""
+    return None if args is None else {k: v for k, v in args.items() if k not in ("workers", "verbose")}
 
 
 def _val_key(s: dict) -> dict:

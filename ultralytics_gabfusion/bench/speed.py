@@ -26,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import subprocess
@@ -95,7 +96,9 @@ def help_text() -> str:
     """The key table printed by ``yolo-gab bench speed help``."""
     w = max(len(k) for k in DEFAULTS) + 2
     lines = ["yolo-gab bench speed key=value ...   (training-step time and peak memory relative to FP)"]
-    lines += [f"  {k:<{w}}{str(v):<34}{HELP[k]}" for k, v in DEFAULTS.items()]
+    from .accuracy import _cli_value
+
+    lines += [f"  {k:<{w}}{_cli_value(v):<24}{HELP[k]}" for k, v in DEFAULTS.items()]
     return "\n".join(lines)
 
 
@@ -230,6 +233,7 @@ def measure(spec: dict) -> dict:
 
     device = torch_device(spec["device"])
     cuda = device.type == "cuda"
+    gc.collect()  # the previous arm's model/teacher sit in reference cycles (hooks, criterion) until collected
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,226 @@
+"""``yolo-gab bench`` (paper table) and ``yolo-gab bench speed`` (step cost) at CI size on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import IMGSZ, run_cli
+
+TINY = ("synth_train=16", "synth_val=8", f"imgsz={IMGSZ}", "fp_epochs=1", "epochs=1", "methods=[lsq]", "bits=[4]",
+        "models=[yolov5s]", "batch=8", "workers=0", "device=cpu", "seeds=[0]")
+ARMS = ("baseline", "gab", "gab_ada")
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ------------------------------------------------------------------------------------------- accuracy bench
+@pytest.mark.slow
+def test_bench_cli_tiny_table_and_resume(tmp_path):
+    """FP + three W4A4 LSQ arms from one FP checkpoint: table, JSON and chart are complete and consistent."""
+    out = tmp_path / "bench"
+    r = run_cli("bench", *TINY, f"out={out}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for f in ("bench.md", "bench.json", "bench.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+
+    md = (out / "bench.md").read_text()
+    assert "| model | bits | method | arm | mAP50 | mAP50-95 | gap mAP50 | gap mAP50-95 | gain mAP50 |" in md
+    assert "| yolov5s | FP | — | FP (reference) |" in md
+    for label in ("baseline QAT", "+GABFusion", "+GABFusion+ADA"):
+        assert f"| yolov5s | W4A4 | lsq | {label} |" in md, label
+    assert "| yolov5s | W4A4 | lsq | baseline QAT |" in r.stdout, "the table is printed at the end"
+
+    res = json.loads((out / "bench.json").read_text())
+    for key in ("settings", "environment", "data", "runs", "rows", "wall_s", "resumed", "failed"):
+        assert key in res, key
+    env = res["environment"]
+    for key in ("hardware", "torch", "ultralytics", "ultralytics_gabfusion", "git_commit", "cpu"):
+        assert key in env, key
+    assert env["hardware"] and env["torch"] and env["ultralytics"]
+    s = res["settings"]
+    assert s["methods"] == ["lsq"] and s["bits"] == [4] and s["arms"] == list(ARMS) and s["seeds"] == [0]
+    assert s["epochs"] == 1 and s["fp_epochs"] == 1 and Path(s["out"]).is_absolute()
+    assert res["data"]["generated"] and res["data"]["n_train"] == 16 and res["failed"] == []
+
+    runs = {r["id"]: r for r in res["runs"]}
+    fp = runs["yolov5s-s0-fp"]
+    assert fp["kind"] == "fp" and fp["status"] == "trained" and Path(fp["weights"]).is_file()
+    for arm in ARMS:
+        q = runs[f"yolov5s-s0-lsq-w4a4-{arm}"]
+        assert q["status"] == "trained" and q["kind"] == "qat" and q["epochs_run"] == 1
+        assert q["fp_weights"] == fp["weights"], "every arm starts from the same FP checkpoint"
+        a = q["train_args"]
+        assert (a["qat"], a["w_bits"], a["a_bits"], a["seed"]) == ("lsq", 4, 4, 0)
+        assert a["gab"] == ("off" if arm == "baseline" else "balanced")
+        assert a["ada"] == (0.01 if arm == "gab_ada" else 0.0) and a["ada_div"] == "kl"
+        assert (a["optimizer"], a["lr0"], a["lrf"], a["momentum"], a["weight_decay"]) == \
+            ("SGD", 0.00334, 0.15135, 0.74832, 0.00025), "the paper's optimiser"
+    for r_ in runs.values():
+        for k in ("mAP50", "mAP50_95", "precision", "recall", "train_wall_s", "val_wall_s", "wall_s"):
+            assert _num(r_[k]), (r_["id"], k, r_[k])
+        assert 0.0 <= r_["mAP50_95"] <= r_["mAP50"] <= 1.0
+    # every run's args differ only where its arm differs (identical schedule and seed)
+    base = runs["yolov5s-s0-lsq-w4a4-baseline"]["train_args"]
+    for arm in ("gab", "gab_ada"):
+        other = runs[f"yolov5s-s0-lsq-w4a4-{arm}"]["train_args"]
+        diff = {k for k in set(base) | set(other) if base.get(k) != other.get(k)}
+        assert diff <= {"gab", "ada", "name"}, diff
+
+    rows = {(r_["bits"], r_["method"], r_["arm"]): r_ for r_ in res["rows"]}
+    assert set(rows) == {(None, None, "fp")} | {(4, "lsq", a) for a in ARMS}
+    for key, row in rows.items():
+        for m in ("mAP50", "mAP50_95"):
+            assert _num(row[m]["mean"]) and row[m]["n"] == 1 and row[m]["std"] is None
+            run = fp if key[2] == "fp" else runs[f"yolov5s-s0-lsq-w4a4-{key[2]}"]
+            assert row[m]["mean"] == pytest.approx(run[m])
+            assert row[f"gap_{m}"]["mean"] == pytest.approx(run[m] - fp[m]), "gap = arm - FP"
+            if key[2] not in ("fp",):
+                b = runs["yolov5s-s0-lsq-w4a4-baseline"][m]
+                assert row[f"gain_{m}"]["mean"] == pytest.approx(run[m] - b), "gain = arm - baseline"
+
+    # a second identical call reuses every stored run (resume) and says so
+    r2 = run_cli("bench", *TINY, f"out={out}")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    res2 = json.loads((out / "bench.json").read_text())
+    assert sorted(res2["resumed"]) == sorted(runs), "all runs were reused"
+    assert all(x["cached"] for x in res2["runs"])
+    assert [x["mAP50_95"] for x in res2["runs"]] == [x["mAP50_95"] for x in res["runs"]]
+    assert "Reused stored results" in (out / "bench.md").read_text()
+
+
+def test_report_pairs_differences_per_seed():
+    """Gap and gain are per-seed differences, then mean +- sample std; the markdown shows percentage points."""
+    from ultralytics_gabfusion.bench.report import aggregate, markdown
+
+    def rec(kind, seed, arm, m50, m5095, method=None, bits=None):
+        return {"id": f"{arm}{seed}", "model": "yolov5s", "seed": seed, "kind": kind, "method": method, "bits": bits,
+                "arm": arm, "status": "trained", "mAP50": m50, "mAP50_95": m5095, "epochs_run": 3}
+
+    recs = [rec("fp", 0, "fp", 0.80, 0.60), rec("fp", 1, "fp", 0.70, 0.50)]
+    recs += [rec("qat", 0, "baseline", 0.70, 0.40, "lsq", 4), rec("qat", 1, "baseline", 0.60, 0.30, "lsq", 4)]
+    recs += [rec("qat", 0, "gab_ada", 0.75, 0.45, "lsq", 4), rec("qat", 1, "gab_ada", 0.62, 0.36, "lsq", 4)]
+    s = {"models": ["yolov5s"], "seeds": [0, 1], "bits": [4], "methods": ["lsq"], "arms": ["baseline", "gab_ada"]}
+    rows = {r["arm"]: r for r in aggregate(recs, s)}
+    assert rows["fp"]["mAP50"]["mean"] == pytest.approx(0.75) and rows["fp"]["mAP50"]["std"] == pytest.approx(0.0707107)
+    g = rows["gab_ada"]
+    assert g["gap_mAP50_95"]["values"] == pytest.approx([-0.15, -0.14])
+    assert g["gain_mAP50"]["values"] == pytest.approx([0.05, 0.02])
+    assert g["gain_mAP50"]["mean"] == pytest.approx(0.035) and g["gain_mAP50"]["std"] == pytest.approx(0.0212132)
+    assert rows["baseline"]["gap_mAP50"]["mean"] == pytest.approx(-0.10)
+    result = {"settings": {**s, "imgsz": 64, "batch": 8, "fp_epochs": 1, "epochs": 1, "ada": 0.01},
+              "environment": {"hardware": "cpu", "torch": "t", "ultralytics": "u", "ultralytics_gabfusion": "p",
+                              "git_commit": None},
+              "data": {"generated": True, "n_train": 16, "n_val": 8, "imgsz": 64}, "rows": list(rows.values()),
+              "wall_s": 1.0}
+    md = markdown(result)
+    assert "| yolov5s | W4A4 | lsq | +GABFusion+ADA | 68.50 ± 9.19 | 40.50 ± 6.36 | -6.50 ± 2.12 | -14.50 ± 0.71 |" in md
+    assert "+3.50 ± 2.12" in md and "mean ± std over seeds" in md
+
+
+# --------------------------------------------------------------------------------------- refused settings
+BAD = [
+    (["methods=[lsq,lsq4]"], "lsq4"),
+    (["bits=[4,9]"], "2..8"),
+    (["arms=[baseline,gab_ada]", "ada=0"], "ada>0"),
+    (["arms=[baseline,fused]"], "fused"),
+    (["data=/nonexistent/data.yaml"], "not found"),
+    (["seeds=[]"], "empty"),
+    (["epochs=0"], "epochs=0"),
+    (["fp_epochs=-1"], "fp_epochs"),
+    (["models=[/nonexistent/fp.pt]"], "not an existing .pt"),
+    (["models=[yolov5zz]"], "neither a known model YAML"),
+    (["epoch=3"], "Did you mean 'epochs'"),
+    (["seed=1"], "seeds="),
+    (["preset=fast"], "preset=fast"),
+    (["imgsz=100"], "multiple of 32"),
+    (["recipe=/nonexistent/recipe.yaml"], "recipe"),
+    (["lr0=fast"], "lr0"),
+    (["speed", "methods=[lsq,foo]"], "foo"),
+    (["speed", "amp=True", "device=cpu"], "CUDA"),
+    (["speed", "stepz=3"], "Did you mean 'steps'"),
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bench_refuses_bad_settings(args, msg, tmp_path, capsys):
+    from ultralytics_gabfusion.bench import bench_main
+
+    out = tmp_path / "out"
+    tail = [] if args[0] == "speed" else list(TINY)
+    code = bench_main([*args[:1], *tail, *args[1:], f"out={out}"] if args[0] == "speed" else [*tail, *args, f"out={out}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert msg in err, err
+    assert "error:" in err and "Traceback" not in err
+    assert not out.exists(), "nothing may be written for refused settings"
+
+
+def test_bench_refuses_unusable_checkpoint(tmp_path, capsys):
+    """A models entry that exists but is not a readable FP checkpoint is refused before anything runs."""
+    from ultralytics_gabfusion.bench import bench_main
+
+    bad = tmp_path / "fp.pt"
+    bad.write_text("not a checkpoint")
+    out = tmp_path / "out"
+    assert bench_main([*TINY, f"models=[{bad}]", f"out={out}"]) == 2
+    assert "not a usable FP checkpoint" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bench_cli_refusal_as_typed(tmp_path):
+    """The exit status and message as a user sees them (fresh process)."""
+    r = run_cli("bench", "methods=[lsq,pactt]", f"out={tmp_path / 'o'}", "device=cpu")
+    assert r.returncode == 2 and "pactt" in r.stderr and "pact" in r.stderr
+    assert not (tmp_path / "o").exists()
+    r = run_cli("bench", "help")
+    assert r.returncode == 0 and "fp_epochs" in r.stdout and "paper-voc" in r.stdout
+
+
+def test_qat_args_precedence(tmp_path):
+    """Paper schedule < method defaults < recipe < explicit keys < per-arm keys; fp_<key> only reaches the FP run."""
+    from ultralytics_gabfusion.bench.accuracy import fp_train_args, qat_train_args, resolve_settings
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("qat: pact\nlr0: 0.001\nqat_lr: 0.5\nepochs: 99\n")
+    s = resolve_settings([*TINY, "methods=[lsq,n2uq]", f"recipe={recipe}", "momentum=0.9", "fp_lr0=0.02",
+                          f"out={tmp_path / 'o'}"])
+    a = qat_train_args(s, "d.yaml", 0, "x", "n2uq", 3, "gab_ada")
+    assert (a["qat"], a["w_bits"], a["gab"], a["ada"], a["ada_div"]) == ("n2uq", 3, "balanced", 0.01, "js")
+    assert (a["lr0"], a["qat_lr"], a["momentum"], a["epochs"], a["optimizer"]) == (0.001, 0.5, 0.9, 1, "SGD")
+    f = fp_train_args(s, "d.yaml", 0, "fp")
+    assert f["lr0"] == 0.02 and "momentum" not in f and "qat" not in f
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ speed bench
+@pytest.mark.slow
+def test_speed_bench_cpu_tiny(tmp_path):
+    from ultralytics_gabfusion.bench import bench_main
+
+    out = tmp_path / "speed"
+    code = bench_main(["speed", "device=cpu", f"imgsz={IMGSZ}", "batch=2", "steps=2", "warmup=1",
+                       "methods=[lsq,n2uq]", f"out={out}"])
+    assert code == 0
+    res = json.loads((out / "speed.json").read_text())
+    assert res["environment"]["hardware"] and res["environment"]["torch"]
+    assert "ru_maxrss" in res["memory_method"]
+    rows = res["rows"]
+    arms = {(r["arm"], r["method"]) for r in rows}
+    assert arms == {("fp", None)} | {(a, m) for a in ("q", "q+gab", "q+gab+ada") for m in ("lsq", "n2uq")}
+    for r in rows:
+        assert "error" not in r, r
+        assert _num(r["step_ms"]) and r["step_ms"] > 0 and len(r["step_ms_all"]) == 2
+        assert _num(r["peak_mib"]) and r["peak_mib"] > 0
+        assert r["step_ratio"] > 0 and r["mem_ratio"] > 0
+        if r["arm"] == "fp":
+            assert r["step_ratio"] == 1.0 and r["mem_ratio"] == 1.0
+        if r["arm"] == "q+gab+ada":
+            assert r["ada_div"] == ("js" if r["method"] == "n2uq" else "kl")
+    md = (out / "speed.md").read_text()
+    assert "| yolov5s | fp | — | FP |" in md and "| yolov5s | q+gab+ada | n2uq | W4A4 |" in md
