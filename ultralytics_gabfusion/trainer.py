@@ -170,7 +170,7 @@ class GABTrainer(DetectionTrainer):
         need_act = any(m.act_quant is not None and not bool(m.act_quant.initialized) for _, m in quant_convs(model))
         if not (need_gab or need_act):
             return
-        n = max(self.args.qat_calib, 1)
+        n = self.args.qat_calib
         batch = max(self.batch_size // max(self.world_size, 1), 1)
         loader = self.get_dataloader(self.data["train"], batch_size=batch, rank=-1, mode="train")
         images = []
@@ -192,7 +192,7 @@ class GABTrainer(DetectionTrainer):
                 f"{PREFIX}GABFusion LayerNorm affine fitted to the replaced Concat outputs (relative output change "
                 f"{out.get('before', float('nan')):.3g} -> {out.get('after', float('nan')):.3g})"
             )
-        if need_act and self.args.qat_calib > 0:
+        if need_act:
             from .quant.convert import calibrate_activations
 
             k = calibrate_activations(model, images, init=self.args.qat_init)
