@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot benchmark for a lent/rented GPU box on which Ultralytics is NOT installed: the wheels travel in .whl/
+# One-shot benchmark for a rented GPU box on which Ultralytics is NOT installed: the wheels travel in .whl/
 # (ultralytics, its pure-Python dependencies, this plugin's dependencies; torch is expected on the box).
 #   (a) training-step time and peak memory: FP vs LSQ, LSQ+, PACT, N2UQ, each alone / +GABFusion / +GABFusion+ADA
 #       (640 px, batch 32, AMP; ratios to the FP step of the same run)            -> $OUT/speed/speed.{md,json}
