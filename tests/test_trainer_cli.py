@@ -202,3 +202,12 @@ def test_yolo_train_with_trainer_class(tmp_path, tiny_data):
     model.train(trainer=GABTrainer, data=str(tiny_data), qat="lsq", qat_calib=1, **train_kwargs(tmp_path))
     assert isinstance(model.trainer, GABTrainer)
     assert json.dumps(model.trainer.args.qat) == '"lsq"'
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path, tiny_data):
+    from ultralytics_gabfusion import GABTrainer
+
+    t = GABTrainer(overrides={"model": "yolo11n-cls.yaml", "data": str(tiny_data), "qat": "lsq",
+                              **train_kwargs(tmp_path)})
+    with pytest.raises(ValueError, match="not Detect"):
+        t.train()

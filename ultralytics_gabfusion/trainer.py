@@ -124,6 +124,14 @@ class GABTrainer(DetectionTrainer):
         """
         verbose = verbose and RANK in {-1, 0}
         model = DetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
+        from ultralytics.nn.modules.head import Detect
+
+        head = model.model[-1]
+        if not isinstance(head, Detect):
+            raise ValueError(
+                f"GABTrainer trains detection models, but {cfg if isinstance(cfg, str) else 'this model'} ends in "
+                f"{type(head).__name__}, not Detect. Use a detection YAML or checkpoint (e.g. yolov5s.yaml, yolo11s.yaml)."
+            )
         model = self.set_model_names_for_load(model)
         args = self.args
         from .fusion import GABFusion, insert_gabfusion, set_fusion_mode
