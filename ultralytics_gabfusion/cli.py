@@ -156,20 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "synth":
             from .data.synth import synth_main
 
-            _, overrides = _parse_plain(argv[1:])
-            synth_main(overrides)
+            synth_main(_parse_plain(argv[1:]))
             return 0
         if argv[0] == "bench":
             from .bench import bench_main
 
             return bench_main(argv[1:]) or 0
         if "export" in argv:
-            mode, overrides = parse_args(argv)
+            _, overrides = parse_args(argv)
             from .export import export_main
 
             return export_main(overrides) or 0
         if "train" in argv:
-            mode, overrides = parse_args(argv)
+            _, overrides = parse_args(argv)
             train(overrides)
             return 0
         ours = [a.split("=", 1)[0] for a in argv if "=" in a and a.split("=", 1)[0] in PLUGIN_KEYS | {"trainer"}]
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _parse_plain(argv: list[str]) -> tuple[None, dict]:
+def _parse_plain(argv: list[str]) -> dict:
     """Parse ``key=value`` tokens with Ultralytics' value parsing, without validating keys (subcommands do)."""
     from ultralytics.cfg import merge_equals_args, parse_key_value_pair
 
@@ -195,7 +194,7 @@ def _parse_plain(argv: list[str]) -> tuple[None, dict]:
             raise UsageError(f"'{a}' is not a key=value pair.")
         k, v = parse_key_value_pair(a)
         out[k] = v
-    return None, out
+    return out
 
 
 def entry() -> None:

@@ -84,13 +84,10 @@ class GABTrainer(DetectionTrainer):
         for k, v in validate_settings(vars(self.args)).items():
             setattr(self.args, k, v)  # normalised values (e.g. resumed runs)
         self._ada = None
-        self._fusion_telemetry = None
         if self.args.gab != "off":
             from .fusion import FusionTelemetry
 
-            self._fusion_telemetry = FusionTelemetry()
-            self.add_callback("on_train_epoch_end", self._fusion_telemetry.on_train_epoch_end)
-            self.add_callback("on_train_end", self._fusion_telemetry.on_train_end)
+            FusionTelemetry().attach(self)  # on_train_epoch_end (CSV) and on_train_end (PNG, summary)
         if self.args.ada > 0:
             self.add_callback("on_train_epoch_end", _log_ada_ratio)
 
@@ -235,13 +232,13 @@ class GABTrainer(DetectionTrainer):
         template = template or {k: v for k, v in optimizer.defaults.items() if k not in ("params", "lr", "weight_decay")}
         base_lr = self.args.lr0  # 'optimizer=auto' has written its choice back here; MuSGD boosts some groups x3
         lr_q = base_lr * self.args.qat_lr
+        extra = {"use_muon": False} if any("use_muon" in g for g in optimizer.param_groups) else {}
         for params, group, g_lr, g_decay in (
             (q_plain, "quant", lr_q, 0.0),
             (q_decay, "quant_decay", lr_q, decay),
             (fusion, "fusion", base_lr, 0.0),
         ):
             if params:
-                extra = {"use_muon": False} if any("use_muon" in g for g in optimizer.param_groups) else {}
                 optimizer.add_param_group({**template, **extra, "params": params, "lr": g_lr, "weight_decay": g_decay, "param_group": group})
         LOGGER.info(
             f"{PREFIX}optimizer groups: {len(q_plain)} quant(decay=0.0, lr x{self.args.qat_lr}), "
@@ -272,20 +269,14 @@ class GABTrainer(DetectionTrainer):
         from .distill import ADACriterion, ADALoss, check_teacher, default_layers, load_teacher
 
         student = unwrap_model(self.model)
-        if not self.args.teacher:
-            src = str(self.args.model)
-            if not src.endswith(".pt"):
-                raise ValueError("ADA needs a full-precision teacher: pass teacher=path/to/fp.pt or set ada=0.")
-            self.args.teacher = src  # recorded in args.yaml / checkpoints so resume finds the same teacher
+        if not self.args.teacher:  # normally resolved in __init__; kept for trainers built from a bare namespace
+            self.args.teacher = self._check_teacher_source(vars(self.args))
         teacher = load_teacher(self.args.teacher, device=self.device)
         layers = self.args.ada_layers or default_layers(student)
         check_teacher(student, teacher, layers)
-        quantizers = {}
-        if self.args.ada_attn == "qada":
-            quantizers = {j: _consumer_quantizer(student, j) for j in layers}
         self._ada = ADALoss(
             teacher, layers, attn=self.args.ada_attn, div=self.args.ada_div, weight=self.args.ada,
-            temperature=self.args.ada_t, quantizers=quantizers,
+            temperature=self.args.ada_t, quantizers=self._qada_quantizers(student, layers),
         )
         self._ada.attach(student)
         student.criterion = ADACriterion(student.init_criterion(), self._ada, student)
@@ -301,8 +292,7 @@ class GABTrainer(DetectionTrainer):
         from .distill import ADACriterion
 
         ema = self.ema.ema
-        if self.args.ada_attn == "qada":
-            self._ada.quantizers.update({j: _consumer_quantizer(ema, j) for j in self._ada.layers})
+        self._ada.quantizers.update(self._qada_quantizers(ema, self._ada.layers))
         self._ada.attach(ema)
         ema.criterion = ADACriterion(ema.init_criterion(), self._ada, ema)
         try:
@@ -310,9 +300,11 @@ class GABTrainer(DetectionTrainer):
         finally:
             ema.criterion = None
             self._ada.detach(ema)
-            if self.args.ada_attn == "qada":
-                student = unwrap_model(self.model)
-                self._ada.quantizers.update({j: _consumer_quantizer(student, j) for j in self._ada.layers})
+            self._ada.quantizers.update(self._qada_quantizers(unwrap_model(self.model), self._ada.layers))
+
+    def _qada_quantizers(self, model, layers) -> dict:
+        """For ``ada_attn=qada``: the student's activation quantizer reading each supervised layer (else empty)."""
+        return {j: _consumer_quantizer(model, j) for j in layers} if self.args.ada_attn == "qada" else {}
 
     # -------------------------------------------------------------------------------------------- validation
     def get_validator(self):

@@ -83,17 +83,11 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
             continue
         layer = _layer_index(name)
         in_detect = any(name.startswith(d + ".") for d in detect_names)
-        if name in in_block:
-            role = "conv"
-        elif in_detect:
-            role = "head"  # raw nn.Conv2d predictors of the Detect head
-        else:
-            role = "conv"
+        role = "head" if in_detect and name not in in_block else "conv"  # head = raw nn.Conv2d predictors of Detect
         wb, ab = w_bits, a_bits
         if not first_done:
             role, first_done = "first", True
-            wb = ab = first_bits or None
-            wb, ab = (wb or w_bits), (ab or a_bits)
+            wb, ab = (first_bits or w_bits), (first_bits or a_bits)
         elif role == "head" and head_bits:
             wb = ab = head_bits
         if layer in skip:
@@ -173,15 +167,6 @@ def format_policy(rows: list[dict]) -> str:
             f"{r['method']}{' (' + r['role'] + ')' if r['role'] != 'conv' else ''}"
         )
     return "\n".join(lines)
-
-
-def policy_rows(model: nn.Module) -> list[dict]:
-    """Read the policy table back from an already quantized model."""
-    rows = []
-    for name, m in quant_convs(model):
-        rows.append({"name": name, "layer": _layer_index(name), "role": "conv", "w_bits": m.w_bits,
-                     "a_bits": m.a_bits, "method": m.method or "fp", "a_signed": getattr(m.act_quant, "signed", None)})
-    return rows
 
 
 def quantizers(model: nn.Module, role: str | None = None) -> Iterable[tuple[str, FakeQuantizer]]:
