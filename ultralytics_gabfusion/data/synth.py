@@ -150,6 +150,9 @@ class SynthConfig:
         imgsz: Square image side in pixels; >= 64 and a multiple of 32 (the largest YOLO stride).
         seed: Non-negative integer; image ``i`` of a split depends only on ``(seed, split, i)``.
         max_objects: Upper bound of labelled objects per image (each image draws 1..max_objects).
+        min_size: Smallest longest side of a labelled object in px (0 = the default size law, whose floor
+            scales with ``imgsz``). Raising it gives an easier set of medium/large objects, e.g. the
+            CPU-sized set the shipped FP model was trained on (``imgsz=160 max_objects=4 min_size=20``).
     """
 
     n_train: int = 4000
@@ -157,6 +160,7 @@ class SynthConfig:
     imgsz: int = 512
     seed: int = 0
     max_objects: int = 12
+    min_size: int = 0
 
     def __post_init__(self) -> None:
         """Validate eagerly so that a bad value fails before any directory is touched."""
@@ -164,16 +168,23 @@ class SynthConfig:
         _check_int("n_val", self.n_val, 1, " (a validation split is required by Ultralytics)")
         _check_int("max_objects", self.max_objects, 1)
         _check_int("seed", self.seed, 0)
+        _check_int("min_size", self.min_size, 0)
         imgsz = _check_int("imgsz", self.imgsz, 64)
         if imgsz % 32:
             lo, hi = imgsz // 32 * 32, imgsz // 32 * 32 + 32
             raise ValueError(
                 f"imgsz must be a multiple of 32 (the largest YOLO stride), got {imgsz}; use {lo} or {hi}"
             )
+        hi = int(_SIZE_HI * imgsz / 512.0)
+        if self.min_size > hi:
+            raise ValueError(f"min_size={self.min_size} exceeds the largest object side at imgsz={imgsz} ({hi} px)")
 
     def settings(self) -> dict[str, int]:
         """Return the settings recorded in data.yaml (and compared when deciding to reuse a dataset)."""
-        return {"version": SYNTH_VERSION, **dataclasses.asdict(self)}
+        d = dataclasses.asdict(self)
+        if not d["min_size"]:  # sets made before the key existed stay reusable
+            d.pop("min_size")
+        return {"version": SYNTH_VERSION, **d}
 
 
 class SynthSample(NamedTuple):
@@ -227,10 +238,10 @@ def _pick_color(rng: np.random.Generator, bg: np.ndarray) -> np.ndarray:
     return np.zeros(3) if bl > 127.5 else np.full(3, 255.0)
 
 
-def _sample_size(rng: np.random.Generator, imgsz: int) -> float:
-    """Longest side (px) of an object: log-uniform, scaled with the image size."""
+def _sample_size(rng: np.random.Generator, imgsz: int, min_size: int = 0) -> float:
+    """Longest side (px) of an object: log-uniform, scaled with the image size, at least ``min_size``."""
     s = imgsz / 512.0
-    lo, hi = max(_SIZE_FLOOR, _SIZE_LO * s), _SIZE_HI * s
+    lo, hi = max(_SIZE_FLOOR, _SIZE_LO * s, float(min_size)), _SIZE_HI * s
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
@@ -568,7 +579,7 @@ def render_sample(cfg: SynthConfig, split: str, index: int) -> SynthSample:
     visible = np.zeros(0, np.int64)
     total = np.zeros(0, np.int64)
     for cls in order:
-        alpha = _render_distractor(rng, size) if cls < 0 else _render_object(cls, _sample_size(rng, size), rng)
+        alpha = _render_distractor(rng, size) if cls < 0 else _render_object(cls, _sample_size(rng, size, cfg.min_size), rng)
         if alpha is None:
             continue
         mask = alpha >= _ALPHA_ON
@@ -851,6 +862,7 @@ def make_synthetic_dataset(
     max_objects: int = 12,
     workers: int | None = None,
     overwrite: bool = False,
+    min_size: int = 0,
 ) -> Path:
     """Write the synthetic 16-class detection set as an Ultralytics dataset and return its data.yaml.
 
@@ -872,6 +884,7 @@ def make_synthetic_dataset(
         seed: Non-negative integer seed.
         max_objects: Each image gets 1..max_objects labelled objects (fewer if placements fail the
             occlusion cap).
+        min_size: Smallest longest side of a labelled object in px (0 = default size law).
         workers: Processes; 0 or 1 = in-process, None = min(cpu_count, 8) (in-process for sets under
             ~256 images at 512 px, where starting processes costs more than it saves). The output bytes
             do not depend on it.
@@ -884,7 +897,9 @@ def make_synthetic_dataset(
         ValueError: A bad argument (the message says what to pass instead).
         FileExistsError: ``out_dir`` is a file, or a non-empty directory not made by this generator.
     """
-    cfg = SynthConfig(n_train=n_train, n_val=n_val, imgsz=imgsz, seed=seed, max_objects=max_objects)
+    cfg = SynthConfig(
+        n_train=n_train, n_val=n_val, imgsz=imgsz, seed=seed, max_objects=max_objects, min_size=min_size
+    )
     n_workers = _resolve_workers(workers, cfg.n_train + cfg.n_val, cfg.imgsz)
     if not isinstance(overwrite, bool):
         raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
@@ -920,7 +935,8 @@ def make_synthetic_dataset(
 
 
 def _describe(cfg: SynthConfig) -> str:
-    return f"{cfg.n_train}+{cfg.n_val} images at {cfg.imgsz}px, seed {cfg.seed}, max_objects {cfg.max_objects}"
+    extra = f", min_size {cfg.min_size}px" if cfg.min_size else ""
+    return f"{cfg.n_train}+{cfg.n_val} images at {cfg.imgsz}px, seed {cfg.seed}, max_objects {cfg.max_objects}{extra}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -934,11 +950,12 @@ SYNTH_CLI_DEFAULTS: dict[str, Any] = {
     "imgsz": 512,
     "seed": 0,
     "max_objects": 12,
+    "min_size": 0,
     "workers": None,
     "overwrite": False,
 }
 _CLI_ALIASES = {"n_train": "train", "n_val": "val"}
-_CLI_INTS = ("train", "val", "imgsz", "seed", "max_objects", "workers")
+_CLI_INTS = ("train", "val", "imgsz", "seed", "max_objects", "min_size", "workers")
 
 
 def _parse_cli_value(key: str, value: Any) -> Any:
@@ -971,7 +988,7 @@ def synth_main(args: dict[str, Any] | None = None) -> Path:
     Prints one summary line: path, image counts, objects, size split, label hash and seconds.
 
     Args:
-        args: Mapping of keys ``out, train, val, imgsz, seed, max_objects, workers, overwrite``
+        args: Mapping of keys ``out, train, val, imgsz, seed, max_objects, min_size, workers, overwrite``
             (``n_train``/``n_val`` are accepted for ``train``/``val``).
 
     Returns:
@@ -998,6 +1015,7 @@ def synth_main(args: dict[str, Any] | None = None) -> Path:
         imgsz=merged["imgsz"],
         seed=merged["seed"],
         max_objects=merged["max_objects"],
+        min_size=merged["min_size"],
         workers=merged["workers"],
         overwrite=merged["overwrite"],
     )
