@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's main command on a fresh machine: its own virtual environment, the offline set-up, then the demo
-# benchmark: generate the synthetic detection set, train the FP model, W4A4 LSQ QAT (baseline) and W4A4 LSQ +
-# GABFusion + ADA from that FP checkpoint, re-validate all three and print the table (runs/demo/bench.md, .json,
-# .png). About 4 minutes on 2 CPU cores; a GPU is used when present.
+# benchmark: from the shipped FP YOLOv5n (ultralytics_gabfusion/assets/), regenerate its 160 px data set, W4A4 LSQ
+# PTQ, W4A4 LSQ QAT (baseline) and W4A4 LSQ + GABFusion + ADA, re-validate every arm like the FP model and print
+# the table (runs/demo/bench.md, .json, .png, curves.png). A few minutes on 2 CPU cores once the environment exists;
+# a GPU is used when present. preset=demo-scratch trains the FP model here instead.
 # Usage: bash scripts/pipeline.sh [bench keys, e.g. models=[yolov5s] epochs=10 out=runs/my-demo]
 #        GAB_SKIP_INSTALL=1 GAB_VENV=.venv bash scripts/pipeline.sh    # reuse an environment that is already set up
 set -euo pipefail
@@ -16,7 +17,7 @@ if [ "${GAB_SKIP_INSTALL:-0}" != "1" ]; then
   "$PY" -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
   "$PY" -m pip install -q -c constraints.txt -e .
 fi
-# Offline: no weight, font, dataset or pip downloads (the demo needs none: it generates its data, trains from scratch).
+# Offline: no weight, font, dataset or pip downloads (the demo needs none: its FP model ships, its data is generated).
 export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=false
 export YOLO_CONFIG_DIR="${YOLO_CONFIG_DIR:-$PWD/.yolo_config}"
 "$PY" -c "from ultralytics_gabfusion.offline import setup_offline_env; setup_offline_env()"

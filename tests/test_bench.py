@@ -11,8 +11,8 @@ import pytest
 from conftest import IMGSZ, run_cli
 
 TINY = ("synth_train=16", "synth_val=8", f"imgsz={IMGSZ}", "fp_epochs=1", "epochs=1", "methods=[lsq]", "bits=[4]",
-        "models=[yolov5s]", "batch=8", "workers=0", "device=cpu", "seeds=[0]")
-ARMS = ("baseline", "gab", "gab_ada")
+        "models=[yolov5s]", "batch=8", "workers=0", "device=cpu", "seeds=[0]", "arms=[ptq,baseline,gab,gab_ada]")
+ARMS = ("ptq", "baseline", "gab", "gab_ada")
 
 
 def _num(x) -> bool:
@@ -22,17 +22,17 @@ def _num(x) -> bool:
 # ------------------------------------------------------------------------------------------- accuracy bench
 @pytest.mark.slow
 def test_bench_cli_tiny_table_and_resume(tmp_path):
-    """FP + three W4A4 LSQ arms from one FP checkpoint: table, JSON and chart are complete and consistent."""
+    """FP + PTQ + three W4A4 LSQ arms from one FP checkpoint: table, JSON and charts are complete and consistent."""
     out = tmp_path / "bench"
     r = run_cli("bench", *TINY, f"out={out}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for f in ("bench.md", "bench.json", "bench.png"):
+    for f in ("bench.md", "bench.json", "bench.png", "curves.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
 
     md = (out / "bench.md").read_text()
     assert "| model | bits | method | arm | mAP50 | mAP50-95 | gap mAP50 | gap mAP50-95 | gain mAP50 |" in md
     assert "| yolov5s | FP | — | FP (reference) |" in md
-    for label in ("baseline QAT", "+GABFusion", "+GABFusion+ADA"):
+    for label in ("PTQ (no training)", "baseline QAT", "+GABFusion", "+GABFusion+ADA"):
         assert f"| yolov5s | W4A4 | lsq | {label} |" in md, label
     assert "| yolov5s | W4A4 | lsq | baseline QAT |" in r.stdout, "the table is printed at the end"
 
@@ -53,11 +53,11 @@ def test_bench_cli_tiny_table_and_resume(tmp_path):
     assert fp["kind"] == "fp" and fp["status"] == "trained" and Path(fp["weights"]).is_file()
     for arm in ARMS:
         q = runs[f"yolov5s-s0-lsq-w4a4-{arm}"]
-        assert q["status"] == "trained" and q["kind"] == "qat" and q["epochs_run"] == 1
+        assert q["status"] == "trained" and q["kind"] == "qat" and q["epochs_run"] == (0 if arm == "ptq" else 1)
         assert q["fp_weights"] == fp["weights"], "every arm starts from the same FP checkpoint"
         a = q["train_args"]
         assert (a["qat"], a["w_bits"], a["a_bits"], a["seed"]) == ("lsq", 4, 4, 0)
-        assert a["gab"] == ("off" if arm == "baseline" else "balanced")
+        assert a["gab"] == ("off" if arm in ("ptq", "baseline") else "balanced")
         assert a["ada"] == (0.01 if arm == "gab_ada" else 0.0) and a["ada_div"] == "kl"
         assert (a["optimizer"], a["lr0"], a["lrf"], a["momentum"], a["weight_decay"]) == \
             ("SGD", 0.00334, 0.15135, 0.74832, 0.00025), "the paper's optimiser"
@@ -67,7 +67,7 @@ def test_bench_cli_tiny_table_and_resume(tmp_path):
         assert 0.0 <= r_["mAP50_95"] <= r_["mAP50"] <= 1.0
     # every run's args differ only where its arm differs (identical schedule and seed)
     base = runs["yolov5s-s0-lsq-w4a4-baseline"]["train_args"]
-    for arm in ("gab", "gab_ada"):
+    for arm in ("ptq", "gab", "gab_ada"):
         other = runs[f"yolov5s-s0-lsq-w4a4-{arm}"]["train_args"]
         diff = {k for k in set(base) | set(other) if base.get(k) != other.get(k)}
         assert diff <= {"gab", "ada", "name"}, diff
@@ -83,6 +83,10 @@ def test_bench_cli_tiny_table_and_resume(tmp_path):
             if key[2] not in ("fp",):
                 b = runs["yolov5s-s0-lsq-w4a4-baseline"][m]
                 assert row[f"gain_{m}"]["mean"] == pytest.approx(run[m] - b), "gain = arm - baseline"
+            p = runs["yolov5s-s0-lsq-w4a4-ptq"][m]
+            if key[2] not in ("fp", "ptq") and fp[m] - p > 1e-4:
+                want = (run[m] - p) / (fp[m] - p)
+                assert row[f"recovered_{m}"]["mean"] == pytest.approx(want), "recovered = (arm-ptq)/(fp-ptq)"
 
     # a second identical call reuses every stored run (resume) and says so
     r2 = run_cli("bench", *TINY, f"out={out}")
@@ -92,6 +96,15 @@ def test_bench_cli_tiny_table_and_resume(tmp_path):
     assert all(x["cached"] for x in res2["runs"])
     assert [x["mAP50_95"] for x in res2["runs"]] == [x["mAP50_95"] for x in res["runs"]]
     assert "Reused stored results" in (out / "bench.md").read_text()
+
+    # a bench that died before its last run: only the missing run is trained again
+    (out / "results" / "yolov5s-s0-lsq-w4a4-gab_ada.json").unlink()
+    (out / "bench.json").unlink()
+    r3 = run_cli("bench", *TINY, f"out={out}")
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    res3 = json.loads((out / "bench.json").read_text())
+    assert sorted(res3["resumed"]) == sorted(set(runs) - {"yolov5s-s0-lsq-w4a4-gab_ada"})
+    assert (out / "results" / "yolov5s-s0-lsq-w4a4-gab_ada.json").is_file()
 
 
 def test_report_pairs_differences_per_seed():

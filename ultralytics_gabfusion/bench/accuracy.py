@@ -8,7 +8,8 @@ every number in the table is measured identically. Results go to ``out/bench.md`
 where it stopped (a stored result is reused only when its settings fingerprint still matches).
 
 Examples:
-    yolo-gab bench preset=demo out=runs/demo                      # a few minutes on a laptop CPU
+    yolo-gab bench preset=demo out=runs/demo                      # a few minutes on a laptop CPU (shipped FP model)
+    yolo-gab bench preset=cpu-study out=runs/cpu-study            # ~2 h of CPU, 3 seeds, resumable
     yolo-gab bench models=[yolov5s] methods=[lsq,n2uq] bits=[4] seeds=[0,1,2]
     yolo-gab bench preset=paper-voc                                # VOC.yaml, 640 px, batch 64, early stopping
     yolo-gab bench models=[runs/fp/weights/best.pt] data=my.yaml   # QAT arms from your own FP checkpoint
@@ -24,6 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .. import zoo
 from .common import (
     BenchError,
     as_float,
@@ -40,14 +42,15 @@ from .common import (
 )
 
 METHODS = ("lsq", "lsqplus", "pact", "n2uq")
-ARMS = ("baseline", "gab", "ada", "gab_ada")
+ARMS = ("ptq", "baseline", "gab", "ada", "gab_ada")
 ARM_SETTINGS = {  # arm -> (gab mode, uses ADA)
+    "ptq": ("off", False),  # converted + calibrated, no training step: the drop QAT has to recover
     "baseline": ("off", False),
     "gab": ("balanced", False),
     "ada": ("off", True),
     "gab_ada": ("balanced", True),
 }
-ARM_LABELS = {"baseline": "baseline QAT", "gab": "+GABFusion", "ada": "+ADA", "gab_ada": "+GABFusion+ADA"}
+ARM_LABELS = {"ptq": "PTQ (no training)", "baseline": "baseline QAT", "gab": "+GABFusion", "ada": "+ADA", "gab_ada": "+GABFusion+ADA"}
 
 # The paper's QAT optimiser = YOLOv5 hyp.VOC.yaml (method.md section 5); warm-up as in cfg/qat recipes.
 PAPER_SCHEDULE = {"optimizer": "SGD", "lr0": 0.00334, "lrf": 0.15135, "momentum": 0.74832, "weight_decay": 0.00025,
@@ -88,7 +91,7 @@ HELP = {
     "models": "model names (-> <name>.yaml, trained from scratch) or FP .pt paths (taken as is)",
     "methods": "quantizers: lsq, lsqplus, pact, n2uq",
     "bits": "bit-widths 2..8, each run as WbAb",
-    "arms": "baseline (QAT), gab (+GABFusion), ada (+ADA), gab_ada (+GABFusion+ADA)",
+    "arms": "ptq (calibrated, no training), baseline (QAT), gab (+GABFusion), ada (+ADA), gab_ada (+GABFusion+ADA)",
     "data": "data YAML (VOC.yaml, coco.yaml, ...); default: the generated set under out/data",
     "synth_train": "training images of the generated set",
     "synth_val": "validation images of the generated set",
@@ -105,20 +108,30 @@ HELP = {
     "ada_div": "ADA divergence kl|js (default per method: kl for lsq/lsqplus/pact, js for n2uq)",
     "workers": "dataloader workers (default: Ultralytics')",
     "recipe": "cfg/qat recipe YAML applied to every QAT run (its qat/bits/gab/ada keys are set per arm)",
-    "preset": "demo (CPU-sized, minutes) or paper-voc (VOC.yaml, 640 px, batch 64, early stopping)",
+    "preset": "demo (shipped FP model, CPU minutes), demo-scratch (FP trained here), cpu-study (3 seeds, ~2 h "
+              "CPU) or paper-voc (VOC.yaml, 640 px, batch 64, early stopping)",
 }
 PRESETS: dict[str, dict] = {
-    # Sized so FP + 2 QAT arms finish in a few minutes on 2 CPU cores (see README / the measured table there).
-    # yolov5n (the paper's YOLOv5 graph at 1/4 width) is ~5x cheaper per image than yolov5s on a CPU, which is what
-    # lets the FP model reach a measurable (still small) mAP in ~2 minutes; AdamW at lr 0.003 learns fastest from
-    # scratch in ~400 steps (Ultralytics' auto choice, lr 0.0005, stays at mAP ~0 that long).
-    "demo": {"models": ["yolov5n"], "synth_train": 160, "synth_val": 40, "imgsz": 128, "fp_epochs": 40,
-             "fp_optimizer": "AdamW", "fp_lr0": 0.003, "epochs": 5, "batch": 16, "methods": ["lsq"], "bits": [4],
-             "arms": ["baseline", "gab_ada"]},
+    # The README's main command: from the shipped FP YOLOv5n (zoo), W4A4 LSQ PTQ, then baseline QAT and
+    # +GABFusion+ADA with the paper's schedule on half of the model's own 160 px generated set; a few CPU minutes.
+    "demo": {"models": ["yolov5n-synth160"], "imgsz": 160, "batch": 16, "epochs": 3, "fraction": 0.5,
+             "methods": ["lsq"], "bits": [4], "arms": ["ptq", "baseline", "gab_ada"]},
+    # The pipeline from scratch (no shipped model): FP yolov5n trained here for 40 epochs on 160 images at 128 px.
+    # yolov5n is ~5x cheaper per image than yolov5s on a CPU; AdamW at lr 0.003 learns fastest from scratch in ~400
+    # steps (Ultralytics' auto choice, lr 0.0005, stays at mAP ~0 that long). Absolute mAP stays small.
+    "demo-scratch": {"models": ["yolov5n"], "synth_train": 160, "synth_val": 40, "imgsz": 128, "fp_epochs": 40,
+                     "fp_optimizer": "AdamW", "fp_lr0": 0.003, "epochs": 5, "batch": 16, "methods": ["lsq"],
+                     "bits": [4], "arms": ["ptq", "baseline", "gab_ada"]},
+    # The CPU accuracy study (about two hours on 2 cores): every arm from the shipped FP model, 3 seeds, W4A4 and
+    # W3A3, LSQ and N2UQ. Resumable: rerun the same command and finished runs are reused.
+    "cpu-study": {"models": ["yolov5n-synth160"], "imgsz": 160, "batch": 16, "epochs": 5, "fraction": 0.5,
+                  "methods": ["lsq", "n2uq"], "bits": [4, 3], "arms": ["ptq", "baseline", "gab", "gab_ada"],
+                  "seeds": [0, 1, 2]},
     # The paper's protocol: VOC, YOLOv5 hyp.VOC optimiser, batch 64, QAT with early stopping (patience is our
     # choice; the paper does not give it). FP from scratch needs ~300 epochs; pass models=fp.pt to skip it.
     "paper-voc": {"data": "VOC.yaml", "imgsz": 640, "batch": 64, "fp_epochs": 300, "epochs": 100, "patience": 20,
-                  "methods": ["n2uq", "pact", "lsq"], "bits": [4, 3], "arms": ["baseline", "gab", "gab_ada"]},
+                  "methods": ["n2uq", "pact", "lsq"], "bits": [4, 3],
+                  "arms": ["ptq", "baseline", "gab", "gab_ada"]},
 }
 # Ultralytics keys the bench sets itself (with the key to use instead, if any).
 RESERVED = {
@@ -161,6 +174,13 @@ def _model_entries(v) -> list[dict]:
     if not raws:
         raise BenchError("'models' is empty: give at least one model, e.g. models=[yolov5s].")
     for raw in dict.fromkeys(raws):
+        if raw in zoo.names():  # a shipped FP model: validated against its card, trained on a known generated set
+            try:
+                p = zoo.verify(raw)
+            except ValueError as e:
+                raise BenchError(f"models: {e}") from None
+            out.append({"label": raw, "source": str(p), "kind": "pt", "zoo": raw})
+            continue
         if raw.lower().endswith(".pt"):
             p = Path(raw).expanduser()
             if not p.is_file():
@@ -300,6 +320,9 @@ def resolve_settings(argv: list[str]) -> dict:
     s["extra"] = extra
     s["fp_extra"] = fp_extra
     s["explicit"] = sorted(given)
+    s["explicit_user"] = sorted(user)
+    if s["data"] is None:
+        synth_settings(s)  # refuse incompatible shipped models now, not after the first run
     return s
 
 
@@ -462,6 +485,19 @@ def _train_qat(s: dict, fp_weights: str, data: str, seed: int, run_id: str, meth
     return fn
 
 
+def _quantize_ptq(s: dict, fp_weights: str, data: str, seed: int, run_id: str, method: str, bits: int):
+    def fn():
+        from ..ptq import post_training_quantize
+
+        run_dir = s["out"] / "runs" / run_id
+        shutil.rmtree(run_dir, ignore_errors=True)
+        args = qat_train_args(s, data, seed, run_id, method, bits, "ptq")
+        weights = post_training_quantize(fp_weights, **args)
+        return {"status": "trained", "weights": str(weights), "epochs_run": 0, "train_metrics": None}
+
+    return fn
+
+
 def _after_train(model, run_dir: Path) -> dict:
     tr = model.trainer
     best = Path(tr.best) if Path(tr.best).is_file() else Path(tr.last)
@@ -500,15 +536,29 @@ def prepare_data(s: dict) -> tuple[str, dict]:
         return s["data"], {"yaml": s["data"], "generated": False}
     from ..data.synth import load_synth_info, make_synthetic_dataset
 
-    d = s["out"] / "data" / f"synth-{s['synth_train']}-{s['synth_val']}-{s['imgsz']}px"
+    kw = synth_settings(s)
+    d = s["out"] / "data" / ("synth-" + "-".join(f"{k}{v}" for k, v in kw.items()))
     t0 = time.perf_counter()
-    yaml_path = make_synthetic_dataset(d, n_train=s["synth_train"], n_val=s["synth_val"], imgsz=s["imgsz"],
-                                       seed=SYNTH_SEED, max_objects=SYNTH_MAX_OBJECTS, workers=s["workers"])
+    yaml_path = make_synthetic_dataset(d, workers=s["workers"], **kw)
     LOGGER.info(f"bench: data {yaml_path} ({time.perf_counter() - t0:.1f} s)")
     info = load_synth_info(yaml_path)
-    return str(yaml_path), {"yaml": str(yaml_path), "generated": True, "n_train": s["synth_train"],
-                            "n_val": s["synth_val"], "imgsz": s["imgsz"], "seed": SYNTH_SEED,
-                            "max_objects": SYNTH_MAX_OBJECTS, "synth": info}
+    return str(yaml_path), {"yaml": str(yaml_path), "generated": True, **kw, "synth": info}
+
+
+def synth_settings(s: dict) -> dict:
+    """Settings of the generated set: a shipped model's own data (its card), else ``synth_*`` and ``imgsz``."""
+    cards = {m["zoo"]: zoo.card(m["zoo"])["data"] for m in s["model_entries"] if m.get("zoo")}
+    if cards:
+        if len({json.dumps(c, sort_keys=True) for c in cards.values()}) > 1:
+            raise BenchError(f"models {sorted(cards)} were trained on different generated sets; bench them separately "
+                             f"or pass data=.")
+        given = [k for k in ("synth_train", "synth_val") if k in s.get("explicit_user", ())]
+        if given:
+            raise BenchError(f"{given} cannot change the generated set of the shipped model(s) {sorted(cards)} (their "
+                             f"FP accuracy is defined on it); use fraction= to train QAT on part of it.")
+        return dict(next(iter(cards.values())))
+    return {"n_train": s["synth_train"], "n_val": s["synth_val"], "imgsz": s["imgsz"], "seed": SYNTH_SEED,
+            "max_objects": SYNTH_MAX_OBJECTS}
 
 
 def run_bench(s: dict) -> int:
@@ -550,7 +600,9 @@ def run_bench(s: dict) -> int:
                 rec = {"id": run_id, "model": entry["label"], "seed": seed, "kind": "qat", "method": method,
                        "bits": bits, "arm": arm, "data": data, "train_args": args, "fp_weights": fp_weights}
                 LOGGER.info(f"bench: ---- {run_id} ----")
-                records.append(_run(s, rec, fpr, _train_qat(s, fp_weights, data, seed, run_id, method, bits, arm)))
+                fn = (_quantize_ptq(s, fp_weights, data, seed, run_id, method, bits) if arm == "ptq" else
+                      _train_qat(s, fp_weights, data, seed, run_id, method, bits, arm))
+                records.append(_run(s, rec, fpr, fn))
     rows = report.aggregate(records, s)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in s.items() if k not in ("model_entries",)}
     result = {
@@ -570,12 +622,13 @@ def run_bench(s: dict) -> int:
     write_json(s["out"] / "bench.json", result)
     table = report.markdown(result)
     (s["out"] / "bench.md").write_text(table)
-    try:
-        report.plot(result, s["out"] / "bench.png")
-    except Exception as e:  # a plotting problem must not hide the numbers
-        LOGGER.warning(f"bench: bench.png not written ({type(e).__name__}: {e})")
+    for name, fn in (("bench.png", report.plot), ("curves.png", report.plot_curves)):
+        try:
+            fn(result, s["out"] / name)
+        except Exception as e:  # a plotting problem must not hide the numbers
+            LOGGER.warning(f"bench: {name} not written ({type(e).__name__}: {e})")
     print(table, flush=True)
-    LOGGER.info(f"bench: results in {s['out']} (bench.md, bench.json, bench.png); {result['wall_s']:.0f} s")
+    LOGGER.info(f"bench: results in {s['out']} (bench.md, bench.json, bench.png, curves.png); {result['wall_s']:.0f} s")
     if result["failed"]:
         LOGGER.error(f"bench: {len(result['failed'])} run(s) failed or were skipped: {result['failed']}")
         return 1

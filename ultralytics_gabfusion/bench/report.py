@@ -2,7 +2,8 @@
 
 Differences are paired per seed before they are averaged: the gap to FP of an arm is ``arm - FP`` of the same
 model and seed (negative = below FP), the gain over baseline is ``arm - baseline`` of the same model, seed, method
-and bit-width. With several seeds a row shows mean +- sample standard deviation (ddof = 1) of the per-seed values.
+and bit-width, and the recovered share of the PTQ drop is ``(arm - ptq) / (FP - ptq)`` of the same seed (100 % =
+back at FP; only where the PTQ arm ran and dropped). With several seeds a row shows mean +- sample standard deviation (ddof = 1) of the per-seed values.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
             row[m] = summarize([fp[(model, sd)][m] for sd in seeds])
             row[f"gap_{m}"] = summarize([0.0 for _ in seeds])
             row[f"gain_{m}"] = None
+            row[f"recovered_{m}"] = None
         row["epochs_run"] = [fp[(model, sd)].get("epochs_run") for sd in seeds]
         rows.append(row)
         for bits in s["bits"]:
@@ -69,9 +71,22 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
                         base = [(k, b) for k, b in base if b in qat]
                         row[f"gain_{m}"] = summarize([qat[k][m] - qat[b][m] for k, b in base]) if \
                             "baseline" in s["arms"] else None
+                        row[f"recovered_{m}"] = _recovered(qat, fp, have, m) if arm != "ptq" else None
                     row["epochs_run"] = [qat[k].get("epochs_run") for k in have]
                     rows.append(row)
     return rows
+
+
+def _recovered(qat: dict, fp: dict, have: list, m: str) -> dict | None:
+    """Per-seed share of the PTQ drop an arm recovers, ``(arm - ptq) / (FP - ptq)``; None without a PTQ drop."""
+    vals = []
+    for k in have:
+        p = qat.get((*k[:4], "ptq"))
+        f = fp.get((k[0], k[1]))
+        if p is None or f is None or not f[m] - p[m] > 1e-4:  # no drop (or none measured): nothing to recover
+            continue
+        vals.append((qat[k][m] - p[m]) / (f[m] - p[m]))
+    return summarize(vals) if vals else None
 
 
 def _fmt(summary: dict | None, scale: float = 100.0, signed: bool = False) -> str:
@@ -107,15 +122,24 @@ def markdown(result: dict) -> str:
         f"- hardware: {env['hardware']}; torch {env['torch']}, ultralytics {env['ultralytics']}, plugin "
         f"{env['ultralytics_gabfusion']}, commit {env['git_commit'] or 'unknown'}; wall {result['wall_s']:.0f} s",
     ]
-    if s.get("preset") == "demo":
-        lines.append("- demo preset: a pipeline check sized for minutes of CPU time, so absolute mAP is small and "
-                     "differences between arms are within noise; use the default sizes (GPU) for conclusions")
+    given = [m["label"] for m in result.get("models", []) if m.get("kind") == "pt"]
+    if given:
+        lines.append(f"- FP checkpoints taken as given (not trained here): {', '.join(given)}")
+    qat_extra = {k: v for k, v in (s.get("extra") or {}).items() if k not in ("workers", "verbose")}
+    if qat_extra:
+        lines.append(f"- extra QAT keys: {', '.join(f'{k}={v}' for k, v in qat_extra.items())}")
+    if s.get("preset") in ("demo", "demo-scratch"):
+        lines.append("- demo preset: one seed and a few CPU minutes of QAT; it shows the pipeline and how much of the "
+                     "PTQ drop QAT wins back, not whether one arm beats another (preset=cpu-study measures that "
+                     "over 3 seeds)")
     lines += [
         "",
-        "mAP in percentage points; gap = arm − FP (same seed), gain = arm − baseline QAT (same seed).",
+        "mAP in percentage points; gap = arm − FP (same seed), gain = arm − baseline QAT (same seed), "
+        "recovered = share of the PTQ drop won back, (arm − PTQ) / (FP − PTQ) in mAP50-95 (same seed).",
         "",
-        "| model | bits | method | arm | mAP50 | mAP50-95 | gap mAP50 | gap mAP50-95 | gain mAP50 | gain mAP50-95 | epochs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | bits | method | arm | mAP50 | mAP50-95 | gap mAP50 | gap mAP50-95 | gain mAP50 | gain mAP50-95 | "
+        "recovered | epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         bits = "FP" if r["bits"] is None else f"W{r['bits']}A{r['bits']}"
@@ -124,11 +148,13 @@ def markdown(result: dict) -> str:
         ep_txt = "/".join(map(str, ep)) if ep else "—"
         gap50 = "—" if r["arm"] == "fp" else _fmt(r["gap_mAP50"], signed=True)
         gap = "—" if r["arm"] == "fp" else _fmt(r["gap_mAP50_95"], signed=True)
-        gain50 = "—" if r["arm"] in ("fp", "baseline") else _fmt(r["gain_mAP50"], signed=True)
-        gain = "—" if r["arm"] in ("fp", "baseline") else _fmt(r["gain_mAP50_95"], signed=True)
+        gain50 = "—" if r["arm"] in ("fp", "baseline", "ptq") else _fmt(r["gain_mAP50"], signed=True)
+        gain = "—" if r["arm"] in ("fp", "baseline", "ptq") else _fmt(r["gain_mAP50_95"], signed=True)
+        rec = r.get("recovered_mAP50_95")
+        rec_txt = "—" if not rec or rec.get("mean") is None else _fmt(rec, scale=100.0) + " %"
         note = f" (failed seeds {r['failed_seeds']})" if r["failed_seeds"] else ""
         lines.append(f"| {r['model']} | {bits} | {method} | {r['label']}{note} | {_fmt(r['mAP50'])} | "
-                     f"{_fmt(r['mAP50_95'])} | {gap50} | {gap} | {gain50} | {gain} | {ep_txt} |")
+                     f"{_fmt(r['mAP50_95'])} | {gap50} | {gap} | {gain50} | {gain} | {rec_txt} | {ep_txt} |")
     if result.get("resumed"):
         lines += ["", f"Reused stored results (resumed bench): {', '.join(result['resumed'])}"]
     if result.get("failed"):
@@ -175,4 +201,76 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
-__all__ = ["aggregate", "markdown", "plot", "summarize"]
+def _epoch_curve(weights: str | None, column: str = "metrics/mAP50(B)") -> list[float]:
+    """Per-epoch values of ``column`` from the results.csv of the run that wrote ``weights`` (empty if none)."""
+    import csv
+
+    if not weights:
+        return []
+    f = Path(weights).parents[1] / "results.csv"
+    if not f.is_file():
+        return []
+    with open(f, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for r in rows:
+        r = {k.strip(): v for k, v in r.items() if k}
+        try:
+            out.append(float(r[column]))
+        except (KeyError, TypeError, ValueError):
+            return []
+    return out
+
+
+def plot_curves(result: dict, path: Path) -> Path | None:
+    """mAP50 per QAT epoch, arms overlaid (mean over seeds, band = min..max), one panel per model/bits/method.
+
+    The FP value is a dashed line and the PTQ value a dotted one (epoch 0, before any training step).
+    Returns None when no run left a results.csv (e.g. all results were reused from another machine).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"] if _ok(r)]
+    s = result["settings"]
+    panels = [(mo, b, me) for mo in s["models"] for b in s["bits"] for me in s["methods"]]
+    curves = {}
+    for r in runs:
+        if r["kind"] == "qat" and r["arm"] != "ptq":
+            c = _epoch_curve(r.get("weights"))
+            if c:
+                curves.setdefault((r["model"], r["bits"], r["method"], r["arm"]), []).append(c)
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (mo, b, me) in zip(axes[0], panels):
+        for arm in s["arms"]:
+            cs = curves.get((mo, b, me, arm))
+            if not cs:
+                continue
+            n = min(len(c) for c in cs)
+            ep = list(range(1, n + 1))
+            mean = [100 * statistics.fmean(c[i] for c in cs) for i in range(n)]
+            ax.plot(ep, mean, marker="o", ms=3, label=ARM_LABELS[arm])
+            if len(cs) > 1:
+                ax.fill_between(ep, [100 * min(c[i] for c in cs) for i in range(n)],
+                                [100 * max(c[i] for c in cs) for i in range(n)], alpha=0.2)
+        by = {(r["bits"], r["method"], r["arm"]): r for r in result["rows"] if r["model"] == mo}
+        fp, ptq = by.get((None, None, "fp")), by.get((b, me, "ptq"))
+        if fp and fp["mAP50"]["mean"] is not None:
+            ax.axhline(100 * fp["mAP50"]["mean"], color="k", ls="--", lw=1, label="FP")
+        if ptq and ptq["mAP50"]["mean"] is not None:
+            ax.axhline(100 * ptq["mAP50"]["mean"], color="gray", ls=":", lw=1, label="PTQ")
+        ax.set_title(f"{mo} W{b}A{b} {me}")
+        ax.set_xlabel("QAT epoch")
+        ax.set_ylabel("val mAP50 (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["aggregate", "markdown", "plot", "plot_curves", "summarize"]
