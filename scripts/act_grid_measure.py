@@ -19,7 +19,8 @@ validated with Ultralytics' validator on the val split.
 
 Usage:
     python scripts/act_grid_measure.py model=/tmp/fp.pt data=datasets/synth-fp160/data.yaml imgsz=160 [bits=4]
-        [n=32] [calib=4] [ptq=1] [methods=lsq,lsqplus,pact,n2uq] [grids=signed,unsigned,auto]
+        [n=32] [calib=4] [mse=1] [ptq=1] [methods=lsq,lsqplus,pact,n2uq] [grids=signed,unsigned0,auto]
+    (grid unsigned0 = qat_act_grid=unsigned with the LSQ/PACT fixed offset removed)
 """
 
 from __future__ import annotations
@@ -150,7 +151,11 @@ def ptq_map50(fp_model, data, imgsz, method, bits, grid, calib_imgs):
     from ultralytics_gabfusion.quant.convert import calibrate_activations, init_weight_quantizers, quantize_model
 
     m = copy.deepcopy(fp_model).float()
-    quantize_model(m, method, bits, bits, act_grid=grid)
+    quantize_model(m, method, bits, bits, act_grid="unsigned" if grid == "unsigned0" else grid)
+    if grid == "unsigned0":  # plain unsigned grid: LSQ/PACT without the fixed SiLU offset (negatives clip to 0)
+        for q in m.modules():
+            if hasattr(q, "fixed_offset"):
+                q.fixed_offset = 0.0
     init_weight_quantizers(m)
     calibrate_activations(m, calib_imgs)
     m.eval()
@@ -175,11 +180,12 @@ def main(argv):
     t0 = time.time()
     imgs = load_images(a["data"], imgsz=imgsz, n=int(a.get("n", 32)))
     report = {"bits": bits, "imgsz": imgsz, "n_images": len(imgs)}
-    rows = mse_part(fp, imgs, bits)
-    report["mse_layers"] = rows
-    report["mse_summary"] = summarize(rows)
-    print(json.dumps(report["mse_summary"], indent=1), flush=True)
-    print(f"mse part {time.time() - t0:.0f}s", flush=True)
+    if a.get("mse", "1") != "0":
+        rows = mse_part(fp, imgs, bits)
+        report["mse_layers"] = rows
+        report["mse_summary"] = summarize(rows)
+        print(json.dumps(report["mse_summary"], indent=1), flush=True)
+        print(f"mse part {time.time() - t0:.0f}s", flush=True)
     if a.get("ptq", "1") != "0":
         from pathlib import Path
 
@@ -188,7 +194,7 @@ def main(argv):
         calib = [calib[i : i + 8] for i in range(0, len(calib), 8)]
         report["ptq"] = {}
         for method in a.get("methods", "lsq,lsqplus,pact,n2uq").split(","):
-            for grid in a.get("grids", "signed,unsigned,auto").split(","):
+            for grid in a.get("grids", "signed,unsigned0,auto").split(","):
                 t = time.time()
                 r = ptq_map50(fp, a["data"], imgsz, method, bits, grid, calib)
                 report["ptq"][f"{method}/{grid}"] = r
