@@ -237,3 +237,16 @@ def test_shipped_recipes_follow_hyp_voc_and_load_with_stock_keys_plus_ours():
         assert (r["box"], r["cls"], r["optimizer"]) == (7.5, 0.5, "SGD"), f.name  # v8 loss gains (see the recipe)
         for k in HYP_VOC:
             assert f"#   {k} " in f.read_text(), f"{f.name}: {k} missing from the comment table"
+
+
+def test_qat_act_grid_key_is_validated_and_listed():
+    from ultralytics_gabfusion.quant.grids import ACT_GRIDS
+    from ultralytics_gabfusion.settings import ACT_GRIDS as SETTING_GRIDS
+    from ultralytics_gabfusion.settings import PLUGIN_DEFAULTS, help_text, validate_settings
+
+    assert SETTING_GRIDS == ACT_GRIDS and PLUGIN_DEFAULTS["qat_act_grid"] == "auto"
+    assert validate_settings({"qat_act_grid": "Unsigned"})["qat_act_grid"] == "unsigned"
+    with pytest.raises(ValueError, match="'qat_act_grid=uint' is not valid. Allowed values: auto, signed, unsigned"):
+        validate_settings({"qat_act_grid": "uint"})
+    assert "qat_act_grid" in help_text()
+    assert "`qat_act_grid`" in (ROOT / "README.md").read_text()
