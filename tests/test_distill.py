@@ -181,6 +181,52 @@ def test_qada_matches_hand_formula():
     assert torch.allclose(qada_scores(x).double(), _hand_qada_scores(x), atol=1e-5)
 
 
+def _qada_reference(x, consumed, step, k=1e-4, gamma=1.0):
+    """method.md §3 qada in float64: z = |x-mu_c|/(sigma_c+k), r = |x-Q(x)|/(s_c+k), S = log(1+z^2) + gamma log(1+r^2)."""
+    x, consumed = x.double(), consumed.double()
+    n = x.shape[2] * x.shape[3]
+    mu = x.mean((2, 3), keepdim=True)
+    sigma = (((x - mu) ** 2).sum((2, 3), keepdim=True) / (n - 1)).sqrt()
+    z = (x - mu).abs() / (sigma + k)
+    r = (x - consumed).abs() / (float(step) + k)
+    return torch.log(1 + z**2) + gamma * torch.log(1 + r**2), r
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("method", ["lsq", "lsqplus", "pact", "n2uq"])
+def test_qada_residual_measures_the_tensor_the_conv_consumes(method, bits):
+    """Q-ADA's Q(x) is what the Detect-head conv really convolves (N2UQ: act_quant(x) + input_shift), with the real
+    calibrated quantizers, against a float64 evaluation of the formulas on the tensor captured inside the conv."""
+    from ultralytics_gabfusion.quant.convert import calibrate_activations, init_weight_quantizers, quantize_model
+    from ultralytics_gabfusion.trainer import _consumer_quantizer
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=4, verbose=False)
+    quantize_model(model, method, bits, bits)
+    init_weight_quantizers(model)
+    calibrate_activations(model, [torch.rand(2, 3, IMGSZ, IMGSZ)])
+    model.eval()
+    head = model.model[-1]
+    layers = default_layers(model)
+    feats, consumed, convs = {}, {}, {}
+    for idx, j in enumerate(layers):
+        conv = head.cv2[idx][0].conv  # first conv of the box branch reading layer j
+        convs[j] = conv
+        model.model[j].register_forward_hook(lambda m, a, out, j=j: feats.__setitem__(j, out.detach()))
+        inner = conv._conv_forward
+        conv._conv_forward = lambda x, w, b, j=j, inner=inner: (consumed.__setitem__(j, x.detach()), inner(x, w, b))[1]
+    with torch.no_grad():
+        model(torch.rand(2, 3, IMGSZ, IMGSZ))
+    for j in layers:
+        q = _consumer_quantizer(model, j)
+        assert q is not None and q.step_size().numel() == 1
+        ref, r = _qada_reference(feats[j], consumed[j], convs[j].act_quant.step_size())
+        got = qada_scores(feats[j], quantizer=q)
+        assert torch.allclose(got.double(), ref, atol=2e-4, rtol=1e-5), (method, bits, j, (got.double() - ref).abs().max())
+        # the residual is a rounding error of the grid: typically well under one step (clipped tails aside)
+        assert float(r.median()) < 0.5, (method, bits, j, float(r.median()))
+
+
 def test_kl_js_match_hand_computation():
     torch.manual_seed(0)
     p = torch.rand(2, 3, 2, 3, dtype=torch.float64) + 0.1

@@ -129,7 +129,11 @@ def test_lsq_w4a4_yolov5s(lsq_v5, lsq_v5_onnx, images):
     rows = {r["name"]: r for r in info["layers"]}
     for name, r in rows.items():  # 4-bit convs: INT4 weights; first conv and Detect predictors: 8-bit
         assert w[f"{name}.weight/w_int"] == ("INT4" if r["w_bits"] == 4 else "INT8"), name
-    assert {"INT4", "UINT8", "INT8"} <= act_q_types(proto)  # 4-bit signed acts, unsigned 8-bit image input, head
+    # qat_act_grid=auto: every conv input of a plain YOLOv5 is a SiLU output (or the image): unsigned 4-bit grids in
+    # UINT4 with zero point 0 and the fixed SiLU offset as Sub/Add, 8-bit image input and head predictors in UINT8
+    assert act_q_types(proto) == {"UINT4", "UINT8"}
+    offsets = [n.name for n in proto.graph.node if n.name.endswith("/ActSubOffset")]
+    assert len(offsets) == len(rows) - 1 and not any(n.startswith("model.0.conv.") for n in offsets)
     assert "Clip" not in info["ops"]  # 4- and 8-bit grids fill their containers
     # Negative BN scales were folded into mirrored integers: zero point -1 on those channels, scales positive.
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
@@ -154,6 +158,7 @@ def test_lsq_w4a4_yolov5s(lsq_v5, lsq_v5_onnx, images):
         ("yolov5s.yaml", "n2uq", 3, {}),
         ("yolov5s.yaml", "pact", 4, {"weight_offset": "widen"}),
         ("yolov5s.yaml", "lsqplus", 3, {"gab": True}),
+        ("yolov5s.yaml", "lsq", 4, {"gab": True}),
     ],
 )
 def test_export_parity(cfg, method, bits, opts, images, tmp_path):
@@ -191,6 +196,8 @@ def test_export_parity(cfg, method, bits, opts, images, tmp_path):
             assert ops["Clip"] >= len(low) and not ({"INT4", "UINT4"} & types)
         if method in ("lsqplus", "pact"):  # float offsets -> explicit Sub before Q, Add after DQ
             assert ops["Sub"] >= len(low)
+        if bits == 4 and method in ("lsq", "pact"):  # the containers follow qat_act_grid=auto
+            assert "UINT4" in types and (("INT4" in types) == gab)  # signed grids only after GABFusion's LayerNorm
     if gab:
         assert ops.get("ReduceMean", 0) >= 8  # 4 channel LayerNorms, mean and variance each
 

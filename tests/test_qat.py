@@ -269,3 +269,67 @@ def test_checkpoint_from_other_plugin_format_is_a_clear_error(tmp_path):
     torch.save({"model": model.half(), "train_args": {}}, tmp_path / "old.pt")
     with pytest.raises(RuntimeError, match="format 0.*reads format"):
         torch.load(tmp_path / "old.pt", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------------ activation grids
+def test_grid_analysis_follows_what_feeds_each_conv():
+    """SiLU-fed inputs (also inside C3/C3k2/SPPF and through residual sums) are bounded; LayerNorm / no-activation
+    inputs are not; the policy turns that into unsigned grids with the SiLU offset for LSQ/PACT only."""
+    from ultralytics_gabfusion.fusion import insert_gabfusion
+    from ultralytics_gabfusion.quant.convert import format_policy, plan_policy, quantize_model
+    from ultralytics_gabfusion.quant.grids import SILU_MIN, input_lower_bounds
+
+    v5 = build("yolov5s")
+    b = input_lower_bounds(v5)
+    assert b["model.0.conv"] == 0.0 and b["model.1.conv"] == pytest.approx(SILU_MIN)
+    assert b["model.2.m.0.cv2.conv"] == pytest.approx(SILU_MIN)  # Bottleneck cv2 <- cv1's SiLU
+    assert b["model.2.cv3.conv"] == pytest.approx(2 * SILU_MIN)  # C3 cv3 <- cat(x + bottleneck(x), cv2(x))
+    assert b["model.9.cv2.conv"] == pytest.approx(SILU_MIN)  # SPPF cv2 <- cat of max-pools of a SiLU output
+    assert b["model.24.cv2.0.2"] == pytest.approx(SILU_MIN)  # raw Detect predictor
+    v11 = build("yolo11s")
+    b11 = input_lower_bounds(v11)
+    assert b11["model.10.m.0.attn.qkv.conv"] == pytest.approx(SILU_MIN)
+    assert b11["model.10.m.0.attn.pe.conv"] == -float("inf")  # v of qkv: a conv without activation
+    assert b11["model.10.m.0.ffn.0.conv"] == -float("inf")  # x + attention(x): signed
+    insert_gabfusion(v5)
+    rows = {r["name"]: r for r in plan_policy(v5, 4, 4)}
+    assert rows["model.13.cv1.conv"]["a_signed"] and rows["model.13.cv2.conv"]["a_signed"]  # GABFusion output
+    assert not rows["model.13.cv3.conv"]["a_signed"] and not rows["model.0.conv"]["a_signed"]
+    assert sum(r["a_signed"] for r in rows.values()) == 8  # exactly the 4 nodes x (C3 cv1, cv2)
+    forced = plan_policy(v5, 4, 4, act_grid="signed")
+    assert all(r["a_signed"] == (r["role"] != "first") and r["a_min"] is None for r in forced)
+    assert not any(r["a_signed"] for r in plan_policy(v5, 4, 4, act_grid="unsigned"))
+    with pytest.raises(ValueError, match="auto, signed, unsigned"):
+        plan_policy(v5, 4, 4, act_grid="uint")
+    for method, offset in (("lsq", SILU_MIN), ("pact", SILU_MIN), ("lsqplus", 0.0), ("n2uq", 0.0)):
+        m = build("yolov5s")
+        insert_gabfusion(m)
+        rows = {r["name"]: r for r in quantize_model(m, method, 4, 4)}
+        q = dict(m.named_modules())["model.13.cv3.conv"].act_quant
+        assert (q.signed, getattr(q, "fixed_offset", 0.0)) == (False, offset), method
+        assert dict(m.named_modules())["model.13.cv1.conv"].act_quant.signed
+        assert rows["model.13.cv3.conv"]["a_offset"] == offset
+    table = format_policy(list(rows.values()))
+    assert "A grid" in table and "signed" in table and "unsigned" in table and "-inf" in table
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact"])
+def test_offset_grid_forward_matches_formula_float64(method):
+    """LSQ and PACT on the SiLU-offset grid: y = b + s*round(clamp((x-b)/s, 0, 2^b-1)), levels b + k*s, in float64."""
+    from ultralytics_gabfusion.quant import make_quantizer
+    from ultralytics_gabfusion.quant.grids import SILU_MIN
+
+    b, bits = SILU_MIN, 4
+    q = make_quantizer(method, "act", bits, signed=False, fixed_offset=b).double()
+    x = torch.nn.functional.silu(torch.randn(4, 8, 6, 6, dtype=torch.float64) * 3).requires_grad_(True)
+    q.init_from(x.detach())
+    y = q(x)
+    s = float(q.step_size())
+    ref = b + s * torch.round(((x.detach() - b) / s).clamp(0, 2**bits - 1))
+    assert torch.allclose(y.detach(), ref, atol=1e-12)
+    g = q.grid()
+    assert (g["qmin"], g["qmax"]) == (0, 15) and float(g["offset"]) == pytest.approx(b)
+    assert float(y.detach().min()) == pytest.approx(b)  # the negative SiLU tail is represented, not clipped to 0
+    y.sum().backward()
+    inside = ((x.detach() - b) / s > 0) & ((x.detach() - b) / s < 15)
+    assert torch.equal(x.grad != 0, inside if method == "lsq" else ((x.detach() - b) >= 0) & (x.detach() - b < float(q.alpha)))

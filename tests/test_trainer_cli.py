@@ -211,3 +211,42 @@ def test_wrong_architecture_is_a_clear_error(tmp_path, tiny_data):
                               **train_kwargs(tmp_path)})
     with pytest.raises(ValueError, match="not Detect"):
         t.train()
+
+
+# YOLOv5 data/hyps/hyp.VOC.yaml (ultralytics/yolov5 @ 61396b3) for every key Ultralytics has, except the loss gains
+HYP_VOC = {"lr0": 0.00334, "lrf": 0.15135, "momentum": 0.74832, "weight_decay": 0.00025, "warmup_epochs": 3.3835,
+           "warmup_momentum": 0.59462, "warmup_bias_lr": 0.18657, "hsv_h": 0.01041, "hsv_s": 0.54703,
+           "hsv_v": 0.27739, "degrees": 0.0, "translate": 0.04591, "scale": 0.75544, "shear": 0.0, "perspective": 0.0,
+           "flipud": 0.0, "fliplr": 0.5, "mosaic": 0.85834, "mixup": 0.04266, "copy_paste": 0.0}
+
+
+def test_shipped_recipes_follow_hyp_voc_and_load_with_stock_keys_plus_ours():
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils import YAML
+
+    from ultralytics_gabfusion.settings import check_consistency, validate_settings
+    from ultralytics_gabfusion.trainer import plugin_cfg
+
+    recipes = sorted((ROOT / "cfg" / "qat").glob("*.yaml"))
+    assert len(recipes) == 8
+    for f in recipes:
+        r = YAML.load(f)
+        cfg = get_cfg(plugin_cfg(), r)  # raises on any key that is neither Ultralytics' nor ours
+        check_consistency(validate_settings(vars(cfg)))
+        assert {k: r.get(k) for k in HYP_VOC} == HYP_VOC, f.name
+        assert (r["box"], r["cls"], r["optimizer"]) == (7.5, 0.5, "SGD"), f.name  # v8 loss gains (see the recipe)
+        for k in HYP_VOC:
+            assert f"#   {k} " in f.read_text(), f"{f.name}: {k} missing from the comment table"
+
+
+def test_qat_act_grid_key_is_validated_and_listed():
+    from ultralytics_gabfusion.quant.grids import ACT_GRIDS
+    from ultralytics_gabfusion.settings import ACT_GRIDS as SETTING_GRIDS
+    from ultralytics_gabfusion.settings import PLUGIN_DEFAULTS, help_text, validate_settings
+
+    assert SETTING_GRIDS == ACT_GRIDS and PLUGIN_DEFAULTS["qat_act_grid"] == "auto"
+    assert validate_settings({"qat_act_grid": "Unsigned"})["qat_act_grid"] == "unsigned"
+    with pytest.raises(ValueError, match="'qat_act_grid=uint' is not valid. Allowed values: auto, signed, unsigned"):
+        validate_settings({"qat_act_grid": "uint"})
+    assert "qat_act_grid" in help_text()
+    assert "`qat_act_grid`" in (ROOT / "README.md").read_text()

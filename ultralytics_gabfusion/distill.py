@@ -186,7 +186,7 @@ def _quantize_detached(quantizer: Callable[[torch.Tensor], torch.Tensor], x: tor
     Eval mode keeps training-time side effects (observers, running ranges, lazy init) from firing a second time
     on the same batch; the flags are restored afterwards.
     """
-    modules = list(quantizer.modules()) if isinstance(quantizer, nn.Module) else []
+    modules = list(quantizer.modules()) if callable(getattr(quantizer, "modules", None)) else []
     flags = [m.training for m in modules]
     for m in modules:
         m.training = False  # set the flag directly: an overridden .eval()/.train() could have side effects

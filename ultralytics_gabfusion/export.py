@@ -40,8 +40,9 @@ Emitted operators (``b`` = bits; container = element type of the tensor holding 
   per tensor; ``INT4``/``UINT4`` for b=4, ``INT8``/``UINT8`` for b=8; for b in 2, 3, 5, 6, 7 an 8-bit container
   with ``Clip(q, qmin, qmax)`` on the integers between Q and DQ (Q alone saturates to the container range only).
   ``QuantizeLinear`` divides by the scale and rounds half to even, exactly like the PyTorch forward.
-* **LSQ+ and signed PACT activations**: their float offsets (``beta``, ``-alpha``) are not integer zero points:
-  ``Sub(x, offset) -> QuantizeLinear -> [Clip] -> DequantizeLinear -> Add(offset)``, same containers.
+* **LSQ+, signed PACT, and LSQ/PACT on a SiLU-offset grid** (``qat_act_grid``): their float offsets (``beta``,
+  ``-alpha``, the fixed ``-0.2785``) are not integer zero points: ``Sub(x, offset) -> QuantizeLinear -> [Clip] ->
+  DequantizeLinear -> Add(offset)``, same containers (``UINT4``/``UINT8`` with zero point 0 for unsigned grids).
 * **N2UQ activations**: ``count = sum_i (beta1*x > T_i)`` over the 2^b-1 learned thresholds (compared in the
   ``beta1``-scaled domain exactly as the PyTorch forward, ``torch.bucketize``: ``x == T`` does not count), output
   ``count*Delta*beta2 + input_shift``. For b <= 4: ``Mul(beta1) -> Unsqueeze(-1) -> Greater(T[L]) -> Cast(INT32)

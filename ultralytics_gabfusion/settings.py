@@ -22,6 +22,7 @@ QAT_METHODS = ("none", "lsq", "lsqplus", "pact", "n2uq")
 GAB_MODES = ("balanced", "learned", "off")
 ADA_ATTNS = ("simam", "qada")
 ADA_DIVS = ("kl", "js")
+ACT_GRIDS = ("auto", "signed", "unsigned")  # as quant.grids.ACT_GRIDS (settings must import without torch)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ SETTINGS: dict[str, Setting] = {
     "qat_skip": Setting(None, "layer indices left in full precision, e.g. [0,23]", _int_list_or_none),
     "qat_calib": Setting(4, "training batches used to initialise activation quantizers before training", _int_range(1, 1000)),
     "qat_init": Setting("mse", "quantizer init: mse (LSQ step refined by an MSE search) or paper (published inits)", _choice("mse", "paper")),
+    "qat_act_grid": Setting("auto", "activation grids: auto (unsigned after SiLU/ReLU, signed after LayerNorm), signed, unsigned",
+                            _choice(*ACT_GRIDS)),
     "qat_lr": Setting(1.0, "learning-rate multiplier of quantizer parameters (N2UQ reference: 0.1)", _float_range(0.0, lo_open=True)),
     # GABFusion
     "gab": Setting("off", "GABFusion at the neck Concat nodes: balanced, learned, off", _choice(*GAB_MODES)),

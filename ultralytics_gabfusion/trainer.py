@@ -145,7 +145,8 @@ class GABTrainer(DetectionTrainer):
             from .quant.convert import format_policy, quantize_model
 
             rows = quantize_model(
-                model, args.qat, args.w_bits, args.a_bits, args.qat_first_bits, args.qat_head_bits, args.qat_skip
+                model, args.qat, args.w_bits, args.a_bits, args.qat_first_bits, args.qat_head_bits, args.qat_skip,
+                args.qat_act_grid,
             )
             if verbose:
                 LOGGER.info(f"{PREFIX}W{args.w_bits}A{args.a_bits} {args.qat} precision policy:\n{format_policy(rows)}")
@@ -315,7 +316,11 @@ class GABTrainer(DetectionTrainer):
 
 # ---------------------------------------------------------------------------------------------------------- helpers
 def _consumer_quantizer(model, layer: int):
-    """The activation quantizer that reads layer ``layer``'s output in the Detect head (for qada's r term)."""
+    """``Q(x)`` of the Detect-head conv that reads layer ``layer``'s output (for qada's r term), or None.
+
+    Returns the conv's :class:`~.quant.qconv.ConvInputQuantizer`: the tensor the conv really consumes, including
+    N2UQ's ``input_shift``.
+    """
     from .quant.qconv import QuantConv2d
 
     head = model.model[-1]
@@ -328,7 +333,7 @@ def _consumer_quantizer(model, layer: int):
             continue
         for m in seq[idx].modules():
             if isinstance(m, QuantConv2d) and m.act_quant is not None:
-                return m.act_quant
+                return m.input_quantizer()
     return None
 
 

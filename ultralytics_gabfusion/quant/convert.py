@@ -6,8 +6,10 @@ The policy (paper silent; standard practice, configurable through the ``qat_*`` 
 - the raw ``nn.Conv2d`` outputs of the Detect head (box / class predictors): ``qat_head_bits`` (default 8);
 - DFL is never touched (a fixed, frozen projection);
 - layers listed in ``qat_skip`` stay in full precision;
-- every other conv (``Conv``/``DWConv`` blocks anywhere, including C3/C3k2/SPPF/C2PSA internals): ``w_bits``/``a_bits``,
-  with a signed activation grid since SiLU and LayerNorm outputs can be negative.
+- every other conv (``Conv``/``DWConv`` blocks anywhere, including C3/C3k2/SPPF/C2PSA internals): ``w_bits``/``a_bits``;
+- activation grids (``qat_act_grid``, see :mod:`.grids`): ``auto`` gives an unsigned grid to inputs fed by SiLU/ReLU
+  outputs (or concats, pools, upsamples and sums of them) and a signed grid to the others (GABFusion/LayerNorm
+  outputs, convs without activation); ``signed``/``unsigned`` force one grid on every conv but the first.
 
 Examples:
     >>> from ultralytics.nn.tasks import DetectionModel
@@ -20,11 +22,13 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
+from .grids import ACT_GRIDS, fixed_offset, grid_signed, input_lower_bounds
 from .qconv import QuantConv2d, QuantConvBlock, quant_convs
 from .quantizers import FakeQuantizer
 
@@ -54,8 +58,9 @@ def _layer_index(name: str) -> int | None:
     return int(parts[1]) if len(parts) > 1 and parts[0] == "model" and parts[1].isdigit() else None
 
 
-def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8, head_bits: int = 8, skip=None):
-    """Decide the bits of every quantizable conv without changing the model.
+def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8, head_bits: int = 8, skip=None,
+                act_grid: str = "auto"):
+    """Decide the bits and activation grid of every quantizable conv without changing the model.
 
     Args:
         model (nn.Module): An Ultralytics ``DetectionModel`` (or any model with ``.model`` layers).
@@ -64,10 +69,15 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
         first_bits (int): Bits of the first conv (0 = same as ordinary).
         head_bits (int): Bits of the Detect output convs (0 = same as ordinary).
         skip (Iterable[int] | None): Layer indices kept in full precision.
+        act_grid (str): ``auto``, ``signed`` or ``unsigned`` (see :func:`.grids.grid_signed`).
 
     Returns:
-        (list[dict]): One row per conv in forward order: name, layer, role, w_bits, a_bits, a_signed.
+        (list[dict]): One row per conv in forward order: name, layer, role, w_bits, a_bits, a_signed and a_min (the
+        lower bound of the conv's input found by :func:`.grids.input_lower_bounds`, ``-inf`` when unbounded, None when
+        ``act_grid`` is not ``auto``).
     """
+    if act_grid not in ACT_GRIDS:
+        raise ValueError(f"qat_act_grid={act_grid!r} is not valid. Allowed values: {', '.join(ACT_GRIDS)}.")
     skip = set(skip or [])
     block_types, dfl, detect = _conv_block_types(), _dfl_type(), _detect_type()
     rows, first_done = [], False
@@ -92,17 +102,21 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
             wb = ab = head_bits
         if layer in skip:
             wb = ab = None
-        rows.append({"name": name, "layer": layer, "role": role, "w_bits": wb, "a_bits": ab, "a_signed": role != "first"})
+        rows.append({"name": name, "layer": layer, "role": role, "w_bits": wb, "a_bits": ab})
     if not rows:
         raise ValueError(
             f"{type(model).__name__} has no nn.Conv2d layers to quantize: qat= needs an Ultralytics detection model "
             "(e.g. yolov5s.yaml, yolo11s.yaml or a trained .pt); set qat=none for this model."
         )
+    bounds = input_lower_bounds(model) if act_grid == "auto" else None
+    for r in rows:
+        r["a_min"] = None if bounds is None else bounds.get(r["name"], -math.inf)  # not run in the probe: signed
+        r["a_signed"] = grid_signed(act_grid, -math.inf if r["a_min"] is None else r["a_min"], r["role"])
     return rows
 
 
 def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int = 4, first_bits: int = 8,
-                   head_bits: int = 8, skip=None) -> list[dict]:
+                   head_bits: int = 8, skip=None, act_grid: str = "auto") -> list[dict]:
     """Swap every quantizable conv of ``model`` in place for its fake-quantized version.
 
     ``Conv``/``DWConv`` blocks become :class:`QuantConvBlock` (keeping ``.i .f .type .np`` on top-level layers),
@@ -116,34 +130,39 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
         first_bits (int): Bits of the first conv (0 = w_bits/a_bits).
         head_bits (int): Bits of the Detect output convs (0 = w_bits/a_bits).
         skip (Iterable[int] | None): Layer indices to leave in full precision.
+        act_grid (str): Activation grids: ``auto`` (from what feeds each conv), ``signed`` or ``unsigned``.
 
     Returns:
         (list[dict]): The per-layer policy table (see :func:`format_policy`).
 
     Raises:
-        ValueError: On an unknown method, bits outside 2..8, or a model without convs.
+        ValueError: On an unknown method or grid, bits outside 2..8, or a model without convs.
     """
     for key, b in (("w_bits", w_bits), ("a_bits", a_bits)):
         if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
             raise ValueError(f"{key}={b!r} is not supported: use an integer bit-width in 2..8.")
     if any(isinstance(m, QuantConv2d) for m in model.modules()):
         raise ValueError("model is already quantized; build a fresh model (or load its checkpoint) instead of converting twice.")
-    rows = plan_policy(model, w_bits, a_bits, first_bits, head_bits, skip)
+    rows = plan_policy(model, w_bits, a_bits, first_bits, head_bits, skip, act_grid)
     by_name = {r["name"]: r for r in rows}
     block_types = _conv_block_types()
     for r in rows:
         r["method"] = method if (r["w_bits"] or r["a_bits"]) else "fp"
+        lb = -math.inf if r["a_min"] is None else r["a_min"]
+        r["a_offset"] = fixed_offset(method, r["a_signed"], lb) if r["role"] != "first" and r["a_bits"] else 0.0
 
     def swap(parent: nn.Module, prefix: str):
         for child_name, child in list(parent.named_children()):
             full = f"{prefix}.{child_name}" if prefix else child_name
             if type(child) in block_types and full + ".conv" in by_name:
                 r = by_name[full + ".conv"]
-                qconv = QuantConv2d.from_float(child.conv, method if r["method"] != "fp" else None, r["w_bits"], r["a_bits"], r["a_signed"])
+                qconv = QuantConv2d.from_float(child.conv, method if r["method"] != "fp" else None, r["w_bits"], r["a_bits"],
+                                           r["a_signed"], r["a_offset"])
                 new = QuantConvBlock(qconv, child.bn, child.act)
             elif isinstance(child, nn.Conv2d) and not isinstance(child, QuantConv2d) and full in by_name:
                 r = by_name[full]
-                new = QuantConv2d.from_float(child, method if r["method"] != "fp" else None, r["w_bits"], r["a_bits"], r["a_signed"])
+                new = QuantConv2d.from_float(child, method if r["method"] != "fp" else None, r["w_bits"], r["a_bits"],
+                                         r["a_signed"], r["a_offset"])
             else:
                 swap(child, full)
                 continue
@@ -157,13 +176,23 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
 
 
 def format_policy(rows: list[dict]) -> str:
-    """Render the per-layer policy as a table: layer, module, W bits, A bits, quantizer."""
-    head = f"{'layer':>5}  {'module':<34}{'W bits':>7}{'A bits':>7}  quantizer"
+    """Render the per-layer policy as a table: layer, module, W bits, A bits, A grid, input min, quantizer.
+
+    ``A grid`` is ``signed`` or ``unsigned`` (``-`` for a full-precision input), followed by the fixed offset of an
+    LSQ/PACT unsigned grid (e.g. ``unsigned-0.2785``); ``input min`` is the lower bound of
+    the conv's input found by the grid analysis (``-inf``: unbounded, e.g. a GABFusion output; blank when the grid
+    was forced by ``qat_act_grid=signed|unsigned``).
+    """
+    head = f"{'layer':>5}  {'module':<34}{'W bits':>7}{'A bits':>7}  {'A grid':<16}{'input min':>10}  quantizer"
     lines = [head]
     for r in rows:
         layer = "" if r["layer"] is None else r["layer"]
+        grid = "-" if not r["a_bits"] else ("signed" if r["a_signed"] else "unsigned")
+        if r.get("a_offset"):
+            grid += f"{r['a_offset']:+.4g}"
+        lo = "" if r.get("a_min") is None else f"{r['a_min']:.4g}"
         lines.append(
-            f"{layer!s:>5}  {r['name']:<34}{r['w_bits'] or 'fp'!s:>7}{r['a_bits'] or 'fp'!s:>7}  "
+            f"{layer!s:>5}  {r['name']:<34}{r['w_bits'] or 'fp'!s:>7}{r['a_bits'] or 'fp'!s:>7}  {grid:<16}{lo:>10}  "
             f"{r['method']}{' (' + r['role'] + ')' if r['role'] != 'conv' else ''}"
         )
     return "\n".join(lines)
@@ -200,7 +229,7 @@ def refine_step_mse(q: FakeQuantizer, x: torch.Tensor) -> None:
     """
     if q.method != "lsq" or not hasattr(q, "step"):
         return
-    x = x.detach().float()
+    x = x.detach().float() - getattr(q, "fixed_offset", 0.0)  # the grid is k*s + b: search s on x - b
     if q.channels:
         x = x.reshape(x.shape[0], -1)
     else:

@@ -129,6 +129,8 @@ class LSQQuantizer(_LSQBase):
         dy/ds = g * (round(v) - v if n < v < p;  n if v <= n;  p if v >= p),   g = 1/sqrt(N * p)
 
     ``s`` is the learnable ``step`` (shape ``(channels,)`` or ``(1,)``), used as ``|step|`` floored at 1e-8.
+    With a ``fixed_offset`` ``b`` (activations on an unsigned grid fed by SiLU, see :mod:`.grids`) the forward is
+    ``y = round(clamp((x - b)/s, n, p))*s + b``: LSQ+'s arithmetic with a constant, unlearned offset.
 
     Init (:meth:`init_from`): ``s = 2*mean(|x|)/sqrt(p)`` per channel (weights) or over the tensor
     (activations), floored at 1e-8 so all-zero inputs give no NaN.
@@ -136,24 +138,30 @@ class LSQQuantizer(_LSQBase):
 
     method = "lsq"
 
-    def __init__(self, role="act", bits=4, channels=0, signed=True):
-        """See :func:`make_quantizer`."""
+    def __init__(self, role="act", bits=4, channels=0, signed=True, fixed_offset: float = 0.0):
+        """See :func:`make_quantizer`; ``fixed_offset`` (activations) shifts the grid by a constant (not learned)."""
         super().__init__(role, bits, channels, signed)
         self.step = nn.Parameter(torch.ones(max(self.channels, 1)))
+        self.fixed_offset = float(fixed_offset)  # plain attribute: part of the layer's configuration, not its state
+
+    def _offset_or_none(self):
+        b = getattr(self, "fixed_offset", 0.0)  # pickles written before the attribute existed have no offset
+        return self.step.new_full((1,), b).detach() if b else None
 
     @torch.no_grad()
     def init_from(self, x):
-        """``step = max(2*mean|x|/sqrt(qmax), 1e-8)`` (per channel if ``channels > 0``)."""
+        """``step = max(2*mean|x - b|/sqrt(qmax), 1e-8)`` (per channel if ``channels > 0``; ``b`` the fixed offset)."""
         self._check_input(x)
+        x = x - getattr(self, "fixed_offset", 0.0)
         mean_abs = self._rows(x.detach()).abs().float().mean(1)
         self.step.copy_((2.0 * mean_abs / math.sqrt(self.qmax)).clamp_min(STEP_EPS))
         self._mark_initialized()
         return self
 
     def grid(self):
-        """``scale = |step|``, ``offset = 0``, ``k in [qmin, qmax]``."""
+        """``scale = |step|``, ``offset = b`` (the fixed offset, usually 0), ``k in [qmin, qmax]``."""
         s = self.step_size()
-        return self._grid(s, torch.zeros_like(s), self.qmin, self.qmax)
+        return self._grid(s, torch.full_like(s, getattr(self, "fixed_offset", 0.0)), self.qmin, self.qmax)
 
 
 class LSQPlusQuantizer(_LSQBase):

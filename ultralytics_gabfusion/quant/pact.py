@@ -79,7 +79,8 @@ class PACTQuantizer(FakeQuantizer):
     **Activations** -- see :class:`PACTFakeQuantize` for the exact forward and gradients. ``signed=False``
     is canonical PACT (``[0, alpha]``, 2^b levels); ``signed=True`` (the factory default, needed for SiLU
     and LayerNorm outputs) clips to ``[-alpha, alpha]`` with 2^b levels ``-alpha + k*2alpha/(2^b-1)``,
-    ``k = 0..2^b-1`` (symmetric, hence no exact zero level). Learnable ``alpha``: shape ``(1,)``
+    ``k = 0..2^b-1`` (symmetric, hence no exact zero level). A canonical quantizer with ``fixed_offset`` ``b``
+    (SiLU-fed inputs, see :mod:`.grids`) computes ``b + PACT(x - b)``: levels ``b + k*alpha/L``, clip ``[b, b+alpha]``. Learnable ``alpha``: shape ``(1,)``
     (or ``(channels,)`` along dim 0), used as ``|alpha|`` floored at 1e-8. PACT regularises alpha with an
     L2 penalty: put it in a weight-decayed optimizer group (``decay_params = ("alpha",)``).
 
@@ -103,10 +104,11 @@ class PACTQuantizer(FakeQuantizer):
     decay_params = ("alpha",)
     init_percentile = 0.999
 
-    def __init__(self, role="act", bits=4, channels=0, signed=True):
-        """See :func:`make_quantizer`."""
+    def __init__(self, role="act", bits=4, channels=0, signed=True, fixed_offset: float = 0.0):
+        """See :func:`make_quantizer`; ``fixed_offset`` ``b`` (canonical activations): ``y = PACT(x - b) + b``."""
         super().__init__(role, bits, channels, signed)
         c = max(self.channels, 1)
+        self.fixed_offset = float(fixed_offset) if not self.signed else 0.0  # plain attribute: configuration
         if self.role == "act":
             self.alpha = nn.Parameter(torch.ones(c))
         else:
@@ -124,7 +126,7 @@ class PACTQuantizer(FakeQuantizer):
         self._check_input(x)
         rows = self._rows(x.detach()).float()
         if self.role == "act":
-            mag = rows.abs() if self.signed else rows.clamp(min=0)
+            mag = rows.abs() if self.signed else (rows - getattr(self, "fixed_offset", 0.0)).clamp(min=0)
             a = row_quantile(mag, self.init_percentile)
             a = torch.where(a > 0, a, mag.amax(1))
             self.alpha.copy_(a.clamp_min(STEP_EPS))
@@ -137,6 +139,9 @@ class PACTQuantizer(FakeQuantizer):
     def _quantize(self, x, cdtype):
         if self.role == "act":
             alpha = positive(self.alpha).to(cdtype)
+            b = getattr(self, "fixed_offset", 0.0)
+            if b:  # canonical PACT on the shifted input: clip to [b, b + alpha]
+                return PACTFakeQuantize.apply(x.to(cdtype) - b, alpha, self._L, False, bool(self.channels), cdtype) + b
             return PACTFakeQuantize.apply(x, alpha, self._L, self.signed, bool(self.channels), cdtype)
         return self._dorefa(x.to(cdtype))
 
@@ -167,7 +172,7 @@ class PACTQuantizer(FakeQuantizer):
         """
         s = self.step_size()
         if self.role == "act":
-            off = -positive(self.alpha).detach() if self.signed else torch.zeros_like(s)
+            off = -positive(self.alpha).detach() if self.signed else torch.full_like(s, getattr(self, "fixed_offset", 0.0))
         else:
             off = -self.w_scale.detach()
         return self._grid(s, off, 0, self._L)

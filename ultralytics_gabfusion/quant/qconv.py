@@ -41,23 +41,25 @@ class QuantConv2d(nn.Conv2d):
         w_bits (int | None): Weight bits; None keeps the weight in full precision.
         a_bits (int | None): Activation bits; None keeps the input in full precision.
         a_signed (bool): Whether the input can be negative (selects the signed grid).
+        a_offset (float): Fixed grid offset of an LSQ/PACT activation quantizer (see :func:`.grids.fixed_offset`).
         **kwargs: ``nn.Conv2d`` keyword arguments.
     """
 
-    def __init__(self, *args, method=None, w_bits=None, a_bits=None, a_signed=True, **kwargs):
+    def __init__(self, *args, method=None, w_bits=None, a_bits=None, a_signed=True, a_offset=0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.format_version = FORMAT_VERSION
         self.quant_enabled = True  # switched off by `quantizers_disabled` (e.g. while calibrating GABFusion)
         self.weight_quant = make_quantizer(method, "weight", w_bits, channels=self.out_channels) if method and w_bits else None
-        self.act_quant = make_quantizer(method, "act", a_bits, channels=0, signed=a_signed) if method and a_bits else None
+        extra = {"fixed_offset": a_offset} if a_offset else {}  # LSQ/PACT on an unsigned grid after SiLU
+        self.act_quant = make_quantizer(method, "act", a_bits, channels=0, signed=a_signed, **extra) if method and a_bits else None
         if self.act_quant is not None and method == "n2uq":
             self.input_shift = nn.Parameter(torch.zeros(1))
         else:
             self.register_parameter("input_shift", None)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, method, w_bits, a_bits, a_signed=True) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Conv2d, method, w_bits, a_bits, a_signed=True, a_offset=0.0) -> "QuantConv2d":
         """Build a ``QuantConv2d`` that shares ``conv``'s weight and bias tensors (no copy)."""
         q = cls(
             conv.in_channels,
@@ -73,6 +75,7 @@ class QuantConv2d(nn.Conv2d):
             w_bits=w_bits,
             a_bits=a_bits,
             a_signed=a_signed,
+            a_offset=a_offset,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )
@@ -99,6 +102,14 @@ class QuantConv2d(nn.Conv2d):
         if self.input_shift is not None:
             x = x + self.input_shift.to(x.dtype)
         return x
+
+    def input_quantizer(self) -> "ConvInputQuantizer | None":
+        """The map ``x -> quantize_input(x)`` as a quantizer object (None without an activation quantizer).
+
+        Q-ADA's residual ``x - Q(x)`` must measure the tensor this conv really consumes: for N2UQ that is
+        ``act_quant(x) + input_shift``, not ``act_quant(x)``, whose levels start at 0 whatever the input range.
+        """
+        return ConvInputQuantizer(self) if self.act_quant is not None else None
 
     def quantized_weight(self) -> torch.Tensor:
         """Return the fake-quantized weight."""
@@ -131,6 +142,39 @@ class QuantConv2d(nn.Conv2d):
 
     def extra_repr(self):
         return super().extra_repr() + f", method={self.method}, w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+
+class ConvInputQuantizer:
+    """``Q(x)`` exactly as a :class:`QuantConv2d` consumes it: ``act_quant(x)`` (``+ input_shift`` for N2UQ).
+
+    A plain object (not an ``nn.Module``, so it is never registered as a submodule or saved): calling it runs
+    ``conv.quantize_input``; :meth:`step_size` is the activation quantizer's input-domain step and :meth:`modules`
+    its modules (so a caller can switch them to eval mode around a side-effect-free evaluation).
+
+    Examples:
+        >>> conv = QuantConv2d(4, 4, 1, method="n2uq", w_bits=4, a_bits=4)
+        >>> q = conv.input_quantizer()
+        >>> x = torch.randn(1, 4, 3, 3)
+        >>> bool(torch.equal(q(x), conv.quantize_input(x)))
+        True
+    """
+
+    def __init__(self, conv: QuantConv2d):
+        self.conv = conv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv.quantize_input(x)
+
+    def step_size(self) -> torch.Tensor:
+        """The activation quantizer's step in the input domain (detached), shape ``(1,)``."""
+        return self.conv.act_quant.step_size()
+
+    def modules(self):
+        """The modules whose train/eval flag governs ``Q``: the activation quantizer's."""
+        return self.conv.act_quant.modules()
+
+    def __repr__(self) -> str:
+        return f"ConvInputQuantizer({self.conv.act_quant!r}, input_shift={self.conv.input_shift is not None})"
 
 
 class QuantConvBlock(nn.Module):
@@ -174,4 +218,4 @@ def is_quantized(model: nn.Module) -> bool:
     return any(m.weight_quant is not None or m.act_quant is not None for _, m in quant_convs(model))
 
 
-__all__ = ["QuantConv2d", "QuantConvBlock", "quant_convs", "quantizers_disabled", "is_quantized", "FORMAT_VERSION"]
+__all__ = ["ConvInputQuantizer", "QuantConv2d", "QuantConvBlock", "quant_convs", "quantizers_disabled", "is_quantized", "FORMAT_VERSION"]
