@@ -115,7 +115,7 @@ def markdown(result: dict) -> str:
         f"- FP: {s['fp_epochs']} epochs" + (f" (time budget {s['fp_time']} h)" if s.get("fp_time") else "")
         + (f" ({', '.join(f'{k}={v}' for k, v in s['fp_extra'].items())})" if s.get("fp_extra") else "")
         + f"; QAT: {s['epochs']} epochs" + (f" (time budget {s['time']} h)" if s.get("time") else "")
-        + (f", recipe {s['recipe']}" if s.get("recipe") else ", paper schedule (SGD lr0 0.00334, lrf 0.15135, "
+        + (f", recipe {s['recipe']}" if s.get("recipe") else ", paper schedule (hyp.VOC: SGD lr0 0.00334, lrf 0.15135, "
            "momentum 0.74832, wd 0.00025)")
         + f"; ADA weight {s['ada']}",
         f"- seeds: {s['seeds']}" + (" (mean ± std over seeds)" if multi else " (one seed: run-to-run spread unmeasured)"),
