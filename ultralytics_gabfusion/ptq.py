@@ -46,7 +46,8 @@ def post_training_quantize(model: str | os.PathLike, file: str | os.PathLike | N
     from .trainer import GABTrainer
 
     if str(overrides.get("qat", "none")).lower() == "none":
-        raise ValueError("post_training_quantize needs a quantizer: pass qat=lsq|lsqplus|pact|n2uq (and w_bits/a_bits).")
+        raise ValueError("post_training_quantize needs a quantizer: pass qat=lsq|lsqplus|pact|n2uq (and w_bits, "
+                         "a_bits).")
     if float(overrides.get("ada", 0) or 0) > 0:
         overrides["ada"] = 0.0  # no loss is computed: a teacher would be loaded for nothing
     trainer = GABTrainer(overrides={**overrides, "model": str(model), **_NO_TRAINING})

@@ -50,7 +50,8 @@ ARM_SETTINGS = {  # arm -> (gab mode, uses ADA)
     "ada": ("off", True),
     "gab_ada": ("balanced", True),
 }
-ARM_LABELS = {"ptq": "PTQ (no training)", "baseline": "baseline QAT", "gab": "+GABFusion", "ada": "+ADA", "gab_ada": "+GABFusion+ADA"}
+ARM_LABELS = {"ptq": "PTQ (no training)", "baseline": "baseline QAT", "gab": "+GABFusion", "ada": "+ADA",
+              "gab_ada": "+GABFusion+ADA"}
 
 # The paper's QAT protocol = YOLOv5 hyp.VOC.yaml (method.md section 5), every key Ultralytics has, as in the
 # cfg/qat recipes (their comment table says why box/cls keep Ultralytics' gains).
@@ -131,7 +132,8 @@ PRESETS: dict[str, dict] = {
     # The CPU accuracy study (about two hours on 2 cores): every arm from the shipped FP model, 3 seeds, W4A4 and
     # W3A3, LSQ and N2UQ. Resumable: rerun the same command and finished runs are reused.
     "cpu-study": {"models": ["yolov5n-synth160"], "imgsz": 160, "batch": 16, "epochs": 5, "fraction": 0.5,
-                  "warmup_epochs": 0, "methods": ["lsq", "n2uq"], "bits": [4, 3], "arms": ["ptq", "baseline", "gab", "gab_ada"],
+                  "warmup_epochs": 0, "methods": ["lsq", "n2uq"], "bits": [4, 3],
+                  "arms": ["ptq", "baseline", "gab", "gab_ada"],
                   "seeds": [0, 1, 2]},
     # The paper's protocol: VOC, YOLOv5 hyp.VOC optimiser, batch 64, QAT with early stopping (patience is our
     # choice; the paper does not give it). FP from scratch needs ~300 epochs; pass models=fp.pt to skip it.
