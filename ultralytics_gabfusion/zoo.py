@@ -130,7 +130,7 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, data: dict, max
         "command": command,
         "data": data,
         "train": {k: args.get(k) for k in ("epochs", "imgsz", "batch", "optimizer", "lr0", "seed", "deterministic")},
-        "epochs_run": int(ckpt.get("epoch", -1)) + 1 if ckpt.get("epoch", -1) >= 0 else None,
+        "epochs_run": _results_rows(run / "results.csv"),
         "val": {"imgsz": args["imgsz"], "batch": args["batch"], "split": "val"},
         "metrics": {"mAP50": round(float(rd["metrics/mAP50(B)"]), 5),
                     "mAP50_95": round(float(rd["metrics/mAP50-95(B)"]), 5)},
@@ -142,6 +142,13 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, data: dict, max
     }
     (ASSETS / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     return dst
+
+
+def _results_rows(csv: Path) -> int | None:
+    """Epochs recorded in a run's results.csv (a finished checkpoint no longer says how many ran)."""
+    if not csv.is_file():
+        return None
+    return max(sum(1 for ln in csv.read_text().splitlines() if ln.strip()) - 1, 0)
 
 
 def _hardware() -> str:
