@@ -220,7 +220,7 @@ def test_parity_catches_a_wrong_scale(lsq_v5, lsq_v5_onnx, images, tmp_path):
     bad = tmp_path / "bad.onnx"
     onnx.save(proto, str(bad))
     r = check_parity(lsq_v5, bad, images, raise_error=False)
-    assert not r["ok"] and r["frac_not_close"] > 0.01
+    assert not r["ok"] and r["layer_act"]["value"] > 0.1 > r["layer_act"]["limit"]
     with pytest.raises(ParityError, match="parity failed"):
         check_parity(lsq_v5, bad, images)
 
@@ -228,7 +228,7 @@ def test_parity_catches_a_wrong_scale(lsq_v5, lsq_v5_onnx, images, tmp_path):
 def test_failed_parity_writes_nothing(lsq_v5, images, tmp_path):
     out = tmp_path / "never.onnx"
     with pytest.raises(ParityError):
-        export_qdq_onnx(lsq_v5, out, imgsz=IMGSZ, images=images, verbose=False, max_frac=-1.0)
+        export_qdq_onnx(lsq_v5, out, imgsz=IMGSZ, images=images, verbose=False, layer_floor=-1.0)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -202,9 +202,12 @@ CALIB_BN_MODES = ("auto", "eval", "batch")
 
 
 def bn_statistics_trained(model: nn.Module) -> bool:
-    """Whether every BatchNorm of ``model`` has tracked training batches (its running statistics are meaningful)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return bool(bns) and all(m.num_batches_tracked is not None and int(m.num_batches_tracked) > 0 for m in bns)
+    """Whether the BatchNorm running statistics of ``model`` were learned (not the fresh mean 0, variance 1).
+
+    ``num_batches_tracked`` cannot tell: Ultralytics saves the EMA model, whose integer buffers are never updated.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    return any(bool((m.running_mean != 0).any() or (m.running_var != 1).any()) for m in bns)
 
 
 @torch.no_grad()
@@ -224,8 +227,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
         bn (str): How BatchNorm normalises during calibration. ``eval``: with its running statistics, the activations
             validation and export see (right for a trained model). ``batch``: with each batch's statistics
             (momentum 0, running statistics untouched), the activations a train-mode step sees; for models whose
-            running statistics mean nothing yet (built from a YAML). ``auto``: ``eval`` when every BatchNorm has
-            tracked training batches (:func:`bn_statistics_trained`), else ``batch``.
+            running statistics mean nothing yet (built from a YAML). ``auto``: ``eval`` when the BatchNorm running statistics
+            were learned (:func:`bn_statistics_trained`), else ``batch``.
 
     Returns:
         (int): Number of batches used.
