@@ -96,6 +96,7 @@ def _range_setter(q: FakeQuantizer):
     return None  # DoReFa weights: no range parameter
 
 
+@torch.no_grad()
 def quant_error(q: FakeQuantizer, x: torch.Tensor) -> torch.Tensor:
     """Per-row sum of squared errors ``(q(x) - x)^2`` (rows = channels, or one row per tensor).
 
