@@ -1126,8 +1126,10 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
         raise ParityError(f"ONNX output of {onnx_file} holds NaN or Inf values")
 
     def misses(y_a, y_b):
-        dets_a, idx_a = non_max_suppression(y_a, conf_thres=t["conf"], iou_thres=t["nms_iou"], return_idxs=True)
-        dets_b, idx_b = non_max_suppression(y_b, conf_thres=t["conf"], iou_thres=t["nms_iou"], return_idxs=True)
+        # No NMS time limit: on a busy CPU it would silently drop the detections of the remaining images.
+        nms = dict(conf_thres=t["conf"], iou_thres=t["nms_iou"], return_idxs=True, max_time_img=1e3)
+        dets_a, idx_a = non_max_suppression(y_a, **nms)
+        dets_b, idx_b = non_max_suppression(y_b, **nms)
         n = sum(_anchor_unmatched(dets_a[i], idx_a[i], y_b[i], t["conf"], t["margin"], t["iou"])
                 + _anchor_unmatched(dets_b[i], idx_b[i], y_a[i], t["conf"], t["margin"], t["iou"]) for i in range(len(x)))
         return n, sum(len(d) for d in dets_a), sum(len(d) for d in dets_b)
