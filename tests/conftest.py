@@ -70,3 +70,27 @@ def fp_ckpt(tiny_data, tmp_path_factory) -> dict:
         out[arch] = d / "run" / "weights" / "last.pt"
         assert out[arch].exists()
     return out
+
+
+# The package will ship a long-trained FP detector here; until then the tests train their own "real model".
+ASSET_DIR = ROOT / "ultralytics_gabfusion" / "assets"
+
+
+@pytest.fixture(scope="session")
+def trained_fp(tiny_data, tmp_path_factory) -> Path:
+    """The trained FP checkpoint that stands for a user's real detector in the tests (the only switch point).
+
+    The checkpoint shipped in ``ultralytics_gabfusion/assets/`` when there is one; otherwise yolov5n trained with the
+    stock trainer for 8 epochs on the tiny generated set (trained BN statistics, weights moved away from their init).
+    """
+    shipped = sorted(ASSET_DIR.glob("*.pt")) if ASSET_DIR.is_dir() else []
+    if shipped:
+        return shipped[0]
+    from ultralytics import YOLO
+
+    d = tmp_path_factory.mktemp("trained-fp")
+    YOLO("yolov5n.yaml").train(data=str(tiny_data), **train_kwargs(d, epochs=8, val=False, optimizer="AdamW", lr0=0.01,
+                                                                   batch=4))
+    path = d / "run" / "weights" / "last.pt"
+    assert path.exists()
+    return path

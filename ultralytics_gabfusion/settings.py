@@ -141,7 +141,7 @@ SETTINGS: dict[str, Setting] = {
     "qat_head_bits": Setting(8, "W and A bits of the Detect output convs (0 = same as w_bits/a_bits)", _int_range(2, 8, True)),
     "qat_skip": Setting(None, "layer indices left in full precision, e.g. [0,23]", _int_list_or_none),
     "qat_calib": Setting(4, "training batches used to initialise activation quantizers before training", _int_range(1, 1000)),
-    "qat_init": Setting("mse", "quantizer init: mse (LSQ step refined by an MSE search) or paper (published inits)", _choice("mse", "paper")),
+    "qat_init": Setting("mse", "quantizer init: mse (published init, range refined by an MSE search) or paper (published inits)", _choice("mse", "paper")),
     "qat_act_grid": Setting("auto", "activation grids: auto (unsigned after SiLU/ReLU, signed after LayerNorm), signed, unsigned",
                             _choice(*ACT_GRIDS)),
     "qat_lr": Setting(1.0, "learning-rate multiplier of quantizer parameters (N2UQ reference: 0.1)", _float_range(0.0, lo_open=True)),

@@ -199,10 +199,12 @@ class GABTrainer(DetectionTrainer):
                 f"{out.get('before', float('nan')):.3g} -> {out.get('after', float('nan')):.3g})"
             )
         if need_act:
-            from .quant.convert import calibrate_activations
+            from .quant.convert import bn_statistics_trained, calibrate_activations
 
-            k = calibrate_activations(model, images, init=self.args.qat_init)
-            LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {batch} images")
+            bn = "eval" if bn_statistics_trained(model) else "batch"  # trained BN: what validation and export see
+            k = calibrate_activations(model, images, init=self.args.qat_init, bn=bn)
+            LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {batch} images "
+                        f"(BatchNorm on {'running' if bn == 'eval' else 'batch'} statistics)")
         if self.world_size > 1 and dist.is_initialized():  # every rank must start from rank 0's calibration
             for t in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(t.data, src=0)

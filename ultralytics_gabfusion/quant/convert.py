@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .grids import ACT_GRIDS, fixed_offset, grid_signed, input_lower_bounds
+from .init import INIT_MODES, check_init_mode, refine_mse
 from .qconv import QuantConv2d, QuantConvBlock, quant_convs
 from .quantizers import FakeQuantizer
 
@@ -205,53 +206,6 @@ def quantizers(model: nn.Module, role: str | None = None) -> Iterable[tuple[str,
             yield name, m
 
 
-INIT_MODES = ("mse", "paper")
-_MSE_COARSE = torch.logspace(-1.5, 1.0, 11)  # step x 0.03 .. x 10 around the paper's init (x1.78 apart)
-_MSE_FINE = torch.logspace(-0.125, 0.125, 9)  # then x0.75 .. x1.33 around the best coarse point
-_MSE_MAX_SAMPLES = 1 << 20  # activations are subsampled for the search; the grid is per tensor anyway
-
-
-def _quant_mse(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Sum of squared LSQ quantization errors per row of ``x`` for per-row steps ``s`` (in-place temporaries)."""
-    v = x / s
-    return v.clamp_(lo, hi).round_().mul_(s).sub_(x).square_().sum(1)
-
-
-@torch.no_grad()
-def refine_step_mse(q: FakeQuantizer, x: torch.Tensor) -> None:
-    """Rescale an LSQ quantizer's step to minimise the quantization MSE on ``x`` (per channel for weights).
-
-    The paper's LSQ init ``s = 2 mean|x| / sqrt(Qp)`` is tuned for 2-4 bits: at 8 bits it gives a step ~10x too
-    coarse for weights and clips activations at ~22 mean|x|. A coarse-to-fine line search over multiples of that
-    init (``qat_init=mse``, the default) fixes both; ``qat_init=paper`` keeps the published init. Only LSQ is
-    refined: LSQ+ (min-max / mu+-3sigma), PACT (percentile) and N2UQ (percentile span) already start from
-    range-covering inits.
-    """
-    if q.method != "lsq" or not hasattr(q, "step"):
-        return
-    x = x.detach().float() - getattr(q, "fixed_offset", 0.0)  # the grid is k*s + b: search s on x - b
-    if q.channels:
-        x = x.reshape(x.shape[0], -1)
-    else:
-        x = x.reshape(1, -1)
-        if x.shape[1] > _MSE_MAX_SAMPLES:  # deterministic strided subsample keeps the search cheap
-            x = x[:, :: x.shape[1] // _MSE_MAX_SAMPLES + 1]
-    lo, hi = float(q.qmin), float(q.qmax)
-    best = q.step.detach().clone().reshape(-1, 1)
-    for grid in (_MSE_COARSE, _MSE_FINE):
-        center, best_err = best.clone(), None
-        for c in grid.tolist():
-            s = center * c
-            err = _quant_mse(x, s, lo, hi)
-            if best_err is None:
-                best_err, best = err, s
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best = torch.where(better.reshape(-1, 1), s, best)
-    q.step.copy_(best.reshape(q.step.shape).clamp_min(1e-8))
-
-
 @torch.no_grad()
 def init_weight_quantizers(model: nn.Module, only_uninitialized: bool = False, init: str = "mse") -> int:
     """Initialise weight quantizers from their conv's current (loaded) weight; returns how many.
@@ -259,40 +213,60 @@ def init_weight_quantizers(model: nn.Module, only_uninitialized: bool = False, i
     Args:
         model (nn.Module): A quantized model.
         only_uninitialized (bool): Keep quantizers that were already initialised (e.g. loaded from a QAT checkpoint).
-        init (str): ``mse`` (paper init refined by an MSE line search, LSQ only) or ``paper``.
+        init (str): ``mse`` (published init with its range refined by an MSE search, see :mod:`.init`) or ``paper``.
     """
+    check_init_mode(init)
     n = 0
     for _, m in quant_convs(model):
         if m.weight_quant is not None and not (only_uninitialized and bool(m.weight_quant.initialized)):
             w = m.weight.detach().float()
             m.weight_quant.init_from(w)
             if init == "mse":
-                refine_step_mse(m.weight_quant, w)
+                refine_mse(m.weight_quant, w)
             n += 1
     return n
 
 
+CALIB_BN_MODES = ("auto", "eval", "batch")
+
+
+def bn_statistics_trained(model: nn.Module) -> bool:
+    """Whether the BatchNorm running statistics of ``model`` were learned (not the fresh mean 0, variance 1).
+
+    ``num_batches_tracked`` cannot tell: Ultralytics saves the EMA model, whose integer buffers are never updated.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    return any(bool((m.running_mean != 0).any() or (m.running_var != 1).any()) for m in bns)
+
+
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], only_uninitialized: bool = True,
-                          init: str = "mse") -> int:
+                          init: str = "mse", bn: str = "auto") -> int:
     """Initialise activation quantizers from data, progressively through the network.
 
-    Each batch runs forward with BatchNorm in train mode and momentum 0: BN normalises with batch statistics (so an
-    untrained or freshly inserted layer cannot saturate a quantizer) but its running statistics are left untouched.
     Each activation quantizer is re-initialised from its input on every batch and the inits are averaged over batches;
     downstream quantizers see the already-quantized upstream outputs. For N2UQ the conv's ``input_shift`` is set to the
-    mean difference between input and quantized input.
+    mean difference between input and quantized input. BatchNorm running statistics are never changed.
 
     Args:
         model (nn.Module): A quantized model.
         batches (Iterable[Tensor]): Preprocessed image batches (float, 0..1, on the model's device).
         only_uninitialized (bool): Skip quantizers that are already initialised (e.g. loaded from a checkpoint).
-        init (str): ``mse`` (paper init refined by an MSE line search, LSQ only; see :func:`refine_step_mse`) or
-            ``paper``.
+        init (str): ``mse`` (published init with its range refined by an MSE search, see :mod:`.init`) or ``paper``.
+        bn (str): How BatchNorm normalises during calibration. ``eval``: with its running statistics, the activations
+            validation and export see (right for a trained model). ``batch``: with each batch's statistics
+            (momentum 0, running statistics untouched), the activations a train-mode step sees; for models whose
+            running statistics mean nothing yet (built from a YAML). ``auto``: ``eval`` when the BatchNorm running statistics
+            were learned (:func:`bn_statistics_trained`), else ``batch``.
 
     Returns:
         (int): Number of batches used.
     """
+    check_init_mode(init)
+    if bn not in CALIB_BN_MODES:
+        raise ValueError(f"bn={bn!r} is not a calibration BatchNorm mode: use one of {', '.join(CALIB_BN_MODES)}.")
+    if bn == "auto":
+        bn = "eval" if bn_statistics_trained(model) else "batch"
     targets = {}
     for _, m in quant_convs(model):
         q = m.act_quant
@@ -302,10 +276,11 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
         return 0
     was_training = model.training
     bn_momenta = {}
-    for mod in model.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            bn_momenta[mod] = mod.momentum
-            mod.momentum = 0.0
+    if bn == "batch":
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                bn_momenta[mod] = mod.momentum
+                mod.momentum = 0.0
     state = {"k": 0}
     shift_sums = {}
 
@@ -316,7 +291,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
         old = {n: p.detach().clone() for n, p in q.named_parameters()}
         q.init_from(x)
         if init == "mse":
-            refine_step_mse(q, x)
+            refine_mse(q, x)
         if k:
             for n, p in q.named_parameters():
                 p.copy_((old[n] * k + p) / (k + 1))
@@ -328,7 +303,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
             m.input_shift.copy_(s / (k + 1))
 
     handles = [m.register_forward_pre_hook(pre_hook) for m, _ in targets.values()]
-    model.train()
+    model.train(bn == "batch")
     try:
         for img in batches:
             model(img)

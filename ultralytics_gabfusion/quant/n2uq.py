@@ -204,7 +204,9 @@ class N2UQQuantizer(FakeQuantizer):
     floored at 1e-8. Output ``-SF + k*2SF/(2^b-1)``, ``k = 0..2^b-1``. Gradient: ``weight_grad="ste"``
     (default) gives ``dy/dW = 1`` everywhere (inside and outside the clip); ``"reference"`` reproduces the
     official code's ``1/SF`` (a ~1/(2 mean|W|) gradient amplification that SGD recipes do not expect).
-    No learnable tensors; the buffer ``w_scale`` holds the last forward's SF for :meth:`grid`.
+    No learnable tensors; the buffer ``w_scale`` holds the last forward's SF for :meth:`grid`. The buffer
+    ``w_gain`` (per channel, 1 = the paper's scale) multiplies SF; the MSE init (:mod:`.init`) sets it so that
+    channels with outlying weights are not clipped: ``SF = w_gain * (2^b-1)/2^(b-1) * mean|W|``.
     """
 
     method = "n2uq"
@@ -229,6 +231,7 @@ class N2UQQuantizer(FakeQuantizer):
             self.scale_out = nn.Parameter(torch.ones(1))
         else:
             self.register_buffer("w_scale", torch.ones(max(self.channels, 1)))
+            self.register_buffer("w_gain", torch.ones(max(self.channels, 1)))
 
     def extra_repr(self) -> str:  # noqa: D102
         s = super().extra_repr()
@@ -259,13 +262,16 @@ class N2UQQuantizer(FakeQuantizer):
             self.start.fill_(beta1 * lo)
             self.intervals.fill_(self.delta)
         else:
+            self.w_gain.fill_(1.0)  # the paper's scale; qat_init=mse rescales it afterwards
             self.w_scale.copy_(self._sf(x.detach().float()))
         self._mark_initialized()
         return self
 
     def _sf(self, w):
         gamma = self._L / (1 << (self.bits - 1))
-        return (gamma * self._rows(w).abs().mean(1)).clamp_min(STEP_EPS)
+        gain = getattr(self, "w_gain", None)  # absent in modules pickled before it existed (= 1)
+        sf = gamma * self._rows(w).abs().mean(1)
+        return (sf * gain.to(sf.dtype) if gain is not None else sf).clamp_min(STEP_EPS)
 
     # ------------------------------------------------------------------ forward
     def _act_params(self, cdtype):
