@@ -35,7 +35,14 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace
 from ultralytics.utils.torch_utils import unwrap_model
 
 from . import __version__
-from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, check_consistency, strip_plugin_keys, validate_settings
+from .settings import (
+    PLUGIN_DEFAULTS,
+    PLUGIN_KEYS,
+    check_consistency,
+    read_recipe,
+    strip_plugin_keys,
+    validate_settings,
+)
 
 PREFIX = colorstr("gabfusion: ")
 
@@ -67,11 +74,7 @@ class GABTrainer(DetectionTrainer):
         base = plugin_cfg(cfg)
         # Validate plugin values before Ultralytics creates the run directory, so a typo writes nothing.
         if overrides.get("cfg"):
-            from ultralytics.utils import YAML
-            from ultralytics.utils.checks import check_yaml
-
-            recipe = YAML.load(check_yaml(overrides.pop("cfg")))
-            overrides = {**{k: v for k, v in recipe.items() if k != "cfg"}, **overrides}
+            overrides = {**read_recipe(overrides.pop("cfg")), **overrides}
         merged = {**base, **overrides}
         validated = validate_settings(merged)
         overrides.update({k: v for k, v in validated.items() if k in overrides})
@@ -80,6 +83,13 @@ class GABTrainer(DetectionTrainer):
             teacher = self._check_teacher_source(merged)
             if teacher:  # recorded in args.yaml and checkpoints, so resume finds the same teacher
                 overrides["teacher"] = teacher
+        if RANK == -1:  # model, data, structure and teacher checks; DDP workers were checked by the launcher
+            from .preflight import check_resume, preflight_train
+
+            if merged.get("resume"):
+                check_resume(overrides)
+            else:
+                preflight_train({**merged, **validated, **overrides}, overrides)
         super().__init__(base, overrides, _callbacks)
         for k, v in validate_settings(vars(self.args)).items():
             setattr(self.args, k, v)  # normalised values (e.g. resumed runs)
