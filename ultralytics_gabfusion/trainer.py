@@ -196,26 +196,8 @@ class GABTrainer(DetectionTrainer):
             images.append(self.preprocess_batch(b)["img"].float())
         if hasattr(loader, "close"):
             loader.close()
-        if need_gab:
-            from .fusion import calibrate_identity
-            from .quant.qconv import quantizers_disabled
+        calibrate_model(model, images, init=self.args.qat_init)
 
-            with quantizers_disabled(model):
-                err = calibrate_identity(model, torch.cat(images[:2]))
-            model.gab_identity_pending = False
-            out = err.get("output", {}) if isinstance(err, dict) else {}
-            LOGGER.info(
-                f"{PREFIX}GABFusion LayerNorm affine fitted to the replaced Concat outputs (relative output change "
-                f"{out.get('before', float('nan')):.3g} -> {out.get('after', float('nan')):.3g})"
-            )
-        if need_act:
-            from .quant.convert import calibrate_activations
-
-            k = calibrate_activations(model, images, init=self.args.qat_init)
-            LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {batch} images")
-        if self.world_size > 1 and dist.is_initialized():  # every rank must start from rank 0's calibration
-            for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t.data, src=0)
 
     # ------------------------------------------------------------------------------------ checkpoints, resume
     def save_model(self):
@@ -420,6 +402,67 @@ class GABTrainer(DetectionTrainer):
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+@torch.no_grad()
+def calibrate_model(model, images: list, init: str = "mse") -> None:
+    """Data-dependent inits before training: GABFusion LayerNorm fit (if pending) and activation quantizers.
+
+    Under torch.distributed each rank passes its own batches; they are gathered first (batch ``k`` of every rank,
+    concatenated in rank order), so every rank calibrates on the union exactly as one process holding all the
+    images would, and rank 0's result is then broadcast to make the ranks bit-identical.
+
+    Args:
+        model (nn.Module): The (unwrapped) model to calibrate in place.
+        images (list[Tensor]): This rank's preprocessed image batches.
+        init (str): ``qat_init`` of the activation quantizers.
+    """
+    from .quant.qconv import quant_convs
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        images = gather_batches(images)
+    if getattr(model, "gab_identity_pending", False):
+        from .fusion import calibrate_identity
+        from .quant.qconv import quantizers_disabled
+
+        with quantizers_disabled(model):
+            err = calibrate_identity(model, torch.cat(images[:2]))
+        model.gab_identity_pending = False
+        out = err.get("output", {}) if isinstance(err, dict) else {}
+        LOGGER.info(
+            f"{PREFIX}GABFusion LayerNorm affine fitted to the replaced Concat outputs (relative output change "
+            f"{out.get('before', float('nan')):.3g} -> {out.get('after', float('nan')):.3g})"
+        )
+    if any(m.act_quant is not None and not bool(m.act_quant.initialized) for _, m in quant_convs(model)):
+        from .quant.convert import calibrate_activations
+
+        k = calibrate_activations(model, images, init=init)
+        LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {len(images[0])} images")
+    if distributed:
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def gather_batches(images: list) -> list:
+    """All-gather a list of image batches: batch ``k`` of every rank, concatenated in rank order (sizes may differ)."""
+    world = dist.get_world_size()
+    dev = images[0].device if images else torch.device("cpu")
+    n = torch.tensor([len(images)], dtype=torch.int64, device=dev)  # on the device: NCCL reduces CUDA tensors only
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    k = min(int(c) for c in counts)  # every rank must take part in every gather
+    out = []
+    for b in images[:k]:
+        sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([len(b)], dtype=torch.int64, device=dev))
+        big = max(int(s) for s in sizes)
+        pad = torch.zeros((big, *b.shape[1:]), dtype=b.dtype, device=b.device)
+        pad[: len(b)] = b
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(parts, pad)
+        out.append(torch.cat([p[: int(s)] for p, s in zip(parts, sizes)]))
+    return out
+
+
 def quantizer_problems(model) -> list[str]:
     """Describe quantizers with a non-finite tensor, or whose ``step`` collapsed to the positivity floor.
 
