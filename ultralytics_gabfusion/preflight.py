@@ -21,7 +21,7 @@ from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS
 
 # Keys that only mean something with the feature on: set explicitly without it they would be silently ignored.
 # Recipes carry ada_div for runs with and without ada, so only keys no recipe sets alone are checked for ADA.
-NEEDS_QAT = ("w_bits", "a_bits", "qat_first_bits", "qat_head_bits", "qat_skip", "qat_calib", "qat_init", "qat_lr")
+NEEDS_QAT = ("w_bits", "a_bits", "qat_first_bits", "qat_head_bits", "qat_skip", "qat_init", "qat_lr")  # not qat_calib: GABFusion's LN fit uses it
 NEEDS_ADA = ("ada_layers", "teacher")
 # Keys that define the quantized structure of a checkpoint: training it further with other values is a new model.
 QUANT_STRUCTURE = ("qat", "w_bits", "a_bits", "qat_first_bits", "qat_head_bits", "qat_skip")
