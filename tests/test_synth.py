@@ -229,10 +229,13 @@ def test_reuses_same_settings_and_regenerates_others(tmp_path, caplog):
     assert "reusing" in caplog.text
     make_synthetic_dataset(out, workers=0, seed=5, **CI)  # other settings of a synth set: no overwrite needed
     assert not (out / "marker").exists() and load_synth_info(out)["seed"] == 5
-    # a tampered label file makes the set count as changed and get regenerated
+    # hand-edited labels are never regenerated silently: refused unless overwrite=True
     f = out / "labels" / "train" / "000000.txt"
     f.write_text("0 0.5 0.5 0.1 0.1\n")
-    make_synthetic_dataset(out, workers=0, seed=5, **CI)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        make_synthetic_dataset(out, workers=0, seed=5, **CI)
+    assert f.read_text() == "0 0.5 0.5 0.1 0.1\n"
+    make_synthetic_dataset(out, workers=0, seed=5, overwrite=True, **CI)
     assert f.read_text() != "0 0.5 0.5 0.1 0.1\n"
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temp dirs left behind
 

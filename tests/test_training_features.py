@@ -163,7 +163,9 @@ def test_resume_restores_quantizers_fusion_and_keys(tmp_path, tiny_data, fp_ckpt
     last = tmp_path / "run" / "weights" / "last.pt"
     saved = torch.load(last, weights_only=False)
     assert saved["epoch"] == 0 and saved["optimizer"] is not None
-    saved_state = _quant_state(saved["ema"])
+    ema = saved["ema"].float()
+    ema.load_state_dict(saved["gab_resume"]["ema"])  # last.pt's exact fp32 EMA, which resume restores
+    saved_state = _quant_state(ema)
     saved_args = {k: saved["train_args"][k] for k in PLUGIN_KEYS}
 
     seen = {}

@@ -19,7 +19,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from .settings import PLUGIN_KEYS, help_text, split_overrides, validate_settings
+from .settings import PLUGIN_KEYS, help_text, read_recipe, split_overrides, validate_settings
 
 TRAINER_HELP = "trainer= takes gab (default), default (the stock DetectionTrainer) or package.module:ClassName"
 
@@ -41,8 +41,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict]:
         UsageError: On unknown keys (with the closest valid key), missing '=' or bad values.
     """
     from ultralytics.cfg import MODES, TASKS, merge_equals_args, parse_key_value_pair
-    from ultralytics.utils import DEFAULT_CFG_DICT, YAML
-    from ultralytics.utils.checks import check_yaml
+    from ultralytics.utils import DEFAULT_CFG_DICT
 
     mode, overrides, recipe = None, {}, {}
     for a in merge_equals_args(argv):
@@ -54,10 +53,10 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict]:
             except (NameError, SyntaxError, ValueError, AssertionError) as e:
                 raise UsageError(f"could not parse '{a}': {e}") from None
             if k == "cfg" and v is not None:
-                path = Path(str(v))
-                if not path.exists():
-                    raise UsageError(f"cfg={v}: file not found. Pass a recipe YAML, e.g. cfg=cfg/qat/w4a4-lsq.yaml")
-                recipe = {kk: vv for kk, vv in YAML.load(check_yaml(str(path))).items() if kk != "cfg"}
+                try:
+                    recipe = read_recipe(v)
+                except (FileNotFoundError, ValueError) as e:
+                    raise UsageError(str(e)) from None
             else:
                 overrides[k] = v
         elif a in MODES:
@@ -127,6 +126,12 @@ def train(overrides: dict) -> None:
         raise UsageError("train needs model=, e.g. model=yolov5s.yaml (from scratch) or model=fp.pt (QAT from FP).")
     if str(model).endswith(".pt") and not Path(str(model)).exists():
         raise UsageError(f"model={model}: file not found (no weights are downloaded by yolo-gab train).")
+    from .preflight import check_resume, load_model_file
+
+    if overrides.get("resume"):
+        check_resume({**overrides, "model": model})  # Ultralytics would start a new run from a finished checkpoint
+    else:
+        load_model_file(model)  # a directory or truncated .pt: one line here, not a traceback from YOLO(model)
     overrides.pop("mode", None)
     YOLO(model, task=overrides.pop("task", None)).train(trainer=trainer, **overrides)
 
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench_main
 
             return bench_main(argv[1:]) or 0
+        _check_mode(argv)
         if "export" in argv:
             _, overrides = parse_args(argv)
             from .export import export_main
@@ -179,9 +185,30 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"yolo-gab: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, SyntaxError) as e:
+    except (ValueError, TypeError, SyntaxError, OSError) as e:  # bad input found by a check: no traceback
         print(f"yolo-gab: error: {e}", file=sys.stderr)
         return 1
+
+
+def _check_mode(argv: list[str]) -> None:
+    """Refuse a bare word that is no mode, task or Ultralytics command (``tran``), naming the closest mode."""
+    import difflib
+
+    from ultralytics.cfg import MODES, TASKS
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    special = {"checks", "version", "settings", "cfg", "login", "logout", "copy-cfg", "solutions", "help"}
+    for a in argv:
+        word = a[2:] if a.startswith("--") else a
+        if word in special or word.rstrip("s") + "s" in special or word[:1] == "-":
+            return  # an Ultralytics command: it parses the rest itself
+        if "=" in a or word in MODES or word in TASKS:
+            continue
+        if word in DEFAULT_CFG_DICT and isinstance(DEFAULT_CFG_DICT[word], bool):
+            continue  # bare boolean flag such as 'resume'
+        close = difflib.get_close_matches(word, [*MODES, "synth", "bench"], n=1, cutoff=0.6)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UsageError(f"'{a}' is not a mode or key=value pair.{hint} Modes: {', '.join([*MODES, 'synth', 'bench'])}.")
 
 
 def _parse_plain(argv: list[str]) -> dict:

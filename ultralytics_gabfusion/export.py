@@ -1400,6 +1400,10 @@ def export_main(overrides: dict) -> int:
     file = ov.get("file")
     if file is None and ov.get("save_dir"):
         file = Path(ov["save_dir"]) / path.with_suffix(".onnx").name
+    from .preflight import check_writable_dir
+
+    out = Path(str(file or path.with_suffix(".onnx")))
+    check_writable_dir(out.parent, "save_dir" if ov.get("save_dir") and not ov.get("file") else "file")
     data = ov.get("data")
     if data:
         images, what = str(data), f"val images of data={data}"

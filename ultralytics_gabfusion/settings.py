@@ -193,6 +193,38 @@ def validate_settings(values: dict, strict: bool = True) -> dict:
     return out
 
 
+def read_recipe(path) -> dict:
+    """Read a ``cfg=`` recipe: a YAML file of ``key: value`` pairs (its own ``cfg`` key is ignored).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: Not a .yaml file, not parseable, or not a mapping.
+
+    Examples:
+        >>> read_recipe("cfg/qat/w4a4-lsq.yaml")["qat"]  # doctest: +SKIP
+        'lsq'
+    """
+    from pathlib import Path
+
+    p = Path(str(path))
+    hint = "Pass a recipe YAML of key: value pairs, e.g. cfg=cfg/qat/w4a4-lsq.yaml"
+    if not p.is_file():
+        raise FileNotFoundError(f"cfg={path}: file not found. {hint}")
+    if p.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"cfg={path} is not a .yaml file. {hint}")
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(p.read_text(errors="replace"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"cfg={path} is not valid YAML ({str(e).splitlines()[0]}). {hint}") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"cfg={path} holds a {type(recipe).__name__}, not key: value pairs. {hint}")
+    return {k: v for k, v in recipe.items() if k != "cfg"}
+
+
 def suggest_key(key: str, valid: set | frozenset | list) -> str:
     """Return a hint naming the closest valid key to ``key``, or an empty string."""
     close = difflib.get_close_matches(key, list(valid), n=3)

@@ -35,7 +35,14 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace
 from ultralytics.utils.torch_utils import unwrap_model
 
 from . import __version__
-from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, check_consistency, strip_plugin_keys, validate_settings
+from .settings import (
+    PLUGIN_DEFAULTS,
+    PLUGIN_KEYS,
+    check_consistency,
+    read_recipe,
+    strip_plugin_keys,
+    validate_settings,
+)
 
 PREFIX = colorstr("gabfusion: ")
 
@@ -67,11 +74,7 @@ class GABTrainer(DetectionTrainer):
         base = plugin_cfg(cfg)
         # Validate plugin values before Ultralytics creates the run directory, so a typo writes nothing.
         if overrides.get("cfg"):
-            from ultralytics.utils import YAML
-            from ultralytics.utils.checks import check_yaml
-
-            recipe = YAML.load(check_yaml(overrides.pop("cfg")))
-            overrides = {**{k: v for k, v in recipe.items() if k != "cfg"}, **overrides}
+            overrides = {**read_recipe(overrides.pop("cfg")), **overrides}
         merged = {**base, **overrides}
         validated = validate_settings(merged)
         overrides.update({k: v for k, v in validated.items() if k in overrides})
@@ -80,6 +83,13 @@ class GABTrainer(DetectionTrainer):
             teacher = self._check_teacher_source(merged)
             if teacher:  # recorded in args.yaml and checkpoints, so resume finds the same teacher
                 overrides["teacher"] = teacher
+        if RANK == -1:  # model, data, structure and teacher checks; DDP workers were checked by the launcher
+            from .preflight import check_resume, preflight_train
+
+            if merged.get("resume"):
+                check_resume(overrides)
+            else:
+                preflight_train({**merged, **validated, **overrides}, overrides)
         super().__init__(base, overrides, _callbacks)
         for k, v in validate_settings(vars(self.args)).items():
             setattr(self.args, k, v)  # normalised values (e.g. resumed runs)
@@ -164,6 +174,7 @@ class GABTrainer(DetectionTrainer):
     def _build_train_pipeline(self):
         """Build loaders and optimizer, then run the data-dependent inits before ``ModelEMA`` copies the model."""
         super()._build_train_pipeline()
+        own_shuffle_generator(self.train_loader)
         if not self.resume:
             self._calibrate()
 
@@ -186,28 +197,103 @@ class GABTrainer(DetectionTrainer):
             images.append(self.preprocess_batch(b)["img"].float())
         if hasattr(loader, "close"):
             loader.close()
-        if need_gab:
-            from .fusion import calibrate_identity
-            from .quant.qconv import quantizers_disabled
+        calibrate_model(model, images, init=self.args.qat_init)
 
-            with quantizers_disabled(model):
-                err = calibrate_identity(model, torch.cat(images[:2]))
-            model.gab_identity_pending = False
-            out = err.get("output", {}) if isinstance(err, dict) else {}
-            LOGGER.info(
-                f"{PREFIX}GABFusion LayerNorm affine fitted to the replaced Concat outputs (relative output change "
-                f"{out.get('before', float('nan')):.3g} -> {out.get('after', float('nan')):.3g})"
-            )
-        if need_act:
-            from .quant.convert import bn_statistics_trained, calibrate_activations
 
-            bn = "eval" if bn_statistics_trained(model) else "batch"  # trained BN: what validation and export see
-            k = calibrate_activations(model, images, init=self.args.qat_init, bn=bn)
-            LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {batch} images "
-                        f"(BatchNorm on {'running' if bn == 'eval' else 'batch'} statistics)")
-        if self.world_size > 1 and dist.is_initialized():  # every rank must start from rank 0's calibration
-            for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t.data, src=0)
+    # ------------------------------------------------------------------------------------ checkpoints, resume
+    def save_model(self):
+        """Ultralytics' checkpoints, written atomically; ``last.pt`` also carries the exact-resume state.
+
+        Each file is written to ``<name>.tmp`` and renamed over the old one, so a kill during the save leaves the
+        previous ``last.pt``/``best.pt`` readable. Ultralytics keeps only the fp16 EMA and an fp16 optimizer, and a
+        resumed run restarts from the EMA weights; ``gab_resume`` adds what an identical continuation needs (see
+        :func:`resume_state`). ``final_eval`` strips it with the optimizer.
+        """
+        final = (self.last, self.best)
+        self.last, self.best = (p.with_name(p.name + ".tmp") for p in final)
+        try:
+            saved = super().save_model()
+        finally:
+            tmp_last, tmp_best = self.last, self.best
+            self.last, self.best = final
+        if tmp_last.exists():
+            from ultralytics.utils.patches import torch_load
+
+            ckpt = torch_load(tmp_last, map_location="cpu")
+            ckpt["gab_resume"] = resume_state(self)
+            torch.save(ckpt, tmp_last)
+        for tmp, dst in ((tmp_last, self.last), (tmp_best, self.best)):
+            if tmp.exists():
+                atomic_replace(tmp, dst)
+        return saved
+
+    def resume_training(self, ckpt):
+        """Ultralytics' resume, then the exact fp32 state of ``gab_resume`` (model, EMA, optimizer, RNG streams)."""
+        super().resume_training(ckpt)
+        state = (ckpt or {}).get("gab_resume") if self.resume else None
+        done = (ckpt or {}).get("train_results") or {}
+        elapsed = float((done.get("time") or [0.0])[-1] or 0.0)
+
+        def continue_clock(trainer):  # results.csv 'time' counts from the start of the first session
+            trainer.train_time_start -= elapsed
+
+        if self.resume and elapsed:
+            self.add_callback("on_train_start", continue_clock)
+        if self.resume and self.csv.exists():  # rows of epochs after the checkpoint (a kill during its save) go
+            _truncate_results(self.csv, int(ckpt.get("epoch", -1)) + 1)
+        if not state:
+            if self.resume:
+                LOGGER.warning(f"{PREFIX}{self.args.model} has no exact-resume state: training continues from its EMA "
+                               "weights and fp16 optimizer state (Ultralytics' resume).")
+            return
+        unwrap_model(self.model).load_state_dict(state["model"])
+        if self.ema:
+            self.ema.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        gen = _shuffle_generator(self.train_loader)
+        if gen is not None and state.get("shuffle") is not None:
+            gen.set_state(state["shuffle"])
+
+        def restore_rng(trainer):  # at the epoch start, after setup has drawn whatever it draws
+            set_rng_state(state["rng"])
+            trainer.callbacks["on_train_epoch_start"].remove(restore_rng)
+
+        self.add_callback("on_train_epoch_start", restore_rng)
+
+    def _handle_nan_recovery(self, epoch):
+        """Ultralytics' recovery from a non-finite loss (reload last.pt), extended to broken quantizers.
+
+        A quantizer whose step collapsed (<= 0) or whose tensors became non-finite is reported by name and handled
+        like a non-finite loss; with no earlier epoch to go back to, training stops with that message. After a
+        reload, the exact fp32 state of ``gab_resume`` replaces the EMA weights Ultralytics loads, so the training
+        model, its quantizers and GABFusion buffers and the optimizer are those of the last good epoch.
+        """
+        bad = quantizer_problems(unwrap_model(self.model)) if RANK in {-1, 0} else []
+        if bad:
+            msg = (f"quantizer state broke in epoch {epoch + 1}: {'; '.join(bad[:5])}"
+                   f"{f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''}. The quantizer learning rate is too high "
+                   f"for these tensors: lower qat_lr (now {self.args.qat_lr}) or lr0.")
+            if epoch == self.start_epoch or not self.last.exists():
+                raise FloatingPointError(msg)
+            LOGGER.warning(f"{PREFIX}{msg} Recovering from {self.last}.")
+            self.loss = torch.tensor(float("nan"), device=self.device)
+        recovered = super()._handle_nan_recovery(epoch)
+        if recovered:
+            from ultralytics.utils.patches import torch_load
+
+            state = torch_load(self.last, map_location="cpu").get("gab_resume")
+            if state:
+                unwrap_model(self.model).load_state_dict(state["model"])
+                if self.ema:
+                    self.ema.ema.load_state_dict(state["ema"])
+                self.optimizer.load_state_dict(state["optimizer"])
+        return recovered
+
+    def final_eval(self):
+        """Drop the exact-resume state from the finished checkpoints, then Ultralytics' final validation."""
+        if self.last.exists():
+            _drop_resume_state(self.last)
+        return super().final_eval()
 
     # ----------------------------------------------------------------------------------------------- optimizer
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
@@ -317,6 +403,214 @@ class GABTrainer(DetectionTrainer):
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+@torch.no_grad()
+def calibrate_model(model, images: list, init: str = "mse") -> None:
+    """Data-dependent inits before training: GABFusion LayerNorm fit (if pending) and activation quantizers.
+
+    Under torch.distributed each rank passes its own batches; they are gathered first (batch ``k`` of every rank,
+    concatenated in rank order), so every rank calibrates on the union exactly as one process holding all the
+    images would, and rank 0's result is then broadcast to make the ranks bit-identical.
+
+    Args:
+        model (nn.Module): The (unwrapped) model to calibrate in place.
+        images (list[Tensor]): This rank's preprocessed image batches.
+        init (str): ``qat_init`` of the activation quantizers.
+    """
+    from .quant.qconv import quant_convs
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        images = gather_batches(images)
+    if getattr(model, "gab_identity_pending", False):
+        from .fusion import calibrate_identity
+        from .quant.qconv import quantizers_disabled
+
+        with quantizers_disabled(model):
+            err = calibrate_identity(model, torch.cat(images[:2]))
+        model.gab_identity_pending = False
+        out = err.get("output", {}) if isinstance(err, dict) else {}
+        LOGGER.info(
+            f"{PREFIX}GABFusion LayerNorm affine fitted to the replaced Concat outputs (relative output change "
+            f"{out.get('before', float('nan')):.3g} -> {out.get('after', float('nan')):.3g})"
+        )
+    if any(m.act_quant is not None and not bool(m.act_quant.initialized) for _, m in quant_convs(model)):
+        from .quant.convert import bn_statistics_trained, calibrate_activations
+
+        bn = "eval" if bn_statistics_trained(model) else "batch"  # trained BN: what validation and export see
+        k = calibrate_activations(model, images, init=init, bn=bn)
+        LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {len(images[0])} images "
+                    f"(BatchNorm on {'running' if bn == 'eval' else 'batch'} statistics)")
+    if distributed:
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def gather_batches(images: list) -> list:
+    """All-gather a list of image batches: batch ``k`` of every rank, concatenated in rank order (sizes may differ)."""
+    world = dist.get_world_size()
+    dev = images[0].device if images else torch.device("cpu")
+    n = torch.tensor([len(images)], dtype=torch.int64, device=dev)  # on the device: NCCL reduces CUDA tensors only
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    k = min(int(c) for c in counts)  # every rank must take part in every gather
+    out = []
+    for b in images[:k]:
+        sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([len(b)], dtype=torch.int64, device=dev))
+        big = max(int(s) for s in sizes)
+        pad = torch.zeros((big, *b.shape[1:]), dtype=b.dtype, device=b.device)
+        pad[: len(b)] = b
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(parts, pad)
+        out.append(torch.cat([p[: int(s)] for p, s in zip(parts, sizes)]))
+    return out
+
+
+def quantizer_problems(model) -> list[str]:
+    """Describe quantizers with a non-finite tensor, or whose ``step`` collapsed to the positivity floor.
+
+    Quantizers use ``|step|`` floored at ``STEP_EPS`` (1e-8), so a raw step that changes sign is a valid step, and
+    a single per-channel weight step at the floor is what an all-zero channel gets. A quantizer whose every step
+    sits at the floor, however, maps its whole input to zero: the optimizer drove it there.
+
+    Examples:
+        >>> quantizer_problems(model)  # doctest: +SKIP
+        ['model.2.cv1.conv.act_quant.step collapsed to |step| = 0 (floor 1e-08): its input quantizes to 0']
+    """
+    from .quant.convert import quantizers
+    from .quant.quantizers import STEP_EPS
+
+    out = []
+    for name, q in quantizers(model):
+        for n, t in list(q.named_parameters(recurse=False)) + list(q.named_buffers(recurse=False)):
+            t = t.detach()
+            if not t.is_floating_point():
+                continue
+            if not torch.isfinite(t).all():
+                out.append(f"{name}.{n} is not finite")
+            elif n == "step" and bool(getattr(q, "initialized", True)) and (t.abs() <= 2 * STEP_EPS).all():
+                out.append(f"{name}.{n} collapsed to |step| = {float(t.abs().max()):.3g} (floor {STEP_EPS:g}): "
+                           "its input quantizes to 0")
+    return out
+
+
+def atomic_replace(tmp: Path, dst: Path) -> None:
+    """Flush ``tmp`` to disk and rename it over ``dst`` (atomic on POSIX and Windows): readers see old or new."""
+    import os
+
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """One random permutation of ``range(n)`` per pass, drawn from ``generator`` when the pass starts.
+
+    torch's ``RandomSampler`` draws a second, unused permutation lazily when a pass ends, i.e. at the start of the
+    next epoch, so the generator state saved at an epoch's end is one draw short of what the next epoch uses. Here
+    the state saved at an epoch's end is exactly the state the next permutation is drawn from.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        yield from torch.randperm(self.n, generator=self.generator).tolist()
+
+
+def _shuffle_generator(loader):
+    """The generator the train loader's :class:`EpochShuffleSampler` draws permutations from (or None)."""
+    batch = getattr(getattr(loader, "batch_sampler", None), "sampler", None)  # _RepeatSampler -> BatchSampler
+    sampler = getattr(batch, "sampler", None)
+    return sampler.generator if isinstance(sampler, EpochShuffleSampler) else None
+
+
+def own_shuffle_generator(loader) -> None:
+    """Shuffle the train loader with an :class:`EpochShuffleSampler` whose generator a resumed run can restore.
+
+    DataLoader shares one generator between the sampler's permutations and each iterator's base seed; an iterator
+    is re-created on resume and at ``close_mosaic``, which would shift the permutations. The new generator starts
+    where the shared one is after the first iterator's seed draw, so the first epoch's permutation is Ultralytics'
+    own (later ones differ from stock: stock also draws the unused permutation described above).
+    """
+    batch = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    rs = getattr(batch, "sampler", None)
+    if type(rs) is not torch.utils.data.RandomSampler or rs.replacement or rs._num_samples is not None:
+        return
+    if rs.generator is None or rs.generator is not getattr(loader, "generator", None):
+        return
+    own = torch.Generator()
+    own.set_state(rs.generator.get_state())
+    torch.empty((), dtype=torch.int64).random_(generator=own)  # the base-seed draw of the first iterator
+    batch.sampler = EpochShuffleSampler(len(rs.data_source), own)
+
+
+def resume_state(trainer) -> dict:
+    """fp32 training model, EMA and optimizer state plus RNG streams at the end of an epoch (for exact resume)."""
+    from copy import deepcopy
+
+    def fp32(sd):
+        return {k: v.detach().clone() for k, v in sd.items()}
+
+    gen = _shuffle_generator(trainer.train_loader)
+    return {
+        "epoch": trainer.epoch,
+        "model": fp32(unwrap_model(trainer.model).state_dict()),
+        "ema": fp32(trainer.ema.ema.state_dict()) if trainer.ema else None,
+        "optimizer": deepcopy(trainer.optimizer.state_dict()),
+        "rng": get_rng_state(),
+        "shuffle": gen.get_state() if gen is not None else None,
+    }
+
+
+def get_rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) random states."""
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`get_rng_state`'s output (CUDA states only when the device count matches)."""
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _truncate_results(csv: Path, last_epoch: int) -> None:
+    """Keep the header and the rows of epochs <= ``last_epoch`` (1-based, as written) of a results.csv."""
+    lines = csv.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.strip() and float(ln.split(",", 1)[0]) <= last_epoch]
+    if len(keep) != len(lines):
+        tmp = csv.with_name(csv.name + ".tmp")
+        tmp.write_text("".join(keep))
+        atomic_replace(tmp, csv)
+
+
+def _drop_resume_state(f: Path) -> None:
+    from ultralytics.utils.patches import torch_load
+
+    ckpt = torch_load(f, map_location="cpu")
+    if isinstance(ckpt, dict) and "gab_resume" in ckpt:
+        del ckpt["gab_resume"]
+        tmp = f.with_name(f.name + ".tmp")
+        torch.save(ckpt, tmp)
+        atomic_replace(tmp, f)
+
+
 def _consumer_quantizer(model, layer: int):
     """``Q(x)`` of the Detect-head conv that reads layer ``layer``'s output (for qada's r term), or None.
 

@@ -730,6 +730,15 @@ def _is_complete(root: Path, cfg: SynthConfig, info: dict) -> bool:
     return label_sha256(root) == info.get("labels_sha256")
 
 
+def _labels_edited(root: Path, info: dict) -> bool:
+    """True if every recorded label file is there but their hash differs from the record (edited, not incomplete)."""
+    for split in ("train", "val"):
+        d = root / "labels" / split
+        if not d.is_dir() or sum(1 for _ in d.glob("*.txt")) != int(info.get(f"n_{split}") or -1):
+            return False
+    return label_sha256(root) != info.get("labels_sha256")
+
+
 def _resolve_workers(workers: int | None, n_images: int, imgsz: int) -> int:
     """Number of worker processes: 0 means in-process.
 
@@ -911,6 +920,9 @@ def make_synthetic_dataset(
 
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out_dir {out} is a file; pass a directory path")
+    from ..preflight import check_writable_dir
+
+    check_writable_dir(out, "out")
     if out.is_dir() and any(out.iterdir()):
         info = load_synth_info(yaml_path)
         if info is None and not overwrite:
@@ -923,7 +935,12 @@ def make_synthetic_dataset(
             if same and _is_complete(out, cfg, info):
                 log.info(f"synth: {out} already holds this dataset ({_describe(cfg)}), reusing it")
                 return yaml_path
-            why = "was made with other settings" if not same else "is incomplete or its labels changed"
+            if _labels_edited(out, info):
+                raise FileExistsError(
+                    f"out_dir {out} holds a synthetic dataset whose labels were changed after generation (edited by "
+                    "hand?); regenerating would lose them. Choose another out=, or pass overwrite=True to replace it"
+                )
+            why = "was made with other settings" if not same else "is incomplete"
             log.info(f"synth: {out} {why}, regenerating")
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,328 @@
+"""Checks of a training configuration that run before anything is written, scanned or calibrated.
+
+Ultralytics creates the run folder (``args.yaml``, ``weights/``) before it reads the data YAML, and the plugin's
+model-dependent checks (teacher, ``ada_layers``, GABFusion's Concat nodes) would otherwise run after the dataset
+scan and calibration. :func:`preflight_train` does all of them first, on the model structure alone (a dummy forward
+at 64 px), so a mistake costs seconds and leaves no run folder behind. Every error names the key or file and says
+what to pass instead.
+
+Examples:
+    >>> from ultralytics_gabfusion.preflight import preflight_train
+    >>> preflight_train({"model": "yolov5s.yaml", "data": "data.yaml", "qat": "lsq", "gab": "balanced"})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS
+
+# Keys that only mean something with the feature on: set explicitly without it they would be silently ignored.
+# Recipes carry ada_div for runs with and without ada, so only keys no recipe sets alone are checked for ADA.
+NEEDS_QAT = ("w_bits", "a_bits", "qat_first_bits", "qat_head_bits", "qat_skip", "qat_init", "qat_lr")  # not qat_calib: GABFusion's LN fit uses it
+NEEDS_ADA = ("ada_layers", "teacher")
+# Keys that define the quantized structure of a checkpoint: training it further with other values is a new model.
+QUANT_STRUCTURE = ("qat", "w_bits", "a_bits", "qat_first_bits", "qat_head_bits", "qat_skip")
+_LABEL_SAMPLE = 200  # label files read per split: catches a wrong `names:` list without reading a large set
+
+
+def check_writable_dir(path: Any, key: str) -> Path:
+    """Check that directory ``path`` can be created or written, by creating and removing a temp dir in it.
+
+    Probing beats ``os.access``: it also catches read-only mounts and works the same for root.
+
+    Raises:
+        FileExistsError: ``path`` or one of its parents is a file.
+        PermissionError: Nothing can be written there.
+    """
+    import tempfile
+
+    p = Path(str(path)).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        raise FileExistsError(f"{key}={path} is a file; pass a directory path.")
+    anc = p
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise FileExistsError(f"{key}={path}: {anc} is a file, not a folder; pass a directory path.")
+    try:
+        Path(tempfile.mkdtemp(prefix=".gab-write-test-", dir=anc)).rmdir()
+    except OSError as e:
+        raise PermissionError(f"{key}={path}: cannot write in {anc} ({e.strerror or e}); choose a folder you can write to.") from None
+    return p
+
+
+def check_explicit_keys(overrides: dict, merged: dict) -> None:
+    """Refuse feature keys given explicitly while their feature is off (they would change nothing).
+
+    Args:
+        overrides (dict): The keys the user passed (CLI, recipe or keywords), not the defaults.
+        merged (dict): Validated settings (defaults and overrides).
+
+    Raises:
+        ValueError: Naming the ignored keys and the switch that turns them on.
+    """
+    def given(keys):
+        return [k for k in keys if k in overrides and overrides[k] != PLUGIN_DEFAULTS[k]]
+
+    if merged.get("qat", "none") == "none" and (bad := given(NEEDS_QAT)):
+        raise ValueError(f"{bad} only apply to quantization-aware training, but qat=none: add qat=lsq|lsqplus|pact|n2uq "
+                         f"(or cfg=cfg/qat/w4a4-lsq.yaml), or drop {bad}.")
+    if not merged.get("ada") and (bad := given(NEEDS_ADA)):
+        raise ValueError(f"{bad} only apply to ADA distillation, but ada=0: add ada=0.01 (the paper's weight), or drop {bad}.")
+
+
+def load_model_file(model: Any, key: str = "model"):
+    """Return ``(nn.Module | None, yaml_dict)`` for a ``.pt`` checkpoint or model YAML, with one clear error if unusable.
+
+    Raises:
+        FileNotFoundError: The file does not exist (nothing is downloaded).
+        ValueError: A directory, an unreadable/truncated checkpoint, a YAML that is not a model definition.
+    """
+    if model is None or str(model) == "":
+        raise ValueError(f"{key}= is missing: pass a model YAML (e.g. yolov5s.yaml, from scratch) or an FP checkpoint (fp.pt).")
+    path = Path(str(model))
+    if path.is_dir():
+        raise ValueError(f"{key}={model} is a directory: pass a .pt checkpoint (e.g. {path / 'weights' / 'best.pt'}) or a model YAML.")
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}={model}: file not found (nothing is downloaded); pass an existing .pt checkpoint.")
+        from ultralytics.nn.tasks import load_checkpoint
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                net, _ = load_checkpoint(str(path), device="cpu")
+        except Exception as e:  # truncated zip, pickle of something else, format mismatch: one clear message
+            raise ValueError(f"{key}={model} is not a readable Ultralytics checkpoint ({type(e).__name__}: {e}). "
+                             "Pass a .pt written by Ultralytics or yolo-gab (an interrupted copy is often truncated).") from None
+        return net, dict(getattr(net, "yaml", {}) or {})
+    if path.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"{key}={model} is neither a .pt checkpoint nor a model .yaml.")
+    from ultralytics.nn.tasks import yaml_model_load
+
+    try:
+        cfg = yaml_model_load(str(path))  # also resolves scaled names: yolov5n.yaml -> yolov5.yaml, scale n
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{key}={model}: model YAML not found (neither on disk nor among Ultralytics' model "
+                                "YAMLs such as yolov5s.yaml, yolo11s.yaml).") from None
+    except Exception as e:
+        raise ValueError(f"{key}={model} is not a readable model YAML ({type(e).__name__}: {e}).") from None
+    if not isinstance(cfg, dict) or "backbone" not in cfg or "head" not in cfg:
+        raise ValueError(f"{key}={model} is not a model definition (no 'backbone:'/'head:' lists); a data YAML goes in data=.")
+    return None, cfg
+
+
+def _task_of(net, cfg: dict) -> str:
+    from ultralytics.nn.tasks import guess_model_task
+
+    try:
+        return guess_model_task(net if net is not None else cfg)
+    except Exception:
+        return "detect"
+
+
+def check_data(data: Any, imgsz: Any = None) -> dict:
+    """Resolve a detection data YAML without scanning it: YAML readable, image folders present, labels in range.
+
+    A sample of up to 200 label files per split is read: a class id outside ``names`` (a systematically wrong
+    ``names:`` list or dataset) is an error here instead of thousands of skipped images later.
+
+    Returns:
+        (dict): The resolved data dict (``nc``, ``names``, ``train``, ``val``), or ``{}`` for a dataset Ultralytics
+        will download itself (a YAML with ``download:`` whose images are not on disk yet).
+
+    Raises:
+        FileNotFoundError: The YAML or an image folder does not exist.
+        ValueError: A malformed YAML, no images, labels out of range.
+    """
+    from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths
+    from ultralytics.utils import YAML
+    from ultralytics.utils.checks import check_file
+
+    if data in (None, ""):
+        raise ValueError("data= is missing: pass a detection data YAML, e.g. data=datasets/synth/data.yaml.")
+    s = str(data)
+    if "://" in s:
+        return {}
+    if not Path(s).exists():
+        try:
+            s = check_file(s, hard=True, download=False)
+        except Exception:
+            raise FileNotFoundError(f"data={data}: data YAML not found. Pass the path of a detection data YAML "
+                                    "(make one with 'yolo-gab synth out=datasets/synth').") from None
+    if Path(s).is_file() and Path(s).suffix not in (".yaml", ".yml"):
+        raise ValueError(f"data={data} is not a .yaml data file.")
+    try:
+        raw = YAML.load(s) if Path(s).is_file() else {}
+    except Exception as e:
+        raise ValueError(f"data={data}: not readable YAML ({type(e).__name__}: {e}).") from None
+    if Path(s).is_file() and not isinstance(raw, dict):
+        raise ValueError(f"data={data} must hold 'key: value' pairs (path, train, val, names), not a {type(raw).__name__}.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            d = check_det_dataset(s, autodownload=False)
+    except Exception as e:
+        if raw.get("download"):
+            return {}  # Ultralytics fetches it during setup
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"data={data}: {msg}. Fix the YAML's path/train/val entries.") from None
+    nc = int(d["nc"])
+    for split in ("train", "val"):
+        entries = d.get(split)
+        entries = entries if isinstance(entries, list) else [entries]
+        files = []
+        for e in entries:
+            p = Path(str(e))
+            if p.is_dir():
+                files += sorted(f for f in p.rglob("*") if f.suffix[1:].lower() in IMG_FORMATS)
+            elif p.is_file() and p.suffix == ".txt":
+                root = p.parent
+                for line in p.read_text().splitlines():
+                    line = line.strip()
+                    if line:
+                        f = Path(line)
+                        files.append(f if f.is_absolute() else (root / f).resolve())
+            elif p.is_file():
+                files.append(p)
+            else:
+                raise FileNotFoundError(f"data={data}: {split} images '{p}' not found. Fix '{split}:' in the YAML.")
+        if not files:
+            raise ValueError(f"data={data}: no images in the {split} split ({', '.join(map(str, entries))}). "
+                             "Put images there or point '{split}:' at the image folder.")
+        step = max(len(files) // _LABEL_SAMPLE, 1)
+        for lb in img2label_paths([str(f) for f in files[::step][:_LABEL_SAMPLE]]):
+            lp = Path(lb)
+            if not lp.is_file():
+                continue  # an image without a label file is a background image
+            for n, line in enumerate(lp.read_text().splitlines(), 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                try:
+                    cls = float(parts[0])
+                except ValueError:
+                    raise ValueError(f"data={data}: {lp} line {n} does not start with a class id: '{line[:60]}'.") from None
+                if cls != int(cls) or not 0 <= cls < nc:
+                    raise ValueError(f"data={data}: {lp} line {n} has class {parts[0]}, but the YAML names {nc} classes "
+                                     f"(0..{nc - 1}). List every class under 'names:' or fix the labels.")
+    return d
+
+
+def check_imgsz(imgsz: Any, stride: int = 32) -> None:
+    """Refuse an image size that is not a multiple of the model's largest stride (Ultralytics would silently round)."""
+    sizes = imgsz if isinstance(imgsz, (list, tuple)) else [imgsz]
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or int(s) != s or s <= 0 or int(s) % stride:
+            lo = max(int(float(s)) // stride * stride, stride) if isinstance(s, (int, float)) and not isinstance(s, bool) else stride
+            raise ValueError(f"imgsz={imgsz} must be a positive multiple of the model's largest stride {stride}: "
+                             f"use e.g. imgsz={lo} or imgsz={lo + stride}.")
+
+
+def check_resume(overrides: dict) -> None:
+    """For ``resume``: the checkpoint must be readable and the plugin keys may not change.
+
+    Raises:
+        FileNotFoundError | ValueError: Naming the checkpoint or the changed keys.
+    """
+    resume = overrides.get("resume")
+    path = resume if isinstance(resume, (str, Path)) and str(resume) not in ("True", "true") else overrides.get("model")
+    if path is None or not str(path).endswith(".pt"):
+        return  # Ultralytics picks the latest run itself
+    if not Path(str(path)).is_file():
+        raise FileNotFoundError(f"resume: checkpoint {path} not found; pass model=path/to/weights/last.pt of the run.")
+    from ultralytics.utils.patches import torch_load
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch_load(str(path), map_location="cpu")
+        saved = ckpt["train_args"]
+    except Exception as e:
+        raise ValueError(f"resume: {path} is not a readable training checkpoint ({type(e).__name__}). "
+                         "Resume from the run's weights/last.pt.") from None
+    if ckpt.get("optimizer") is None or ckpt.get("epoch", -1) < 0:
+        raise ValueError(f"resume: {path} is a finished (stripped) checkpoint with no optimizer state: nothing to resume. "
+                         f"Start a new run with model={path}.")
+    from .settings import validate_settings
+
+    given = validate_settings({k: v for k, v in overrides.items() if k in PLUGIN_KEYS})
+    before = validate_settings({k: saved.get(k, PLUGIN_DEFAULTS[k]) for k in given})
+    changed = [f"{k}={given[k]} (run: {before[k]})" for k in given if given[k] != before[k]]
+    if changed:
+        raise ValueError(f"resume continues a run with its own settings; these differ: {', '.join(changed)}. Drop them, "
+                         f"or start a new run from the checkpoint with model={path}.")
+
+
+def preflight_train(merged: dict, overrides: dict) -> None:
+    """Run every check of a new GABTrainer run that needs no run folder: model, task, data, structure, teacher.
+
+    Args:
+        merged (dict): Validated Ultralytics + plugin settings.
+        overrides (dict): The keys the user passed explicitly.
+
+    Raises:
+        ValueError | FileNotFoundError: With the key or file and what to do.
+    """
+    import torch
+
+    check_explicit_keys(overrides, merged)
+    net, cfg = load_model_file(merged.get("model"))
+    task = _task_of(net, cfg)
+    if task != "detect":
+        raise ValueError(f"model={merged.get('model')} is a {task} model; GABTrainer trains detection models. Use a "
+                         "detection YAML or checkpoint (e.g. yolov5s.yaml, yolo11s.yaml).")
+    data = check_data(merged.get("data"), merged.get("imgsz"))
+    check_imgsz(merged.get("imgsz", 640))
+    from ultralytics.nn.tasks import DetectionModel
+
+    from .distill import _check_indices, is_quantized
+
+    nc = data.get("nc") or (getattr(net, "nc", None) if net is not None else cfg.get("nc", 80))
+    if net is not None and is_quantized(net):
+        was = dict(getattr(net, "gabfusion", None) or {})
+        diff = [f"{k}={merged.get(k)} (checkpoint: {was.get(k)})" for k in QUANT_STRUCTURE if was and merged.get(k) != was.get(k)]
+        if merged.get("qat") == "none" or diff:
+            raise ValueError(
+                f"model={merged.get('model')} is already quantized ({was.get('qat', '?')} W{was.get('w_bits', '?')}"
+                f"A{was.get('a_bits', '?')}); requested {', '.join(diff) or 'qat=none'}. Start from the FP checkpoint "
+                f"to quantize differently, or pass the checkpoint's own qat/w_bits/a_bits to train it further.")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        student = net if net is not None else DetectionModel(cfg, nc=nc, verbose=False)  # (a build runs a 256 px forward)
+    n_layers = len(student.model)
+    if merged.get("qat_skip"):
+        _check_indices(merged["qat_skip"], n_layers, "model")
+    if merged.get("gab", "off") != "off":
+        from .fusion import GABFusion, insert_gabfusion
+
+        if not any(isinstance(m, GABFusion) for m in student.modules()):
+            try:
+                insert_gabfusion(student, mode=merged["gab"])
+            except ValueError as e:
+                raise ValueError(f"gab={merged['gab']}: {e} Use a model with a fusion neck (yolov5s.yaml, yolo11s.yaml) or gab=off.") from None
+    if merged.get("ada"):
+        _check_teacher_matches(student, merged, nc, data)
+
+
+def _check_teacher_matches(student, merged: dict, nc: int, data: dict) -> None:
+    from .distill import _check_indices, check_teacher, default_layers, load_teacher
+
+    teacher_path = merged.get("teacher") or merged.get("model")
+    teacher = load_teacher(teacher_path)
+    layers = merged.get("ada_layers") or default_layers(student)
+    try:
+        _check_indices(layers, len(student.model), "student")
+    except ValueError as e:
+        raise ValueError(f"ada_layers={layers}: {e}. Pick layers of the model (default: the Detect inputs).") from None
+    t_nc = getattr(teacher, "nc", None) or len(getattr(teacher, "names", {}) or {})
+    if data and t_nc and int(t_nc) != int(nc):
+        raise ValueError(f"teacher {teacher_path} predicts {t_nc} classes, but data={merged.get('data')} has {nc}: "
+                         "the teacher must be the FP model trained on this dataset. Pass teacher= that checkpoint or set ada=0.")
+    check_teacher(student, teacher, layers)
+
+
+__all__ = ["check_data", "check_writable_dir", "check_explicit_keys", "check_imgsz", "check_resume", "load_model_file", "preflight_train"]
