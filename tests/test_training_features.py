@@ -98,9 +98,11 @@ def test_ada_run_logs_loss_and_never_saves_teacher(attn, div, qat, tmp_path, tin
     header = (run / "results.csv").read_text().splitlines()[0].split(",")
     assert "train/ada_loss" in header and "val/ada_loss" in header and "ada/ratio" in header
     row = list(csv.DictReader(open(run / "results.csv")))[0]
-    # val/ada_loss is the same weighted term on the EMA model: positive (P != R), of the training term's magnitude
+    # val/ada_loss is the same weighted term on the EMA model: positive (P != R) and logged with significant digits
+    # (in eval mode both models use running BN statistics, so it is orders of magnitude below the training term,
+    # where the student normalises with batch statistics and the teacher with running ones)
     train_ada, val_ada = float(row["train/ada_loss"]), float(row["val/ada_loss"])
-    assert train_ada > 0 and val_ada > 0 and 0.01 < val_ada / train_ada < 100, (train_ada, val_ada)
+    assert train_ada > 0 and 0 < val_ada < train_ada, (train_ada, val_ada)
     assert "teacher: " + str(fp_copy) in (run / "args.yaml").read_text()
 
     best = run / "weights" / "best.pt"

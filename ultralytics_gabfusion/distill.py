@@ -892,6 +892,7 @@ class ADACriterion:
         self.student = _unwrap(student)
         self._ratio_sum: torch.Tensor | None = None
         self._ratio_n = 0
+        self.weighted_sum, self.calls = 0.0, 0  # unrounded mean of the weighted term (Ultralytics logs 5 decimals)
 
     def __deepcopy__(self, memo: dict) -> None:
         return None
@@ -928,6 +929,9 @@ class ADACriterion:
         ratio = ada_total.detach()[0] / det.detach().sum().abs().clamp_min(_TINY)
         self._ratio_sum = ratio if self._ratio_sum is None else self._ratio_sum + ratio  # no host sync per step
         self._ratio_n += 1
+        if not self.student.training:  # validation: keep the exact mean (one host sync per val batch only)
+            self.weighted_sum += float(weighted)
+            self.calls += 1
         if isinstance(items, dict):
             items = {**items, "ada_loss": weighted.detach().to(loss.device)}
         elif isinstance(items, torch.Tensor):

@@ -383,9 +383,12 @@ class GABTrainer(DetectionTrainer):
         ema = self.ema.ema
         self._ada.quantizers.update(self._qada_quantizers(ema, self._ada.layers))
         self._ada.attach(ema)
-        ema.criterion = ADACriterion(ema.init_criterion(), self._ada, ema)
+        crit = ema.criterion = ADACriterion(ema.init_criterion(), self._ada, ema)
         try:
-            return super().validate()
+            metrics, fitness = super().validate()
+            if metrics is not None and crit.calls:  # the validator rounds to 5 decimals: ~1e-7 would read 0
+                metrics["val/ada_loss"] = float(f"{crit.weighted_sum / crit.calls:.5g}")
+            return metrics, fitness
         finally:
             ema.criterion = None
             self._ada.detach(ema)
