@@ -7,6 +7,7 @@ Usage:
     yolo-gab synth out=datasets/synth train=4000 val=500 imgsz=512 seed=0          # generate the synthetic set
     yolo-gab export model=best.pt format=onnx                                      # Q/DQ ONNX for quantized models
     yolo-gab bench ...  |  yolo-gab bench speed ...                                # paper-table / speed benchmarks
+    yolo-gab sensitivity model=fp.pt data=data.yaml qat=lsq w_bits=4 a_bits=4      # per-layer sensitivity ranking
     yolo-gab help                                                                  # plugin keys and defaults
     yolo-gab val model=best.pt data=data.yaml                                      # any other mode: Ultralytics
 
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench_main
 
             return bench_main(argv[1:]) or 0
+        if argv[0] == "sensitivity":
+            from .sensitivity import sensitivity_main
+
+            return sensitivity_main(argv[1:]) or 0
         if "export" in argv:
             _, overrides = parse_args(argv)
             from .export import export_main

@@ -171,9 +171,9 @@ class GABTrainer(DetectionTrainer):
         from .quant.convert import plan_policy
         from .quant.mixed import average_bits, plan_size_bytes, resolve_layer_bits
 
-        def plan(lb):
+        def plan(lb):  # bits only: a fixed grid skips the activation-bound probe (a forward pass per call)
             return plan_policy(model, args.w_bits, args.a_bits, args.qat_first_bits, args.qat_head_bits, args.qat_skip,
-                               args.qat_act_grid, lb)
+                               "signed", lb)
 
         mapping = resolve_layer_bits(model, value, getattr(args, "qat_bits_budget", None), plan)
         if verbose:

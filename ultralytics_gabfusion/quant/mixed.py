@@ -118,7 +118,8 @@ def allocate_bits(model: nn.Module, scores: dict[int, float], budget: tuple[str,
         model (nn.Module): The model to plan (float).
         scores (dict[int, float]): Sensitivity per layer (higher = hurts more when quantized).
         budget (tuple[str, float]): From :func:`~ultralytics_gabfusion.settings.parse_bits_budget`.
-        plan_fn (Callable[[dict], list[dict]]): ``layer_bits -> rows`` (``plan_policy`` with the run's other keys).
+        plan_fn (Callable[[dict], list[dict]]): ``layer_bits -> rows`` (``plan_policy`` with the run's other keys;
+            only the bits are read, so ``act_grid="signed"`` saves the probe forward pass of ``auto``).
 
     Returns:
         (dict[int, int]): ``{layer: bits}`` for the raised layers (possibly empty when nothing fits).
