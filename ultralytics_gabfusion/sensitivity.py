@@ -169,29 +169,24 @@ def _batches(trainer, n_images: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def _forward_all(model, batches) -> list:
-    return [model(b["img"]) for b in batches]
-
-
-@torch.inference_mode()
-def _map50(model, batches, validator, data: dict) -> float:
-    """mAP50 of ``model`` on the cached batches with Ultralytics' detection validator (postprocess + metrics)."""
-    validator.training = True  # in-memory model: no AutoBackend, no JSON/plots, metrics only
-    validator.data, validator.args.plots = data, False
-    validator.init_metrics(model)
-    for b in batches:
-        preds = validator.postprocess(model(b["img"]))
-        validator.update_metrics(preds, b)
-    stats = validator.get_stats()
-    return float(stats.get("metrics/mAP50(B)", float("nan")))
-
-
-def _proxy(model, batches, ref) -> dict:
-    div = OutputDivergence()
-    with torch.inference_mode():
-        for b, r in zip(batches, ref):
-            div.update(r, _raw_outputs(model(b["img"])))
-    return div.result()
+def _evaluate(model, batches, ref=None, validator=None, data=None) -> dict:
+    """One pass over the cached batches: the ``kl``/``mse`` proxies against ``ref`` (FP raw outputs) and, with a
+    ``validator``, mAP50 through Ultralytics' detection postprocess and metrics."""
+    div = OutputDivergence() if ref is not None else None
+    if validator is not None:
+        validator.training = True  # in-memory model: no AutoBackend, no JSON/plots, metrics only
+        validator.data, validator.args.plots = data, False
+        validator.init_metrics(model)
+    for i, b in enumerate(batches):
+        preds = model(b["img"])
+        if div is not None:
+            div.update(ref[i], _raw_outputs(preds))
+        if validator is not None:
+            validator.update_metrics(validator.postprocess(preds), b)
+    out = div.result() if div is not None else {}
+    if validator is not None:
+        out["mAP50"] = float(validator.get_stats().get("metrics/mAP50(B)", float("nan")))
+    return out
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -277,20 +272,18 @@ def layer_sensitivity(model: str | os.PathLike, metric: str = "kl", images: int 
     roles = layer_roles(qmodel)
     layers = quantized_layers(qmodel)
     args = trainer.args
-    with only_quantized(qmodel, None, False, False):
-        ref = [_raw_outputs(p) for p in _forward_all(qmodel, batches)]
-        fp_map = _map50(qmodel, batches, trainer.validator, trainer.data) if metric == "map" else None
-    reference = {"fp": {"mAP50": fp_map}, "all": _proxy(qmodel, batches, ref)}
-    if metric == "map":
-        reference["all"]["mAP50"] = _map50(qmodel, batches, trainer.validator, trainer.data)
+    val = (trainer.validator, trainer.data) if metric == "map" else (None, None)
+    with only_quantized(qmodel, None, False, False), torch.inference_mode():
+        ref = [_raw_outputs(qmodel(b["img"])) for b in batches]
+        fp_map = _evaluate(qmodel, batches, None, *val).get("mAP50")
+    reference = {"fp": {"mAP50": fp_map}, "all": _evaluate(qmodel, batches, ref, *val)}
     configs = [(layer, mode) for layer in layers for mode in MODES]
     results: dict[tuple[int, str], dict] = {}
     for layer, mode in TQDM(configs, desc=f"sensitivity W{args.w_bits}A{args.a_bits} {args.qat} ({metric})"):
         with only_quantized(qmodel, {layer}, "w" in mode, "a" in mode):
-            r = _proxy(qmodel, batches, ref)
-            if metric == "map":
-                r["mAP50"] = _map50(qmodel, batches, trainer.validator, trainer.data)
-                r["drop"] = fp_map - r["mAP50"]
+            r = _evaluate(qmodel, batches, ref, *val)
+        if metric == "map":
+            r["drop"] = fp_map - r["mAP50"]
         results[(layer, mode)] = r
     rows = _rank_rows(qmodel, layers, roles, results, metric)
     corr = {}
