@@ -144,7 +144,8 @@ class OutputDivergence:
 
     def result(self) -> dict:
         """``{"kl": mean per image, "mse": relative MSE}``."""
-        return {"kl": self.kl_sum / max(self.n, 1), "mse": self.se / self.ref_sq if self.ref_sq else float("nan")}
+        kl = max(self.kl_sum / max(self.n, 1), 0.0)  # >= 0; float32 rounding gives -1e-14 for identical outputs
+        return {"kl": kl, "mse": self.se / self.ref_sq if self.ref_sq else float("nan")}
 
 
 # ============================================================================================== measurement
