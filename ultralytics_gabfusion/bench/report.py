@@ -227,7 +227,7 @@ def plot_size(result: dict, path: Path) -> Path | None:
                                   and r[m]["mean"] is not None))
                     if not pts:
                         continue
-                    label = f"{ARM_LABELS[arm]} ({method}{', ' + model if len(s['models']) > 1 else ''})"
+                    label = f"{ARM_LABELS[arm]}, {method}{', ' + model if len(s['models']) > 1 else ''}"
                     line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=label)
                     for x, y, b in pts:
                         ax.annotate(f"W{b}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7,
