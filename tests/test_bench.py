@@ -136,6 +136,61 @@ def test_report_pairs_differences_per_seed():
     assert "+3.50 ± 2.12" in md and "mean ± std over seeds" in md
 
 
+def test_sweep_table_and_size_plot(tmp_path):
+    """Several bit-widths: a sweep section (size + each arm's mAP per bit-width) and the accuracy-vs-size plot."""
+    from ultralytics_gabfusion.bench.report import aggregate, markdown, plot_size
+
+    def rec(arm, bits, m50, size, kind="qat"):
+        return {"id": f"{arm}{bits}", "model": "yolov5n", "seed": 0, "kind": kind, "method": None if kind == "fp" else
+                "lsq", "bits": bits, "arm": arm, "status": "trained", "mAP50": m50, "mAP50_95": m50 / 2,
+                "epochs_run": 0, "size_bytes": size}
+
+    recs = [rec("fp", None, 0.9, 4096.0 * 1024, "fp"), rec("ptq", 8, 0.89, 1100.0 * 1024), rec("ptq", 4, 0.80, 600.0 * 1024),
+            rec("baseline", 8, 0.9, 1100.0 * 1024), rec("baseline", 4, 0.85, 600.0 * 1024)]
+    s = {"models": ["yolov5n"], "seeds": [0], "bits": [8, 4], "methods": ["lsq"], "arms": ["ptq", "baseline"]}
+    rows = aggregate(recs, s)
+    assert {(r["bits"], r["arm"]): r["size_bytes"] for r in rows} == {
+        (None, "fp"): 4096 * 1024, (8, "ptq"): 1100 * 1024, (4, "ptq"): 600 * 1024, (8, "baseline"): 1100 * 1024,
+        (4, "baseline"): 600 * 1024}
+    result = {"settings": {**s, "imgsz": 64, "batch": 8, "fp_epochs": 1, "epochs": 1, "ada": 0.01},
+              "environment": {"hardware": "cpu", "torch": "t", "ultralytics": "u", "ultralytics_gabfusion": "p",
+                              "git_commit": None},
+              "data": {"generated": True, "n_train": 16, "n_val": 8, "imgsz": 64}, "rows": rows, "wall_s": 1.0}
+    md = markdown(result)
+    assert "## Bit-width sweep" in md
+    assert "| model | method | bits | size (KiB) | PTQ (no training) | baseline QAT |" in md
+    assert "| yolov5n | — | FP32 | 4,096 | 90.00 / 45.00 (FP) | — |" in md
+    assert "| yolov5n | lsq | W8A8 | 1,100 | 89.00 / 44.50 | 90.00 / 45.00 |" in md
+    assert md.index("| yolov5n | lsq | W8A8 |") < md.index("| yolov5n | lsq | W4A4 |"), "highest bits first"
+    assert plot_size(result, tmp_path / "size.png").stat().st_size > 0
+    s1 = {**s, "bits": [4]}
+    assert "## Bit-width sweep" not in markdown({**result, "settings": {**result["settings"], **s1}}), "one bit-width"
+    assert plot_size({**result, "rows": [{**r, "size_bytes": None} for r in rows]}, tmp_path / "x.png") is None
+
+
+@pytest.mark.slow
+def test_bench_bit_sweep_sizes_from_checkpoints(tmp_path, tiny_data, fp_ckpt):
+    """bits=[8,3] PTQ from one FP checkpoint: each run's size follows its convs' bits; sweep table and size plot."""
+    import torch
+
+    from ultralytics_gabfusion.quant.mixed import model_size_bytes
+
+    out = tmp_path / "sweep"
+    r = run_cli("bench", f"models=[{fp_ckpt['yolov5s']}]", f"data={tiny_data}", "bits=[8,3]", "arms=[ptq]",
+                "methods=[lsq]", f"imgsz={IMGSZ}", "batch=8", "workers=0", "device=cpu", "qat_calib=1", f"out={out}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "bench.json").read_text())
+    runs = {x["arm"] + str(x["bits"]): x for x in res["runs"]}
+    fp_params = sum(p.numel() for p in torch.load(fp_ckpt["yolov5s"], weights_only=False)["model"].parameters())
+    assert runs["fpNone"]["size_bytes"] == 4 * fp_params
+    for b in (8, 3):
+        model = torch.load(runs[f"ptq{b}"]["weights"], weights_only=False)["ema"]
+        assert runs[f"ptq{b}"]["size_bytes"] == model_size_bytes(model)
+    assert 4 * fp_params > runs["ptq8"]["size_bytes"] > runs["ptq3"]["size_bytes"]
+    md = (out / "bench.md").read_text()
+    assert "## Bit-width sweep" in md and "| W3A3 |" in md and (out / "size.png").stat().st_size > 0
+
+
 # --------------------------------------------------------------------------------------- refused settings
 BAD = [
     (["methods=[lsq,lsq4]"], "lsq4"),

@@ -32,7 +32,8 @@ NC = 16
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def build_quantized(cfg: str, method: str, bits: int, images: torch.Tensor, gab: bool = False, seed: int = 0):
+def build_quantized(cfg: str, method: str, bits: int, images: torch.Tensor, gab: bool = False, seed: int = 0,
+                    layer_bits: dict | None = None):
     """A calibrated fake-quant DetectionModel with non-trivial BN, quantizer and head state (eval mode)."""
     from ultralytics.nn.tasks import DetectionModel
 
@@ -54,7 +55,7 @@ def build_quantized(cfg: str, method: str, bits: int, images: torch.Tensor, gab:
             mod.reset_running_stats()
     for seq in m.model[-1].cv3:
         torch.nn.init.zeros_(seq[-1].bias)
-    quantize_model(m, method, bits, bits)
+    quantize_model(m, method, bits, bits, layer_bits=layer_bits)
     init_weight_quantizers(m)
     calibrate_activations(m, [images])
     m.train()
@@ -200,6 +201,28 @@ def test_export_parity(cfg, method, bits, opts, images, tmp_path):
             assert "UINT4" in types and (("INT4" in types) == gab)  # signed grids only after GABFusion's LayerNorm
     if gab:
         assert ops.get("ReduceMean", 0) >= 8  # 4 channel LayerNorms, mean and variance each
+
+
+def test_export_mixed_bit_widths(images, tmp_path):
+    """Per-layer bits (qat_layer_bits): every conv is exported with its own bit-width, range and container."""
+    from ultralytics_gabfusion.quant.qconv import quant_convs
+
+    model = build_quantized("yolov5s.yaml", "lsq", 4, images, layer_bits={2: 3, 4: 8, 6: 5, 17: 2})
+    path = tmp_path / "mixed.onnx"
+    info = export_qdq_onnx(model, path, imgsz=IMGSZ, images=images, verbose=False)
+    assert info["parity"]["ok"] and info["parity"]["unmatched"] == 0, info["parity"]
+    want = {n: (m.w_bits, m.a_bits) for n, m in quant_convs(model)}
+    assert {r["name"]: (r["w_bits"], r["a_bits"]) for r in info["layers"]} == want
+    assert {w for w, _ in want.values()} == {2, 3, 4, 5, 8}
+    proto = onnx.load(str(path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    types = weight_dq_types(proto)
+    for n, (wb, _) in want.items():
+        assert types[f"{n}.weight/w_int"] == ("INT4" if wb == 4 else "INT8"), (n, wb)
+        ints = numpy_helper.to_array(inits[f"{n}.weight/w_int"]).astype(np.int64)
+        assert ints.min() >= -(2 ** (wb - 1)) and ints.max() <= 2 ** (wb - 1) - 1, (n, wb, ints.min(), ints.max())
+        if wb in (2, 3):  # the range is really used: not 8-bit integers in an 8-bit container
+            assert ints.max() - ints.min() >= 2 ** wb - 2, (n, wb)
 
 
 def test_yolo_loads_exported_onnx(lsq_v5_onnx, images, tiny_data):

@@ -7,6 +7,7 @@ Usage:
     yolo-gab synth out=datasets/synth train=4000 val=500 imgsz=512 seed=0          # generate the synthetic set
     yolo-gab export model=best.pt format=onnx                                      # Q/DQ ONNX for quantized models
     yolo-gab bench ...  |  yolo-gab bench speed ...                                # paper-table / speed benchmarks
+    yolo-gab sensitivity model=fp.pt data=data.yaml qat=lsq w_bits=4 a_bits=4      # per-layer sensitivity ranking
     yolo-gab help                                                                  # plugin keys and defaults
     yolo-gab val model=best.pt data=data.yaml                                      # any other mode: Ultralytics
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from .settings import PLUGIN_KEYS, help_text, read_recipe, split_overrides, validate_settings
 
 TRAINER_HELP = "trainer= takes gab (default), default (the stock DetectionTrainer) or package.module:ClassName"
+PLUGIN_MODES = ("synth", "bench", "sensitivity")  # modes of yolo-gab itself (the rest go to Ultralytics)
 
 
 class UsageError(Exception):
@@ -167,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench_main
 
             return bench_main(argv[1:]) or 0
+        if argv[0] == "sensitivity":
+            from .sensitivity import sensitivity_main
+
+            return sensitivity_main(argv[1:]) or 0
         _check_mode(argv)
         if "export" in argv:
             _, overrides = parse_args(argv)
@@ -206,9 +212,9 @@ def _check_mode(argv: list[str]) -> None:
             continue
         if word in DEFAULT_CFG_DICT and isinstance(DEFAULT_CFG_DICT[word], bool):
             continue  # bare boolean flag such as 'resume'
-        close = difflib.get_close_matches(word, [*MODES, "synth", "bench"], n=1, cutoff=0.6)
+        close = difflib.get_close_matches(word, [*MODES, *PLUGIN_MODES], n=1, cutoff=0.6)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise UsageError(f"'{a}' is not a mode or key=value pair.{hint} Modes: {', '.join([*MODES, 'synth', 'bench'])}.")
+        raise UsageError(f"'{a}' is not a mode or key=value pair.{hint} Modes: {', '.join([*MODES, *PLUGIN_MODES])}.")
 
 
 def _parse_plain(argv: list[str]) -> dict:

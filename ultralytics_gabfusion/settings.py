@@ -132,6 +132,81 @@ def _float_list_or_none(key, v):
         raise ValueError(f"'{key}={v!r}' must be a list of numbers, e.g. {key}=[0.0,0.0].") from None
 
 
+def _layer_bits(key, v):
+    """``{layer: bits}`` (a mapping, also as the CLI literal ``{17:8,20:6}``) or the path of a sensitivity CSV."""
+    if v in (None, "", "none", "None"):
+        return None
+    if isinstance(v, str) and v.strip().startswith("{"):
+        import ast
+
+        try:
+            v = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"'{key}={v}' is not a valid mapping: write it as {{17: 8, 20: 6}} (layer: bits).") from None
+    if isinstance(v, dict):
+        out = {}
+        for k, b in v.items():
+            try:
+                layer = int(k)
+            except (TypeError, ValueError):
+                layer = -1
+            if layer < 0 or (isinstance(k, float) and k != layer) or isinstance(k, bool):
+                raise ValueError(f"'{key}': {k!r} is not a layer index; use non-negative integers, e.g. {{17: 8}}.")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or float(b) != int(b) or not 2 <= int(b) <= 8:
+                raise ValueError(f"'{key}': layer {layer} bits {b!r} are not supported; use an integer in 2..8.")
+            out[layer] = int(b)
+        if not out:
+            raise ValueError(f"'{key}' is an empty mapping: name at least one layer, e.g. {{17: 8}}, or use None.")
+        return out
+    if isinstance(v, str) and v.lower().endswith(".csv"):
+        from pathlib import Path
+
+        if not Path(v).is_file():
+            raise ValueError(f"'{key}={v}': file not found; pass the sensitivity.csv written by 'yolo-gab sensitivity'.")
+        return v
+    raise ValueError(f"'{key}={v!r}' must be a mapping {{layer: bits}} (e.g. {{17: 8, 20: 6}}) or the path of the "
+                     f"sensitivity.csv written by 'yolo-gab sensitivity' (with qat_bits_budget=).")
+
+
+SIZE_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1}  # longest first
+
+
+def parse_bits_budget(value) -> tuple[str, float]:
+    """``qat_bits_budget`` as ``("avg_bits", x)`` (a number in 2..8) or ``("bytes", n)`` (``'600KB'``, ``'1.2MiB'``).
+
+    Examples:
+        >>> parse_bits_budget(4.5)
+        ('avg_bits', 4.5)
+        >>> parse_bits_budget("1.5KiB")
+        ('bytes', 1536.0)
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+        if not 2 <= v <= 8:
+            raise ValueError(f"'qat_bits_budget={value}' is out of range: an average bit-width must be in 2..8; give a "
+                             f"model size with a unit instead, e.g. qat_bits_budget=600KB.")
+        return "avg_bits", v
+    s = str(value).strip().replace(" ", "")
+    for unit, mult in SIZE_UNITS.items():
+        if s.lower().endswith(unit):
+            try:
+                n = float(s[: -len(unit)]) * mult
+            except ValueError:
+                break
+            if n > 0:
+                return "bytes", n
+            break
+    raise ValueError(f"'qat_bits_budget={value}' is not valid: give an average bit-width (e.g. 4.5) or a model size "
+                     f"with a unit (e.g. 600KB, 1.2MB, 900KiB, 650000B).")
+
+
+def _bits_budget(key, v):
+    if v in (None, "", "none", "None"):
+        return None
+    kind, x = parse_bits_budget(v)
+    return x if kind == "avg_bits" else str(v).strip().replace(" ", "")
+
+
 SETTINGS: dict[str, Setting] = {
     # Quantization-aware training
     "qat": Setting("none", "quantizer for weights and activations: none, lsq, lsqplus, pact, n2uq", _choice(*QAT_METHODS)),
@@ -140,6 +215,10 @@ SETTINGS: dict[str, Setting] = {
     "qat_first_bits": Setting(8, "W and A bits of the first conv (0 = same as w_bits/a_bits)", _int_range(2, 8, True)),
     "qat_head_bits": Setting(8, "W and A bits of the Detect output convs (0 = same as w_bits/a_bits)", _int_range(2, 8, True)),
     "qat_skip": Setting(None, "layer indices left in full precision, e.g. [0,23]", _int_list_or_none),
+    "qat_layer_bits": Setting(None, "mixed precision: {layer: bits} of ordinary convs, or a sensitivity.csv (with "
+                              "qat_bits_budget)", _layer_bits),
+    "qat_bits_budget": Setting(None, "budget for qat_layer_bits=<csv>: average weight bits (e.g. 4.5) or a size (600KB)",
+                               _bits_budget),
     "qat_calib": Setting(4, "training batches used to initialise activation quantizers before training", _int_range(1, 1000)),
     "qat_init": Setting("mse", "quantizer init: mse (published init, range refined by an MSE search) or paper (published inits)", _choice("mse", "paper")),
     "qat_act_grid": Setting("auto", "activation grids: auto (unsigned after SiLU/ReLU, signed after LayerNorm), signed, unsigned",
@@ -241,6 +320,13 @@ def check_consistency(args) -> None:
         ValueError: When keys contradict each other, saying which key to change.
     """
     get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
+    layer_bits, budget = get("qat_layer_bits"), get("qat_bits_budget")
+    if isinstance(layer_bits, str) and budget is None:
+        raise ValueError(f"'qat_layer_bits={layer_bits}' (a sensitivity CSV) needs qat_bits_budget= (average bits such "
+                         "as 4.5, or a model size such as 600KB).")
+    if budget is not None and not isinstance(layer_bits, str):
+        raise ValueError("'qat_bits_budget' applies to qat_layer_bits=<sensitivity.csv>; pass that CSV, or drop the "
+                         "budget when giving a {layer: bits} mapping.")
     if get("ada_attn") == "qada" and get("qat") == "none" and (get("ada") or 0) > 0:
         raise ValueError("'ada_attn=qada' uses the student's quantizers: set qat=lsq|lsqplus|pact|n2uq or ada_attn=simam.")
 

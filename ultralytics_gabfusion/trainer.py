@@ -154,9 +154,10 @@ class GABTrainer(DetectionTrainer):
         if args.qat != "none":
             from .quant.convert import format_policy, quantize_model
 
+            layer_bits = self._layer_bits(model, verbose)
             rows = quantize_model(
                 model, args.qat, args.w_bits, args.a_bits, args.qat_first_bits, args.qat_head_bits, args.qat_skip,
-                args.qat_act_grid,
+                args.qat_act_grid, layer_bits,
             )
             if verbose:
                 LOGGER.info(f"{PREFIX}W{args.w_bits}A{args.a_bits} {args.qat} precision policy:\n{format_policy(rows)}")
@@ -170,6 +171,31 @@ class GABTrainer(DetectionTrainer):
             init_weight_quantizers(model, only_uninitialized=True, init=args.qat_init)  # from the loaded weights, not the random init
         model.gabfusion = {"version": __version__, **{k: getattr(args, k) for k in sorted(PLUGIN_KEYS)}}
         return model
+
+    def _layer_bits(self, model, verbose: bool) -> dict | None:
+        """Resolve ``qat_layer_bits`` (mapping, or sensitivity CSV + ``qat_bits_budget``) on the float model; log it."""
+        args = self.args
+        value = getattr(args, "qat_layer_bits", None)
+        if value is None:
+            return None
+        from .quant.convert import plan_policy
+        from .quant.mixed import average_bits, plan_size_bytes, resolve_layer_bits
+
+        def plan(lb):  # bits only: a fixed grid skips the activation-bound probe (a forward pass per call)
+            return plan_policy(model, args.w_bits, args.a_bits, args.qat_first_bits, args.qat_head_bits, args.qat_skip,
+                               "signed", lb)
+
+        mapping = resolve_layer_bits(model, value, getattr(args, "qat_bits_budget", None), plan)
+        if verbose:
+            uni, mixed = plan({}), plan(mapping)
+            src = f" from {value} under budget {args.qat_bits_budget}" if isinstance(value, str) else ""
+            LOGGER.info(
+                f"{PREFIX}mixed precision{src}: layer bits {mapping or '{} (nothing fits)'}; average weight bits "
+                f"{average_bits(model, mixed):.3f} (uniform {average_bits(model, uni):.3f}), size "
+                f"{plan_size_bytes(model, mixed) / 1024:.1f} KiB (uniform {plan_size_bytes(model, uni) / 1024:.1f} KiB)"
+            )
+        model.gabfusion_layer_bits = mapping  # the resolved mapping, kept with the model (and its checkpoints)
+        return mapping
 
     def _build_train_pipeline(self):
         """Build loaders and optimizer, then run the data-dependent inits before ``ModelEMA`` copies the model."""

@@ -4,7 +4,8 @@ For each model and seed the FP model is trained once (or taken from a given ``.p
 that same checkpoint and with the same schedule and seed, one QAT run per method x bit-width x arm is trained and
 its ``best.pt`` is re-validated the same way as the FP model (``YOLO(best).val``, same data, size and batch), so
 every number in the table is measured identically. Results go to ``out/bench.md``, ``out/bench.json`` and
-``out/bench.png``; each finished run is stored in ``out/results/<run>.json`` so an interrupted benchmark resumes
+``out/bench.png``, and the accuracy-vs-model-size plot ``out/size.png`` (size from the bit-width of each conv; with
+several ``bits`` the table gains a bit-width sweep section); each finished run is stored in ``out/results/<run>.json`` so an interrupted benchmark resumes
 where it stopped (a stored result is reused only when its settings fingerprint still matches).
 
 Examples:
@@ -13,6 +14,7 @@ Examples:
     yolo-gab bench models=[yolov5s] methods=[lsq,n2uq] bits=[4] seeds=[0,1,2]
     yolo-gab bench preset=paper-voc                                # VOC.yaml, 640 px, batch 64, early stopping
     yolo-gab bench models=[runs/fp/weights/best.pt] data=my.yaml   # QAT arms from your own FP checkpoint
+    yolo-gab bench models=[fp.pt] data=my.yaml bits=[8,6,5,4,3,2] arms=[ptq,baseline,gab_ada]  # bit-width sweep
 """
 
 from __future__ import annotations
@@ -422,6 +424,16 @@ def validate_weights(s: dict, weights: str, data: str, name: str) -> tuple[dict,
     return _metrics_of(r), time.perf_counter() - t0
 
 
+def weights_size_bytes(weights: str) -> float:
+    """Stored model size of a checkpoint from the bit-width of each conv (see :mod:`..quant.mixed`; FP at 32 bits)."""
+    import torch
+
+    from ..quant.mixed import model_size_bytes
+
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    return model_size_bytes(ckpt.get("ema") or ckpt["model"])
+
+
 def _free_memory() -> None:
     import torch
 
@@ -443,6 +455,8 @@ def _run(s: dict, rec: dict, fp: str, train_fn) -> dict:
         if old and old.get("fingerprint") == fp and old.get("status") in ("trained", "given") and \
                 Path(old.get("weights", "")).is_file():
             LOGGER.info(f"bench: {rec['id']}: stored result reused ({res_file})")
+            if old.get("size_bytes") is None:  # stored by a version without the size axis
+                old["size_bytes"] = weights_size_bytes(old["weights"])
             return {**old, "cached": True}
         LOGGER.info(f"bench: {rec['id']}: stored result is stale or incomplete, running it again")
     rec.update({"fingerprint": fp, "cached": False, "error": None})
@@ -452,6 +466,7 @@ def _run(s: dict, rec: dict, fp: str, train_fn) -> dict:
         rec["train_wall_s"] = round(time.perf_counter() - t0, 2) if rec["status"] == "trained" else 0.0
         metrics, vt = validate_weights(s, rec["weights"], rec["data"], rec["id"])
         rec.update(metrics)
+        rec["size_bytes"] = weights_size_bytes(rec["weights"])
         rec["val_wall_s"] = round(vt, 2)
         rec["wall_s"] = round(rec["train_wall_s"] + vt, 2)
         write_json(res_file, rec)
@@ -630,13 +645,14 @@ def run_bench(s: dict) -> int:
     write_json(s["out"] / "bench.json", result)
     table = report.markdown(result)
     (s["out"] / "bench.md").write_text(table)
-    for name, fn in (("bench.png", report.plot), ("curves.png", report.plot_curves)):
+    for name, fn in (("bench.png", report.plot), ("curves.png", report.plot_curves), ("size.png", report.plot_size)):
         try:
             fn(result, s["out"] / name)
         except Exception as e:  # a plotting problem must not hide the numbers
             LOGGER.warning(f"bench: {name} not written ({type(e).__name__}: {e})")
     print(table, flush=True)
-    LOGGER.info(f"bench: results in {s['out']} (bench.md, bench.json, bench.png, curves.png); {result['wall_s']:.0f} s")
+    LOGGER.info(f"bench: results in {s['out']} (bench.md, bench.json, bench.png, curves.png, size.png); "
+                f"{result['wall_s']:.0f} s")
     if result["failed"]:
         LOGGER.error(f"bench: {len(result['failed'])} run(s) failed or were skipped: {result['failed']}")
         return 1

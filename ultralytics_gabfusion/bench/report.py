@@ -56,6 +56,7 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
             row[f"gain_{m}"] = None
             row[f"recovered_{m}"] = None
         row["epochs_run"] = [fp[(model, sd)].get("epochs_run") for sd in seeds]
+        row["size_bytes"] = _size([fp[(model, sd)] for sd in seeds])
         rows.append(row)
         for bits in s["bits"]:
             for method in s["methods"]:
@@ -73,8 +74,15 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
                             "baseline" in s["arms"] else None
                         row[f"recovered_{m}"] = _recovered(qat, fp, have, m) if arm != "ptq" else None
                     row["epochs_run"] = [qat[k].get("epochs_run") for k in have]
+                    row["size_bytes"] = _size([qat[k] for k in have])
                     rows.append(row)
     return rows
+
+
+def _size(recs: list[dict]) -> float | None:
+    """Model size in bytes of a row (the same for every seed; None when no run recorded it)."""
+    sizes = [r["size_bytes"] for r in recs if r.get("size_bytes") is not None]
+    return statistics.fmean(sizes) if sizes else None
 
 
 def _recovered(qat: dict, fp: dict, have: list, m: str) -> dict | None:
@@ -155,11 +163,85 @@ def markdown(result: dict) -> str:
         note = f" (failed seeds {r['failed_seeds']})" if r["failed_seeds"] else ""
         lines.append(f"| {r['model']} | {bits} | {method} | {r['label']}{note} | {_fmt(r['mAP50'])} | "
                      f"{_fmt(r['mAP50_95'])} | {gap50} | {gap} | {gain50} | {gain} | {rec_txt} | {ep_txt} |")
+    if len(s["bits"]) > 1:
+        lines += ["", *sweep_table(result)]
     if result.get("resumed"):
         lines += ["", f"Reused stored results (resumed bench): {', '.join(result['resumed'])}"]
     if result.get("failed"):
         lines += ["", f"Failed or skipped runs (see bench.json): {', '.join(result['failed'])}"]
     return "\n".join(lines) + "\n"
+
+
+def _kib(size: float | None) -> str:
+    return "—" if size is None else f"{size / 1024:,.0f}"
+
+
+def sweep_table(result: dict) -> list[str]:
+    """Markdown lines of the bit-width sweep: per model and method, one row per bit-width (plus FP), model size and
+    mAP50 / mAP50-95 of each arm."""
+    s, rows = result["settings"], result["rows"]
+    arms = s["arms"]
+    lines = ["## Bit-width sweep", "",
+             "Model size: conv weights at their bit-width, other parameters at 32 bits (FP: everything at 32 bits); "
+             "mAP50 / mAP50-95 in percentage points.", "",
+             "| model | method | bits | size (KiB) | " + " | ".join(ARM_LABELS[a] for a in arms) + " |",
+             "|---|---|---|---|" + "---|" * len(arms)]
+    for model in s["models"]:
+        by = {(r["bits"], r["method"], r["arm"]): r for r in rows if r["model"] == model}
+        fp = by.get((None, None, "fp"))
+        if fp:
+            val = f"{_fmt(fp['mAP50'])} / {_fmt(fp['mAP50_95'])} (FP)"
+            lines.append(f"| {model} | — | FP32 | {_kib(fp.get('size_bytes'))} | " + " | ".join([val] + ["—"] * (len(arms) - 1)) + " |")
+        for method in s["methods"]:
+            for b in sorted(s["bits"], reverse=True):
+                cells = [by.get((b, method, a)) for a in arms]
+                size = next((c.get("size_bytes") for c in cells if c and c.get("size_bytes") is not None), None)
+                vals = [f"{_fmt(c['mAP50'])} / {_fmt(c['mAP50_95'])}" if c else "—" for c in cells]
+                lines.append(f"| {model} | {method} | W{b}A{b} | {_kib(size)} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def plot_size(result: dict, path: Path) -> Path | None:
+    """Accuracy vs model size: mAP50 and mAP50-95 (panels) against the size in KiB (log axis), one line per
+    model/method/arm through its bit-widths (labelled), FP as a star. None when no run recorded a size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r.get("size_bytes") is not None]
+    if not rows:
+        return None
+    s = result["settings"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
+    for ax, m in zip(axes[0], ("mAP50", "mAP50_95")):
+        for model in s["models"]:
+            fp = next((r for r in rows if r["model"] == model and r["arm"] == "fp"), None)
+            if fp and fp[m]["mean"] is not None:
+                ax.scatter([fp["size_bytes"] / 1024], [100 * fp[m]["mean"]], marker="*", s=140, color="k", zorder=4,
+                           label=f"FP32{' ' + model if len(s['models']) > 1 else ''}")
+            for method in s["methods"]:
+                for arm in s["arms"]:
+                    pts = sorted(((r["size_bytes"] / 1024, 100 * r[m]["mean"], r["bits"]) for r in rows
+                                  if (r["model"], r["method"], r["arm"]) == (model, method, arm)
+                                  and r[m]["mean"] is not None))
+                    if not pts:
+                        continue
+                    label = f"{ARM_LABELS[arm]}, {method}{', ' + model if len(s['models']) > 1 else ''}"
+                    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=label)
+                    for x, y, b in pts:
+                        ax.annotate(f"W{b}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7,
+                                    color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("model size (KiB; conv weights at their bit-width)")
+        ax.set_ylabel(f"val {METRIC_LABELS[m]} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("accuracy vs model size", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -273,4 +355,4 @@ def plot_curves(result: dict, path: Path) -> Path | None:
     return path
 
 
-__all__ = ["aggregate", "markdown", "plot", "plot_curves", "summarize"]
+__all__ = ["aggregate", "markdown", "plot", "plot_curves", "plot_size", "summarize", "sweep_table"]

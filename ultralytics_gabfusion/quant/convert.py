@@ -60,7 +60,7 @@ def _layer_index(name: str) -> int | None:
 
 
 def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8, head_bits: int = 8, skip=None,
-                act_grid: str = "auto"):
+                act_grid: str = "auto", layer_bits: dict | None = None):
     """Decide the bits and activation grid of every quantizable conv without changing the model.
 
     Args:
@@ -71,6 +71,9 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
         head_bits (int): Bits of the Detect output convs (0 = same as ordinary).
         skip (Iterable[int] | None): Layer indices kept in full precision.
         act_grid (str): ``auto``, ``signed`` or ``unsigned`` (see :func:`.grids.grid_signed`).
+        layer_bits (dict[int, int] | None): Mixed precision, ``{layer: bits}``: W and A bits of the ordinary convs of
+            those layers (not the first conv / Detect predictors, which follow ``first_bits`` / ``head_bits``; ``skip``
+            wins). See :mod:`.mixed`.
 
     Returns:
         (list[dict]): One row per conv in forward order: name, layer, role, w_bits, a_bits, a_signed and a_min (the
@@ -101,6 +104,8 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
             wb, ab = (first_bits or w_bits), (first_bits or a_bits)
         elif role == "head" and head_bits:
             wb = ab = head_bits
+        elif role == "conv" and layer_bits and layer in layer_bits:
+            wb = ab = layer_bits[layer]
         if layer in skip:
             wb = ab = None
         rows.append({"name": name, "layer": layer, "role": role, "w_bits": wb, "a_bits": ab})
@@ -109,6 +114,8 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
             f"{type(model).__name__} has no nn.Conv2d layers to quantize: qat= needs an Ultralytics detection model "
             "(e.g. yolov5s.yaml, yolo11s.yaml or a trained .pt); set qat=none for this model."
         )
+    if layer_bits:
+        _check_layer_bits(layer_bits, rows)
     bounds = input_lower_bounds(model) if act_grid == "auto" else None
     for r in rows:
         r["a_min"] = None if bounds is None else bounds.get(r["name"], -math.inf)  # not run in the probe: signed
@@ -117,7 +124,7 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
 
 
 def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int = 4, first_bits: int = 8,
-                   head_bits: int = 8, skip=None, act_grid: str = "auto") -> list[dict]:
+                   head_bits: int = 8, skip=None, act_grid: str = "auto", layer_bits: dict | None = None) -> list[dict]:
     """Swap every quantizable conv of ``model`` in place for its fake-quantized version.
 
     ``Conv``/``DWConv`` blocks become :class:`QuantConvBlock` (keeping ``.i .f .type .np`` on top-level layers),
@@ -132,6 +139,7 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
         head_bits (int): Bits of the Detect output convs (0 = w_bits/a_bits).
         skip (Iterable[int] | None): Layer indices to leave in full precision.
         act_grid (str): Activation grids: ``auto`` (from what feeds each conv), ``signed`` or ``unsigned``.
+        layer_bits (dict[int, int] | None): Per-layer bits of the ordinary convs (mixed precision, see :func:`plan_policy`).
 
     Returns:
         (list[dict]): The per-layer policy table (see :func:`format_policy`).
@@ -144,7 +152,7 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
             raise ValueError(f"{key}={b!r} is not supported: use an integer bit-width in 2..8.")
     if any(isinstance(m, QuantConv2d) for m in model.modules()):
         raise ValueError("model is already quantized; build a fresh model (or load its checkpoint) instead of converting twice.")
-    rows = plan_policy(model, w_bits, a_bits, first_bits, head_bits, skip, act_grid)
+    rows = plan_policy(model, w_bits, a_bits, first_bits, head_bits, skip, act_grid, layer_bits)
     by_name = {r["name"]: r for r in rows}
     block_types = _conv_block_types()
     for r in rows:
@@ -174,6 +182,20 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
 
     swap(model, "")
     return rows
+
+
+def _check_layer_bits(layer_bits: dict, rows: list[dict]) -> None:
+    """Refuse ``qat_layer_bits`` entries with bad bits or naming layers that hold no ordinary conv."""
+    bad = {k: v for k, v in layer_bits.items() if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8}
+    if bad:
+        raise ValueError(f"qat_layer_bits={layer_bits}: bits {bad} are not supported; use integers in 2..8.")
+    ordinary = sorted({r["layer"] for r in rows if r["role"] == "conv" and r["layer"] is not None})
+    missing = sorted(set(layer_bits) - set(ordinary))
+    if missing:
+        raise ValueError(
+            f"qat_layer_bits names layers {missing} that hold no conv at w_bits/a_bits (the first conv and the Detect "
+            f"predictors follow qat_first_bits/qat_head_bits); layers that can be set: {ordinary}."
+        )
 
 
 def format_policy(rows: list[dict]) -> str:
