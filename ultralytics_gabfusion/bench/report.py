@@ -120,7 +120,8 @@ def markdown(result: dict) -> str:
         f"- data: {data_txt}; imgsz {s['imgsz']}, batch {s['batch']}",
         f"- models: {', '.join(s['models'])}; methods {', '.join(s['methods'])}; bits "
         f"{', '.join(f'W{b}A{b}' for b in s['bits'])}",
-        f"- FP: {s['fp_epochs']} epochs" + (f" (time budget {s['fp_time']} h)" if s.get("fp_time") else "")
+        ("- FP: given checkpoint(s)" if all(m.get("kind") == "pt" for m in result.get("models") or [{}]) else
+         f"- FP: {s['fp_epochs']} epochs" + (f" (time budget {s['fp_time']} h)" if s.get("fp_time") else ""))
         + (f" ({', '.join(f'{k}={v}' for k, v in s['fp_extra'].items())})" if s.get("fp_extra") else "")
         + f"; QAT: {s['epochs']} epochs" + (f" (time budget {s['time']} h)" if s.get("time") else "")
         + (f", recipe {s['recipe']}" if s.get("recipe") else ", paper schedule (hyp.VOC: SGD lr0 0.00334, lrf 0.15135, "
