@@ -261,6 +261,7 @@ def plot(result: dict, path: Path) -> Path:
     width = 0.8 / max(len(arms), 1)
     for ax, model in zip(axes[0], models):
         by = {(r["bits"], r["method"], r["arm"]): r for r in rows if r["model"] == model}
+        lows = []
         for j, arm in enumerate(arms):
             xs, ys, es = [], [], []
             for i, (b, m) in enumerate(groups):
@@ -270,6 +271,7 @@ def plot(result: dict, path: Path) -> Path:
                 ys.append(100 * mean if mean is not None else 0.0)
                 es.append(100 * r["mAP50_95"]["std"] if r and r["mAP50_95"]["std"] is not None else 0.0)
             ax.bar(xs, ys, width, yerr=es if any(es) else None, label=ARM_LABELS[arm], capsize=3)
+            lows += [y - e for y, e in zip(ys, es) if y > 0]
         fp = by.get((None, None, "fp"))
         if fp and fp["mAP50_95"]["mean"] is not None:
             ax.axhline(100 * fp["mAP50_95"]["mean"], color="k", ls="--", lw=1, label="FP")
@@ -277,6 +279,8 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_xticklabels([f"{m}\nW{b}A{b}" for b, m in groups])
         ax.set_ylabel("mAP50-95 (%)")
         ax.set_title(model)
+        if lows:  # start near the lowest bar so differences of a point stay visible (the axis says where)
+            ax.set_ylim(bottom=max(0.0, 5 * (min(lows) // 5) - 5))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -327,6 +331,8 @@ def plot_curves(result: dict, path: Path) -> Path | None:
                 curves.setdefault((r["model"], r["bits"], r["method"], r["arm"]), []).append(c)
     if not curves:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (mo, b, me) in zip(axes[0], panels):
         for arm in s["arms"]:
@@ -347,6 +353,7 @@ def plot_curves(result: dict, path: Path) -> Path | None:
         if ptq and ptq["mAP50"]["mean"] is not None:
             ax.axhline(100 * ptq["mAP50"]["mean"], color="gray", ls=":", lw=1, label="PTQ")
         ax.set_title(f"{mo} W{b}A{b} {me}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("QAT epoch")
         ax.set_ylabel("val mAP50 (%)")
         ax.legend(fontsize=7)
