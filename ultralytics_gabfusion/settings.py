@@ -22,6 +22,7 @@ QAT_METHODS = ("none", "lsq", "lsqplus", "pact", "n2uq")
 GAB_MODES = ("balanced", "learned", "off")
 ADA_ATTNS = ("simam", "qada")
 ADA_DIVS = ("kl", "js")
+QAT_KERNELS = ("auto", "reference", "compiled")  # = quant.kernels.QAT_KERNELS (kept import-free here)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ SETTINGS: dict[str, Setting] = {
     "qat_calib": Setting(4, "training batches used to initialise activation quantizers before training", _int_range(1, 1000)),
     "qat_init": Setting("mse", "quantizer init: mse (LSQ step refined by an MSE search) or paper (published inits)", _choice("mse", "paper")),
     "qat_lr": Setting(1.0, "learning-rate multiplier of quantizer parameters (N2UQ reference: 0.1)", _float_range(0.0, lo_open=True)),
+    "qat_kernel": Setting("auto", "fake-quant kernels: auto (compiled where torch.compile works), reference, compiled", _choice(*QAT_KERNELS)),
     # GABFusion
     "gab": Setting("off", "GABFusion at the neck Concat nodes: balanced, learned, off", _choice(*GAB_MODES)),
     "gab_beta": Setting(0.1, "EMA factor of the per-branch gradient norms (balanced)", _float_range(0.0, 1.0, lo_open=True)),
