@@ -129,7 +129,12 @@ def kernel_for(x: torch.Tensor) -> str:
 
 
 def _compile(fn):
-    """Compile ``fn`` lazily (dynamic shapes); on a compile error warn once and run the reference path instead."""
+    """Compile ``fn`` lazily with dynamic shapes.
+
+    Inputs are detached first: the kernels are called inside autograd functions, and TorchDynamo would otherwise
+    compile one variant per ``requires_grad`` pattern. Should a new variant still exceed TorchDynamo's recompile
+    limit, that call runs ``fn`` eagerly (the same formulas, unfused) instead of failing.
+    """
     compiled = None
 
     @functools.wraps(fn)
@@ -137,7 +142,13 @@ def _compile(fn):
         nonlocal compiled
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        return compiled(*args)
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        try:
+            return compiled(*args)
+        except Exception as e:
+            if type(e).__name__ != "FailOnRecompileLimitHit":
+                raise
+            return fn(*args)
 
     return call
 
@@ -147,6 +158,16 @@ def scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tens
     """A cached 0-d tensor holding ``value`` (kernel constants such as grid bounds; never written to)."""
     with torch.inference_mode(False):
         return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+def flat(*ts: torch.Tensor):
+    """The same-shaped tensors ``ts`` as 1-D views when all are contiguous (one compiled variant for every rank).
+
+    Otherwise (channels_last on CUDA) they are returned as they are: flattening would cost a copy, and the kernel's
+    elementwise output keeps their shape, so ``.view(shape)`` of it works either way. One tensor in, one out.
+    """
+    out = tuple(t.view(-1) for t in ts) if all(t.is_contiguous() for t in ts) else ts
+    return out[0] if len(ts) == 1 else out
 
 
 class CompileFailed(RuntimeError):

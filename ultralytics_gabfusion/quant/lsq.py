@@ -97,7 +97,7 @@ def _compiled_forward(x, step, offset, qmin, qmax, per_channel):
         y = kernels.run_compiled(kernels.lsq_forward, x.reshape(x.shape[0], -1), step.view(-1, 1), off.view(-1, 1),
                                  lo, hi)
         return y.view(x.shape)
-    return kernels.run_compiled(kernels.lsq_forward, x, step, off, lo, hi)
+    return kernels.run_compiled(kernels.lsq_forward, kernels.flat(x), step, off, lo, hi).view(x.shape)
 
 
 def _compiled_backward(x, grad, step, offset, qmin, qmax, per_channel):
@@ -108,7 +108,8 @@ def _compiled_backward(x, grad, step, offset, qmin, qmax, per_channel):
         dx, ds, db = kernels.run_compiled(kernels.lsq_backward, x.reshape(rows), grad.reshape(rows),
                                           step.view(-1, 1), off.view(-1, 1), lo, hi, True)
         return dx.view(x.shape), ds, db
-    return kernels.run_compiled(kernels.lsq_backward, x, grad, step, off, lo, hi, False)
+    dx, ds, db = kernels.run_compiled(kernels.lsq_backward, *kernels.flat(x, grad), step, off, lo, hi, False)
+    return dx.view(x.shape), ds, db
 
 
 def _views(x, step, offset, per_channel):

@@ -49,7 +49,7 @@ class PACTFakeQuantize(torch.autograd.Function):
                     y = kernels.run_compiled(kernels.pact_forward, x.reshape(x.shape[0], -1), alpha.view(-1, 1), lv,
                                              signed)
                     return y.view(x.shape)
-                return kernels.run_compiled(kernels.pact_forward, x, alpha, lv, signed)
+                return kernels.run_compiled(kernels.pact_forward, kernels.flat(x), alpha, lv, signed).view(x.shape)
             except CompileFailed:
                 ctx.kernel = "reference"
         a = _view(x, alpha, per_channel)
@@ -75,7 +75,9 @@ class PACTFakeQuantize(torch.autograd.Function):
                                                   alpha.view(-1, 1), signed, True)
                     dx = dx.view(x.shape)
                 else:
-                    dx, da = kernels.run_compiled(kernels.pact_backward, x, grad, alpha, signed, False)
+                    dx, da = kernels.run_compiled(kernels.pact_backward, *kernels.flat(x, grad), alpha, signed,
+                                                  False)
+                    dx = dx.view(x.shape)
                 need = ctx.needs_input_grad
                 return dx if need[0] else None, da if need[1] else None, None, None, None, None
             except CompileFailed:
