@@ -167,3 +167,25 @@ def test_weight_cache_invalidated_by_quantizer_tensors():
         q.step.mul_(2)  # the quantizer's own parameter changed (optimizer step on the step size)
         y2 = q(w)
     assert y2.data_ptr() != y1.data_ptr() and not torch.equal(y1, y2)
+
+
+# ------------------------------------------------------------------------------------------------ ADA teacher
+def test_ada_teacher_runs_in_inference_mode():
+    from ultralytics.nn.tasks import DetectionModel
+
+    from ultralytics_gabfusion.distill import ADALoss, default_layers
+
+    torch.manual_seed(0)
+    student = DetectionModel("yolov5n.yaml", nc=4, verbose=False)
+    teacher = copy.deepcopy(student)
+    layers = default_layers(student)
+    ada = ADALoss(teacher, layers, attn="simam", div="kl", weight=1.0).attach(student)
+    img = torch.rand(2, 3, 64, 64)
+    feats = ada.teacher_features(img)
+    assert all(feats[j].is_inference() for j in layers)  # no autograd bookkeeping for the teacher
+    student.train()
+    student(img)
+    weighted, _ = ada(student, img)
+    weighted.backward()  # teacher tensors are only read by the loss: backward works
+    assert student.model[layers[0]].cv1.conv.weight.grad is not None
+    ada.detach()
