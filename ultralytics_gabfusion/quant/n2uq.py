@@ -115,10 +115,11 @@ class N2UQFakeQuantize(torch.autograd.Function):
         elementwise = None
         if ctx.kernel == "compiled":  # the same per-element quantities as below, in one fused pass
             try:
-                j, w, r, wx = kernels.run_compiled(kernels.n2uq_backward, x.reshape(-1), g, merged, inv_a, seg_start,
+                j, w, r = kernels.run_compiled(kernels.n2uq_backward, x.reshape(-1), g, merged, inv_a, seg_start,
                                                    beta1)
+                j = j.long()  # scatter_add_ indices
                 dx = (w * (beta1 * bscale)).reshape(x.shape).to(x.dtype) if need[0] else None
-                dbeta1 = (wx * bscale).reshape(1) if need[3] else None
+                dbeta1 = (torch.dot(w, x.reshape(-1).to(cdtype)) * bscale).reshape(1) if need[3] else None
                 elementwise = dx, dbeta1, r
                 del w
             except CompileFailed:
