@@ -144,6 +144,9 @@ BAD = [
     (["speed", "methods=[lsq,foo]"], "foo"),
     (["speed", "amp=True", "device=cpu"], "CUDA"),
     (["speed", "stepz=3"], "Did you mean 'steps'"),
+    (["speed", "kernels=[reference,fused]"], "fused"),
+    (["speed", "clock=gpu"], "clock"),
+    (["speed", "interleave=True", "isolate=True"], "interleave"),
 ]
 
 

@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "ada_div": None,  # kl, js for n2uq (as the accuracy bench)
     "isolate": None,  # a fresh process per arm: True on CPU (peak RSS), False on CUDA
     "interleave": False,  # all arms in one process, timed round-robin (ratios robust to a changing CPU load)
+    "clock": "wall",  # wall | cpu (process CPU time: robust to other jobs on shared cores)
     "seed": 0,
     "out": "runs/gab-speed",
 }
@@ -95,6 +96,7 @@ HELP = {
     "ada_div": "ADA divergence kl|js (default: kl, js for n2uq)",
     "isolate": "one fresh process per arm (default True on CPU: peak RSS per arm)",
     "interleave": "all arms in one process, one step each per round; ratio = median of per-round ratios (no memory)",
+    "clock": "wall (elapsed time) or cpu (CPU time of this process: for CPU runs on cores shared with other jobs)",
     "seed": "seed of the weights and the synthetic batch",
     "out": "output directory for speed.md and speed.json",
 }
@@ -153,6 +155,9 @@ def resolve_settings(argv: list[str]) -> dict:
     if s["amp"] and not cuda:
         raise BenchError("amp=True needs a CUDA device (CPU steps run in float32); drop amp or pass device=0.")
     s["interleave"] = as_bool("interleave", s["interleave"])
+    s["clock"] = as_str_list("clock", s["clock"], ("wall", "cpu"))[0]
+    if s["clock"] == "cpu" and cuda:
+        raise BenchError("clock=cpu measures CPU time, which does not include GPU work: use clock=wall on CUDA.")
     s["isolate"] = as_bool("isolate", s["isolate"] if s["isolate"] is not None else not (cuda or s["interleave"]))
     if s["interleave"] and s["isolate"]:
         raise BenchError("interleave=True runs every arm in one process: drop isolate=True (or interleave).")
@@ -171,7 +176,7 @@ def resolve_settings(argv: list[str]) -> dict:
 def plan(s: dict) -> list[dict]:
     """One spec per measured arm: FP arms once per model, quantized arms per method x bits."""
     specs = []
-    common = {k: s[k] for k in ("imgsz", "batch", "steps", "warmup", "device", "amp", "nc", "ada", "seed")}
+    common = {k: s[k] for k in ("imgsz", "batch", "steps", "warmup", "device", "amp", "nc", "ada", "seed", "clock")}
     for model in s["models"]:
         for arm in s["arms"]:
             if arm.startswith("fp"):
@@ -268,9 +273,10 @@ class _ArmRunner:
 
         set_qat_kernel(self.spec.get("kernel") or "auto")  # process-wide: set before every step (interleaved arms)
         model, scaler, opt = self.model, self.scaler, self.opt
+        clock = time.process_time if self.spec.get("clock") == "cpu" else time.perf_counter
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
+        t0 = clock()
         with torch.autocast(self.device.type, enabled=self.spec["amp"] and self.cuda):
             loss, _ = model.loss(self.batch)
         scaler.scale(loss.sum()).backward()
@@ -286,7 +292,7 @@ class _ArmRunner:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.loss = loss
-        return (time.perf_counter() - t0) * 1000
+        return (clock() - t0) * 1000
 
     def close(self) -> None:
         if self.ada is not None:
@@ -393,7 +399,8 @@ def speed_markdown(result: dict) -> str:
         f"- device: {env['hardware']}; torch {env['torch']}, ultralytics {env['ultralytics']}, plugin "
         f"{env['ultralytics_gabfusion']}, commit {env['git_commit'] or 'unknown'}",
         f"- step = forward + loss (+ADA) + backward + clip + SGD (+GABFusion update); imgsz {s['imgsz']}, batch "
-        f"{s['batch']}, amp {s['amp']}, nc {s['nc']}; median of {s['steps']} steps after {s['warmup']} warm-up",
+        f"{s['batch']}, amp {s['amp']}, nc {s['nc']}; median of {s['steps']} steps after {s['warmup']} warm-up; "
+        f"{'process CPU time' if s.get('clock') == 'cpu' else 'wall time'}",
         f"- peak memory: {result['memory_method']}",
         *([f"- interleaved: all arms in one process, one step each per round; × FP = median over the {s['steps']} "
            f"rounds of (arm step / FP step of the same round)"] if s.get("interleave") else []),
