@@ -212,6 +212,9 @@ BAD = [
     (["speed", "methods=[lsq,foo]"], "foo"),
     (["speed", "amp=True", "device=cpu"], "CUDA"),
     (["speed", "stepz=3"], "Did you mean 'steps'"),
+    (["speed", "kernels=[reference,fused]"], "fused"),
+    (["speed", "clock=gpu"], "clock"),
+    (["speed", "interleave=True", "isolate=True"], "interleave"),
 ]
 
 
@@ -279,8 +282,9 @@ def test_speed_bench_cpu_tiny(tmp_path):
     assert res["environment"]["hardware"] and res["environment"]["torch"]
     assert "ru_maxrss" in res["memory_method"]
     rows = res["rows"]
-    arms = {(r["arm"], r["method"]) for r in rows}
-    assert arms == {("fp", None)} | {(a, m) for a in ("q", "q+gab", "q+gab+ada") for m in ("lsq", "n2uq")}
+    arms = {(r["arm"], r["method"], r["kernel"]) for r in rows}
+    assert arms == {("fp", None, None)} | {(a, m, k) for a in ("q", "q+gab", "q+gab+ada") for m in ("lsq", "n2uq")
+                                           for k in ("reference", "compiled")}
     for r in rows:
         assert "error" not in r, r
         assert _num(r["step_ms"]) and r["step_ms"] > 0 and len(r["step_ms_all"]) == 2
@@ -291,4 +295,5 @@ def test_speed_bench_cpu_tiny(tmp_path):
         if r["arm"] == "q+gab+ada":
             assert r["ada_div"] == ("js" if r["method"] == "n2uq" else "kl")
     md = (out / "speed.md").read_text()
-    assert "| yolov5s | fp | — | FP |" in md and "| yolov5s | q+gab+ada | n2uq | W4A4 |" in md
+    assert "| yolov5s | fp | — | FP | — |" in md and "| yolov5s | q+gab+ada | n2uq | W4A4 | compiled |" in md
+    assert "| yolov5s | q | lsq | W4A4 | reference |" in md

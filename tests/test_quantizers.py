@@ -34,6 +34,21 @@ CONFIGS = [(m, r) for m in ("lsq", "lsqplus", "pact", "n2uq") for r in ("weight"
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+KERNELS = ["reference", "compiled"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    """Run the test once on the plain reference ops and once on the fused compiled kernels (qat_kernel)."""
+    from ultralytics_gabfusion.quant import kernels
+
+    if request.param == "compiled" and not kernels.compiled_available("cpu"):
+        pytest.skip("no C++ compiler for torch.compile on this machine")
+    with kernels.use_qat_kernel(request.param):
+        yield request.param
+    assert not kernels._state["failed"], "compiled kernels failed and fell back to the reference path"
+
+
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -177,7 +192,7 @@ def ref_n2uq_act(x, s0, a, b1, b2, G):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("role", ["weight", "act"])
-def test_lsq_matches_formulas(bits, signed, role):
+def test_lsq_matches_formulas(bits, signed, role, kernel):
     g = gen(bits * 10 + signed)
     n, p = int_range(bits, signed)
     per_channel = role == "weight"
@@ -197,7 +212,7 @@ def test_lsq_matches_formulas(bits, signed, role):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("role", ["weight", "act"])
-def test_lsqplus_matches_formulas(bits, signed, role):
+def test_lsqplus_matches_formulas(bits, signed, role, kernel):
     g = gen(bits * 10 + signed + 1000)
     n, p = int_range(bits, signed)
     per_channel = role == "weight"
@@ -220,7 +235,7 @@ def test_lsqplus_matches_formulas(bits, signed, role):
         assert set(grads) == {"step"} and "offset" in dict(q.named_buffers())
 
 
-def test_lsq_per_tensor_weight_uses_all_elements_for_g():
+def test_lsq_per_tensor_weight_uses_all_elements_for_g(kernel):
     bits, n, p = 4, -8, 7
     g = gen(7)
     s = torch.tensor([0.2], dtype=DT)
@@ -264,7 +279,7 @@ def test_lsqplus_init():
 # ----------------------------------------------------------------------------------------------- PACT / DoReFa
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("signed", [True, False])
-def test_pact_act_matches_formulas(bits, signed):
+def test_pact_act_matches_formulas(bits, signed, kernel):
     g = gen(bits + 100 * signed)
     L = 2**bits - 1
     alpha = torch.tensor([0.5 + 1.5 * torch.rand(1, generator=g).item()], dtype=DT)
@@ -283,7 +298,7 @@ def test_pact_act_matches_formulas(bits, signed):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_dorefa_weight_matches_formulas(bits, per_channel):
+def test_dorefa_weight_matches_formulas(bits, per_channel, kernel):
     w = torch.randn(W_SHAPE, generator=gen(bits + 7 * per_channel), dtype=DT) * 0.7
     q = make_quantizer("pact", "weight", bits, channels=C if per_channel else 0)
     y, G, dw, grads = run(q, w)
@@ -331,7 +346,7 @@ def n2uq_case(bits, seed, n=1500):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_n2uq_act_matches_formulas(bits):
+def test_n2uq_act_matches_formulas(bits, kernel):
     x, s0, a, b1, b2 = n2uq_case(bits, seed=bits)
     q = set_params(make_quantizer("n2uq", "act", bits), start=s0, intervals=a, scale_in=b1, scale_out=b2)
     y, G, dx, grads = run(q, x)
@@ -354,7 +369,7 @@ def test_n2uq_act_matches_formulas(bits):
     assert_close(count * (2.0 / (2**bits - 1)) * b2, y, 1e-6)
 
 
-def test_n2uq_interval_floor_is_straight_through():
+def test_n2uq_interval_floor_is_straight_through(kernel):
     x, s0, a, b1, b2 = n2uq_case(3, seed=11)
     a[2] = -0.5  # below the 1e-3 floor: forward uses 1e-3, gradient still reaches the parameter
     q = set_params(make_quantizer("n2uq", "act", 3), start=s0, intervals=a, scale_in=b1, scale_out=b2)
@@ -367,7 +382,7 @@ def test_n2uq_interval_floor_is_straight_through():
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("mode", ["ste", "reference"])
-def test_n2uq_weight_matches_formulas(bits, mode):
+def test_n2uq_weight_matches_formulas(bits, mode, kernel):
     w = torch.randn(W_SHAPE, generator=gen(bits + 50), dtype=DT) * 0.1
     q = make_quantizer("n2uq", "weight", bits, channels=C, weight_grad=mode)
     y, G, dw, grads = run(q, w)

@@ -805,8 +805,21 @@ class ADALoss:
         if dev != img.device:
             t.to(img.device)
         t.eval()
-        with torch.no_grad():
+        # inference mode: no autograd bookkeeping or version counters for the teacher's activations. Its outputs are
+        # only read by the ADA arithmetic (never saved for backward), which inference tensors allow outside the mode.
+        with torch.inference_mode():
             return _forward_layers(t, img.to(dtype=dt), self.layers)
+
+    def _match_memory_format(self, student: nn.Module) -> None:
+        """Give the teacher the student's memory format (channels_last when the trainer set it, on CUDA)."""
+        w = next((p for p in student.parameters() if p.dim() == 4), None)
+        if w is None:
+            return
+        fmt = torch.channels_last if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        if getattr(self, "_teacher_format", None) != fmt:
+            self.teacher.to(memory_format=fmt)
+            self._teacher_format = fmt
 
     def _scores(self, x: torch.Tensor, quantizer: Any) -> torch.Tensor:
         if self.attn == "simam":
@@ -840,6 +853,7 @@ class ADALoss:
                 f"no student features captured at layers {missing}: run the student forward on this batch "
                 f"before computing the ADA loss (features are consumed by each ADA call)"
             )
+        self._match_memory_format(m)
         tfeats = self.teacher_features(img)
         with _fp32(img.device.type):
             total = None

@@ -23,6 +23,7 @@ GAB_MODES = ("balanced", "learned", "off")
 ADA_ATTNS = ("simam", "qada")
 ADA_DIVS = ("kl", "js")
 ACT_GRIDS = ("auto", "signed", "unsigned")  # as quant.grids.ACT_GRIDS (settings must import without torch)
+QAT_KERNELS = ("auto", "reference", "compiled")  # = quant.kernels.QAT_KERNELS (kept import-free here)
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ SETTINGS: dict[str, Setting] = {
     "qat_act_grid": Setting("auto", "activation grids: auto (unsigned after SiLU/ReLU, signed after LayerNorm), signed, unsigned",
                             _choice(*ACT_GRIDS)),
     "qat_lr": Setting(1.0, "learning-rate multiplier of quantizer parameters (N2UQ reference: 0.1)", _float_range(0.0, lo_open=True)),
+    "qat_kernel": Setting("auto", "fake-quant kernels: auto (compiled where torch.compile works), reference, compiled", _choice(*QAT_KERNELS)),
     # GABFusion
     "gab": Setting("off", "GABFusion at the neck Concat nodes: balanced, learned, off", _choice(*GAB_MODES)),
     "gab_beta": Setting(0.1, "EMA factor of the per-branch gradient norms (balanced)", _float_range(0.0, 1.0, lo_open=True)),

@@ -93,6 +93,10 @@ class GABTrainer(DetectionTrainer):
         super().__init__(base, overrides, _callbacks)
         for k, v in validate_settings(vars(self.args)).items():
             setattr(self.args, k, v)  # normalised values (e.g. resumed runs)
+        if self.args.qat != "none":
+            from .quant.kernels import set_qat_kernel
+
+            set_qat_kernel(self.args.qat_kernel)  # process-wide; also in each DDP worker, which rebuilds the trainer
         self._ada = None
         if self.args.gab != "off":
             from .fusion import FusionTelemetry
@@ -161,6 +165,7 @@ class GABTrainer(DetectionTrainer):
             )
             if verbose:
                 LOGGER.info(f"{PREFIX}W{args.w_bits}A{args.a_bits} {args.qat} precision policy:\n{format_policy(rows)}")
+                LOGGER.info(f"{PREFIX}fake-quant kernels: qat_kernel={args.qat_kernel}")
         if weights:
             model.load(weights, verbose=verbose)
             has_trained_gab = any(isinstance(m, GABFusion) for m in weights.modules())

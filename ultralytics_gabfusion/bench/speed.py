@@ -22,6 +22,10 @@ Peak memory:
 Examples:
     yolo-gab bench speed                                   # GPU: 640 px, batch 32, AMP; CPU: 128 px, batch 4
     yolo-gab bench speed methods=[lsq,n2uq] imgsz=320 batch=8 steps=10 out=runs/speed
+    yolo-gab bench speed kernels=[reference,compiled]       # both fake-quant paths, each against the same FP arm
+
+Kernels: every quantized arm is measured once per entry of ``kernels`` (``qat_kernel``: reference, compiled, auto).
+``first step ms`` is the first (warm-up) step, which includes compiling the fused kernels on a cold cache.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "methods": list(METHODS),
     "bits": [4],
     "arms": ["fp", "q", "q+gab", "q+gab+ada"],
+    "kernels": ["reference", "compiled"],
     "imgsz": None,  # 640 on CUDA, 128 on CPU
     "batch": None,  # 32 on CUDA, 4 on CPU
     "steps": None,  # 20 on CUDA, 5 on CPU
@@ -69,6 +74,8 @@ DEFAULTS: dict[str, Any] = {
     "ada": 0.01,
     "ada_div": None,  # kl, js for n2uq (as the accuracy bench)
     "isolate": None,  # a fresh process per arm: True on CPU (peak RSS), False on CUDA
+    "interleave": False,  # all arms in one process, timed round-robin (ratios robust to a changing CPU load)
+    "clock": "wall",  # wall | cpu (process CPU time: robust to other jobs on shared cores)
     "seed": 0,
     "out": "runs/gab-speed",
 }
@@ -77,6 +84,7 @@ HELP = {
     "methods": "quantizers: lsq, lsqplus, pact, n2uq",
     "bits": "bit-widths (WbAb; first conv and Detect outputs stay 8-bit as in training)",
     "arms": "fp, q (QAT), q+gab, q+gab+ada (also fp+gab, fp+ada, q+ada)",
+    "kernels": "fake-quant kernels measured for every quantized arm: reference, compiled, auto (qat_kernel)",
     "imgsz": "image size (default 640 on CUDA, 128 on CPU)",
     "batch": "batch size (default 32 on CUDA, 4 on CPU)",
     "steps": "timed steps, median reported (default 20 CUDA, 5 CPU)",
@@ -87,6 +95,8 @@ HELP = {
     "ada": "ADA weight of the +ada arms",
     "ada_div": "ADA divergence kl|js (default: kl, js for n2uq)",
     "isolate": "one fresh process per arm (default True on CPU: peak RSS per arm)",
+    "interleave": "all arms in one process, one step each per round; ratio = median of per-round ratios (no memory)",
+    "clock": "wall (elapsed time) or cpu (CPU time of this process: for CPU runs on cores shared with other jobs)",
     "seed": "seed of the weights and the synthetic batch",
     "out": "output directory for speed.md and speed.json",
 }
@@ -130,6 +140,9 @@ def resolve_settings(argv: list[str]) -> dict:
     s["methods"] = as_str_list("methods", s["methods"], METHODS)
     s["bits"] = as_int_list("bits", s["bits"], 2, 8)
     s["arms"] = as_str_list("arms", s["arms"], ARMS)
+    from ..quant.kernels import QAT_KERNELS
+
+    s["kernels"] = list(dict.fromkeys(as_str_list("kernels", s["kernels"], QAT_KERNELS)))
     if "fp" not in s["arms"]:
         s["arms"] = ["fp", *s["arms"]]  # ratios are always to an FP step measured in the same run
     s["imgsz"] = as_int("imgsz", s["imgsz"] if s["imgsz"] is not None else (640 if cuda else 128), 32)
@@ -141,7 +154,13 @@ def resolve_settings(argv: list[str]) -> dict:
     s["amp"] = as_bool("amp", s["amp"] if s["amp"] is not None else cuda)
     if s["amp"] and not cuda:
         raise BenchError("amp=True needs a CUDA device (CPU steps run in float32); drop amp or pass device=0.")
-    s["isolate"] = as_bool("isolate", s["isolate"] if s["isolate"] is not None else not cuda)
+    s["interleave"] = as_bool("interleave", s["interleave"])
+    s["clock"] = as_str_list("clock", s["clock"], ("wall", "cpu"))[0]
+    if s["clock"] == "cpu" and cuda:
+        raise BenchError("clock=cpu measures CPU time, which does not include GPU work: use clock=wall on CUDA.")
+    s["isolate"] = as_bool("isolate", s["isolate"] if s["isolate"] is not None else not (cuda or s["interleave"]))
+    if s["interleave"] and s["isolate"]:
+        raise BenchError("interleave=True runs every arm in one process: drop isolate=True (or interleave).")
     s["nc"] = as_int("nc", s["nc"], 1)
     s["ada"] = as_float("ada", s["ada"], 0.0, lo_open=True)
     if s["ada_div"] is not None:
@@ -157,19 +176,20 @@ def resolve_settings(argv: list[str]) -> dict:
 def plan(s: dict) -> list[dict]:
     """One spec per measured arm: FP arms once per model, quantized arms per method x bits."""
     specs = []
-    common = {k: s[k] for k in ("imgsz", "batch", "steps", "warmup", "device", "amp", "nc", "ada", "seed")}
+    common = {k: s[k] for k in ("imgsz", "batch", "steps", "warmup", "device", "amp", "nc", "ada", "seed", "clock")}
     for model in s["models"]:
         for arm in s["arms"]:
             if arm.startswith("fp"):
                 specs.append({**common, "model": model, "arm": arm, "method": None, "bits": None,
-                              "ada_div": s["ada_div"] or "kl"})
+                              "ada_div": s["ada_div"] or "kl", "kernel": None})
         for method in s["methods"]:
             for bits in s["bits"]:
                 for arm in s["arms"]:
                     if arm.startswith("q"):
                         div = s["ada_div"] or ("js" if method == "n2uq" else "kl")
-                        specs.append({**common, "model": model, "arm": arm, "method": method, "bits": bits,
-                                      "ada_div": div})
+                        for kernel in s["kernels"]:
+                            specs.append({**common, "model": model, "arm": arm, "method": method, "bits": bits,
+                                          "ada_div": div, "kernel": kernel})
     return specs
 
 
@@ -225,6 +245,61 @@ def build_arm(spec: dict, device):
     return model, ada, batch
 
 
+class _ArmRunner:
+    """One built arm (model, optimizer, batch) that runs and times single training steps."""
+
+    def __init__(self, spec: dict):
+        import torch
+
+        from ..quant.kernels import set_qat_kernel
+        from .common import torch_device
+
+        self.spec = spec
+        self.device = torch_device(spec["device"])
+        self.cuda = self.device.type == "cuda"
+        set_qat_kernel(spec.get("kernel") or "auto")
+        self.model, self.ada, self.batch = build_arm(spec, self.device)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(self.params, lr=1e-3, momentum=0.9, nesterov=True)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=spec["amp"] and self.cuda)
+        self.loss = None
+
+    def step(self) -> float:
+        """One training step; returns its wall time in ms."""
+        import torch
+
+        from ..quant.kernels import set_qat_kernel
+
+        set_qat_kernel(self.spec.get("kernel") or "auto")  # process-wide: set before every step (interleaved arms)
+        model, scaler, opt = self.model, self.scaler, self.opt
+        clock = time.process_time if self.spec.get("clock") == "cpu" else time.perf_counter
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = clock()
+        with torch.autocast(self.device.type, enabled=self.spec["amp"] and self.cuda):
+            loss, _ = model.loss(self.batch)
+        scaler.scale(loss.sum()).backward()
+        if "gab" in self.spec["arm"]:  # GABTrainer.optimizer_step: lambda update from the branch gradient norms
+            from ..fusion import update_fusion
+
+            update_fusion(model, grad_scale=scaler.get_scale() if scaler.is_enabled() else None)
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(self.params, max_norm=10.0)  # as BaseTrainer.optimizer_step
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.loss = loss
+        return (clock() - t0) * 1000
+
+    def close(self) -> None:
+        if self.ada is not None:
+            self.ada.detach()
+        self.model = self.opt = self.ada = self.batch = self.loss = None
+
+
 def measure(spec: dict) -> dict:
     """Time ``warmup + steps`` training steps of one arm; returns times (ms) and the CUDA peak (MiB)."""
     import torch
@@ -232,46 +307,45 @@ def measure(spec: dict) -> dict:
     from .common import torch_device
 
     device = torch_device(spec["device"])
-    cuda = device.type == "cuda"
     gc.collect()  # the previous arm's model/teacher sit in reference cycles (hooks, criterion) until collected
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model, ada, batch = build_arm(spec, device)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=spec["amp"] and cuda)
-    gab = "gab" in spec["arm"]
-    if gab:
-        from ..fusion import update_fusion
-    times = []
-    for i in range(spec["warmup"] + spec["steps"]):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, enabled=spec["amp"] and cuda):
-            loss, _ = model.loss(batch)
-        scaler.scale(loss.sum()).backward()
-        if gab:  # GABTrainer.optimizer_step: lambda update from the branch gradient norms before the step
-            update_fusion(model, grad_scale=scaler.get_scale() if scaler.is_enabled() else None)
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)  # as BaseTrainer.optimizer_step
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
-        if i >= spec["warmup"]:
-            times.append((time.perf_counter() - t0) * 1000)
-    loss_val = float(loss.detach().sum())
-    out = {"step_ms": statistics.median(times), "step_ms_all": [round(t, 3) for t in times], "loss": loss_val}
-    if cuda:
+    arm = _ArmRunner(spec)
+    times = [arm.step() for _ in range(spec["warmup"] + spec["steps"])]
+    out = {"step_ms": statistics.median(times[spec["warmup"]:]),
+           "step_ms_all": [round(t, 3) for t in times[spec["warmup"]:]], "loss": float(arm.loss.detach().sum()),
+           "first_step_ms": round(times[0], 1)}  # the first step includes kernel compilation (kernel=compiled)
+    if arm.cuda:
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["memory_method"] = "torch.cuda.max_memory_allocated"
-    if ada is not None:
-        ada.detach()
-    del model, opt, ada, batch
+    arm.close()
+    return out
+
+
+def measure_interleaved(specs: list[dict]) -> list[dict]:
+    """Build every arm in this process and time them round-robin, one step per arm per round.
+
+    On a machine whose load changes (shared CPU cores), arms measured one after another see different loads; here
+    every round runs each arm once within a few seconds, and ``step_ratio`` is the median over rounds of the arm's
+    step time divided by the FP arm's step time in the same round. Peak memory is not measured (one process).
+    """
+    runners = [_ArmRunner(spec) for spec in specs]
+    first = [r.step() for r in runners]  # compilation happens here, outside the timed rounds
+    for _ in range(specs[0]["warmup"] - 1):
+        for r in runners:
+            r.step()
+    rounds = [[r.step() for r in runners] for _ in range(specs[0]["steps"])]
+    fp = next((i for i, s in enumerate(specs) if s["arm"] == "fp"), None)
+    out = []
+    for i, r in enumerate(runners):
+        times = [rd[i] for rd in rounds]
+        res = {"step_ms": statistics.median(times), "step_ms_all": [round(t, 3) for t in times],
+               "loss": float(r.loss.detach().sum()), "first_step_ms": round(first[i], 1)}
+        if fp is not None:
+            res["step_ratio_paired"] = statistics.median(rd[i] / rd[fp] for rd in rounds)
+        out.append(res)
+        r.close()
     return out
 
 
@@ -311,7 +385,9 @@ def _measure_isolated(spec: dict) -> dict:
 
 # ================================================================================================ reporting
 def _label(r: dict) -> str:
-    return r["arm"] if r["method"] is None else f"{r['arm']} {r['method']} W{r['bits']}A{r['bits']}"
+    if r["method"] is None:
+        return r["arm"]
+    return f"{r['arm']} {r['method']} W{r['bits']}A{r['bits']} ({r.get('kernel') or 'auto'} kernels)"
 
 
 def speed_markdown(result: dict) -> str:
@@ -323,24 +399,27 @@ def speed_markdown(result: dict) -> str:
         f"- device: {env['hardware']}; torch {env['torch']}, ultralytics {env['ultralytics']}, plugin "
         f"{env['ultralytics_gabfusion']}, commit {env['git_commit'] or 'unknown'}",
         f"- step = forward + loss (+ADA) + backward + clip + SGD (+GABFusion update); imgsz {s['imgsz']}, batch "
-        f"{s['batch']}, amp {s['amp']}, nc {s['nc']}; median of {s['steps']} steps after {s['warmup']} warm-up",
+        f"{s['batch']}, amp {s['amp']}, nc {s['nc']}; median of {s['steps']} steps after {s['warmup']} warm-up; "
+        f"{'process CPU time' if s.get('clock') == 'cpu' else 'wall time'}",
         f"- peak memory: {result['memory_method']}",
+        *([f"- interleaved: all arms in one process, one step each per round; × FP = median over the {s['steps']} "
+           f"rounds of (arm step / FP step of the same round)"] if s.get("interleave") else []),
         "",
     ]
     cpu = any("rss_base_mib" in r for r in result["rows"])
     extra_h = " above imports MiB | × FP |" if cpu else ""
-    lines += [f"| model | arm | method | bits | step ms | × FP | peak MiB | × FP |{extra_h}",
-              "|---|---|---|---|---|---|---|---|" + ("---|---|" if cpu else "")]
+    lines += [f"| model | arm | method | bits | kernel | step ms | × FP | first step ms | peak MiB | × FP |{extra_h}",
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cpu else "")]
     for r in result["rows"]:
         if r.get("error") or "step_ratio" not in r:
-            lines.append(f"| {r['model']} | {r['arm']} | {r['method'] or '—'} | — | failed | — | — | — |"
-                         + (" — | — |" if cpu else ""))
+            lines.append(f"| {r['model']} | {r['arm']} | {r['method'] or '—'} | — | {r.get('kernel') or '—'} | failed "
+                         f"| — | — | — | — |" + (" — | — |" if cpu else ""))
             continue
         bits = "FP" if r["bits"] is None else f"W{r['bits']}A{r['bits']}"
         extra = f" {r['train_mib']:.0f} | {r['train_mem_ratio']:.2f} |" if cpu and "train_mib" in r else ""
         mem = "— | —" if r["mem_ratio"] is None else f"{r['peak_mib']:.0f} | {r['mem_ratio']:.2f}"
-        lines.append(f"| {r['model']} | {r['arm']} | {r['method'] or '—'} | {bits} | {r['step_ms']:.1f} | "
-                     f"{r['step_ratio']:.2f} | {mem} |{extra}")
+        lines.append(f"| {r['model']} | {r['arm']} | {r['method'] or '—'} | {bits} | {r.get('kernel') or '—'} | "
+                     f"{r['step_ms']:.1f} | {r['step_ratio']:.2f} | {r.get('first_step_ms', float('nan')):.0f} | {mem} |{extra}")
     if cpu:
         base = statistics.median(r["rss_base_mib"] for r in result["rows"] if "rss_base_mib" in r)
         lines += ["", f"Peak RSS includes ~{base:.0f} MiB of interpreter + libraries present before the model is "
@@ -357,14 +436,22 @@ def run_speed(s: dict) -> int:
     env = environment(s["device"])
     specs = plan(s)
     rows, failed = [], 0
-    for spec in specs:
+    if s["interleave"]:
+        results = []
+        for model in s["models"]:
+            group = [sp for sp in specs if sp["model"] == model]
+            LOGGER.info(f"bench speed: {model}: {len(group)} arms interleaved in one process ...")
+            results += measure_interleaved(group)
+        for spec, res in zip(specs, results):
+            rows.append({k: spec.get(k) for k in ("model", "arm", "method", "bits", "ada_div", "kernel")} | res)
+    for spec in specs if not s["interleave"] else []:
         LOGGER.info(f"bench speed: {spec['model']} {_label(spec)} ...")
         try:
             res = _measure_isolated(spec) if s["isolate"] else measure(spec)
         except Exception as e:  # report the others; this arm is marked failed (exit status 1)
             LOGGER.error(f"bench speed: {spec['model']} {_label(spec)} failed: {type(e).__name__}: {e}")
             res, failed = {"error": f"{type(e).__name__}: {e}"}, failed + 1
-        row = {k: spec[k] for k in ("model", "arm", "method", "bits", "ada_div")} | res
+        row = {k: spec.get(k) for k in ("model", "arm", "method", "bits", "ada_div", "kernel")} | res
         rows.append(row)
         if "step_ms" in res:
             peak = f", peak {res['peak_mib']:.0f} MiB" if res.get("peak_mib") else ""
@@ -373,7 +460,7 @@ def run_speed(s: dict) -> int:
         fp = next((x for x in rows if x["model"] == r["model"] and x["arm"] == "fp" and "step_ms" in x), None)
         if "step_ms" in r and fp:
             r.setdefault("peak_mib", None)  # CPU without isolate: no per-arm peak can be measured in one process
-            r["step_ratio"] = r["step_ms"] / fp["step_ms"]
+            r["step_ratio"] = r.pop("step_ratio_paired", None) or r["step_ms"] / fp["step_ms"]
             r["mem_ratio"] = r["peak_mib"] / fp["peak_mib"] if r["peak_mib"] and fp.get("peak_mib") else None
             if "rss_base_mib" in r and "rss_base_mib" in fp:  # CPU: what the training itself added to the process
                 r["train_mib"] = r["peak_mib"] - r["rss_base_mib"]
@@ -409,4 +496,5 @@ def speed_main(argv: list[str]) -> int:
     return run_speed(resolve_settings(argv))
 
 
-__all__ = ["DEFAULTS", "build_arm", "measure", "plan", "resolve_settings", "run_speed", "speed_main"]
+__all__ = ["DEFAULTS", "build_arm", "measure", "measure_interleaved", "plan", "resolve_settings", "run_speed",
+           "speed_main"]

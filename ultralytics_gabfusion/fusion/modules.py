@@ -299,7 +299,8 @@ class GABFusion(_KeepFP32, nn.Module):
 
     def _make_hook(self, i: int):
         def hook(g):
-            self._grad_sq[i] += g.detach().float().pow(2).sum()
+            # one fused pass in fp32 over the gradient (no fp32 copy or squared temporary, also under AMP)
+            self._grad_sq[i] += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).square()
             self._grad_numel[i] += g.numel()
             self._pending += 1
             return None

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from . import kernels
+from .kernels import CompileFailed, kernel_for
 from .quantizers import STEP_EPS, FakeQuantizer, positive
 
 __all__ = ["LSQFakeQuantize", "LSQQuantizer", "LSQPlusQuantizer"]
@@ -33,10 +35,21 @@ class LSQFakeQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, step, offset, qmin, qmax, grad_scale, per_channel, cdtype):
-        """Fake-quantize raw ``x`` in ``cdtype``; ``step``/``offset`` are 1-D, already positive / cast."""
+    def forward(ctx, x, step, offset, qmin, qmax, grad_scale, per_channel, cdtype, cached=None):
+        """Fake-quantize raw ``x`` in ``cdtype``; ``step``/``offset`` are 1-D, already positive / cast.
+
+        ``cached``: this function's earlier output for the same (unchanged) ``x`` and parameters, returned as is.
+        """
         ctx.save_for_backward(x, step, offset)
         ctx.conf = (qmin, qmax, grad_scale, per_channel, cdtype)
+        ctx.kernel = kernel_for(x)
+        if cached is not None:  # weights unchanged since the cached forward: same values, gradients as usual
+            return cached.view_as(cached)
+        if ctx.kernel == "compiled":
+            try:
+                return _compiled_forward(x, step, offset, qmin, qmax, per_channel)
+            except CompileFailed:
+                ctx.kernel = "reference"
         s, b = _views(x, step, offset, per_channel)
         xf = x.to(cdtype)
         v = (xf - b) / s if b is not None else xf / s
@@ -48,6 +61,14 @@ class LSQFakeQuantize(torch.autograd.Function):
         """Return ``(dx, ds, dbeta)`` as in the class docstring (the LSQ gradient lives here)."""
         x, step, offset = ctx.saved_tensors
         qmin, qmax, g, per_channel, cdtype = ctx.conf
+        if ctx.kernel == "compiled":
+            try:
+                dx, ds, db = _compiled_backward(x, grad, step, offset, qmin, qmax, per_channel)
+                need = ctx.needs_input_grad
+                return (dx if need[0] else None, ds * g if need[1] else None,
+                        db * g if offset is not None and need[2] else None, None, None, None, None, None, None)
+            except CompileFailed:
+                pass
         s, b = _views(x, step, offset, per_channel)
         xf = x.to(cdtype)
         v = (xf - b) / s if b is not None else xf / s
@@ -61,7 +82,34 @@ class LSQFakeQuantize(torch.autograd.Function):
             ds = _sum_to(ds_el.mul_(grad), per_channel) * g
         if offset is not None and ctx.needs_input_grad[2]:
             db = _sum_to(grad * outside, per_channel) * g
-        return dx, ds, db, None, None, None, None, None
+        return dx, ds, db, None, None, None, None, None, None
+
+
+def _bounds(step, qmin, qmax):
+    """``qmin``/``qmax`` as 0-d tensors (runtime values for the compiled kernels: no recompile per bit-width)."""
+    return kernels.scalar(qmin, step.dtype, step.device), kernels.scalar(qmax, step.dtype, step.device)
+
+
+def _compiled_forward(x, step, offset, qmin, qmax, per_channel):
+    lo, hi = _bounds(step, qmin, qmax)
+    off = offset if offset is not None else torch.zeros_like(step)  # (x - 0)/s and q*s + 0 are exact
+    if per_channel:
+        y = kernels.run_compiled(kernels.lsq_forward, x.reshape(x.shape[0], -1), step.view(-1, 1), off.view(-1, 1),
+                                 lo, hi)
+        return y.view(x.shape)
+    return kernels.run_compiled(kernels.lsq_forward, kernels.flat(x), step, off, lo, hi).view(x.shape)
+
+
+def _compiled_backward(x, grad, step, offset, qmin, qmax, per_channel):
+    lo, hi = _bounds(step, qmin, qmax)
+    off = offset if offset is not None else torch.zeros_like(step)
+    if per_channel:
+        rows = (x.shape[0], -1)
+        dx, ds, db = kernels.run_compiled(kernels.lsq_backward, x.reshape(rows), grad.reshape(rows),
+                                          step.view(-1, 1), off.view(-1, 1), lo, hi, True)
+        return dx.view(x.shape), ds, db
+    dx, ds, db = kernels.run_compiled(kernels.lsq_backward, *kernels.flat(x, grad), step, off, lo, hi, False)
+    return dx.view(x.shape), ds, db
 
 
 def _views(x, step, offset, per_channel):
@@ -101,7 +149,9 @@ class _LSQBase(FakeQuantizer):
     def _offset_or_none(self):
         return None
 
-    def _quantize(self, x, cdtype):
+    replays_cached = True
+
+    def _quantize(self, x, cdtype, cached=None):
         off = self._offset_or_none()
         return LSQFakeQuantize.apply(
             x,
@@ -112,6 +162,7 @@ class _LSQBase(FakeQuantizer):
             self.grad_scale(x),
             bool(self.channels),
             cdtype,
+            cached,
         )
 
     def step_size(self) -> torch.Tensor:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
+from .kernels import N2UQ_COMPILED_MAX_BITS, CompileFailed, kernel_for
 from .quantizers import STEP_EPS, FakeQuantizer, floor_ste, positive, row_quantile
 
 __all__ = ["N2UQFakeQuantize", "N2UQWeightFakeQuantize", "N2UQQuantizer", "n2uq_boundaries"]
@@ -76,6 +78,12 @@ class N2UQFakeQuantize(torch.autograd.Function):
         ctx.cdtype = cdtype
         delta = 2.0 / intervals.numel()
         _, thr = n2uq_boundaries(start, intervals)
+        ctx.kernel = kernel_for(x) if intervals.numel() < (1 << N2UQ_COMPILED_MAX_BITS) else "reference"
+        if ctx.kernel == "compiled":
+            try:
+                return kernels.run_compiled(kernels.n2uq_forward, x, thr, beta1, beta2 * delta)
+            except CompileFailed:
+                ctx.kernel = "reference"
         xs = x.to(cdtype) * beta1
         count = torch.bucketize(xs.contiguous(), thr, right=False, out_int32=True)  # = #{T < x'}
         del xs
@@ -93,10 +101,6 @@ class N2UQFakeQuantize(torch.autograd.Function):
         merged = torch.stack([thr_plus, d[1:]], 1).reshape(-1)  # T1+, d1, T2+, d2, ...
         merged = torch.cummax(torch.cat([d[:1], merged]), 0).values  # sorted, length 2L+1
 
-        xf = x.to(cdtype).reshape(-1)
-        xs = xf * beta1
-        j = torch.bucketize(xs.contiguous(), merged, right=True)  # #{boundaries <= x'} in [0, 2L+1] (int64 for scatter)
-
         # Per-bin tables (length 2L+2): bin j is in segment (j+1)//2; bins 0 and 2L+1 are outside.
         nb = 2 * L + 2
         inv_a = torch.zeros(nb, dtype=cdtype, device=x.device)
@@ -104,17 +108,32 @@ class N2UQFakeQuantize(torch.autograd.Function):
         seg_start = torch.zeros(nb, dtype=cdtype, device=x.device)
         seg_start[1:-1] = d[:-1].repeat_interleave(2)
         count = torch.arange(nb, device=x.device, dtype=cdtype).div_(2).floor_()
-
         g = grad.reshape(-1)
-        w = g * inv_a[j]  # G / a_i on segments, 0 outside
         bscale = beta2 * delta  # 1-element tensor
-
         need = ctx.needs_input_grad
-        dx = (w * (beta1 * bscale)).reshape(x.shape).to(x.dtype) if need[0] else None
-        dbeta1 = (torch.dot(w, xf) * bscale).reshape(1) if need[3] else None
-        # G*(x'-d_{i-1})/a_i^2 per element, for da_i's own-segment term (reuses w's memory)
-        r = w.mul_((xs - seg_start[j]).mul_(inv_a[j])) if need[2] else None
-        del w, xs
+
+        elementwise = None
+        if ctx.kernel == "compiled":  # the same per-element quantities as below, in one fused pass
+            try:
+                j, w, r = kernels.run_compiled(kernels.n2uq_backward, x.reshape(-1), g, merged, inv_a, seg_start,
+                                                   beta1)
+                j = j.long()  # scatter_add_ indices
+                dx = (w * (beta1 * bscale)).reshape(x.shape).to(x.dtype) if need[0] else None
+                dbeta1 = (torch.dot(w, x.reshape(-1).to(cdtype)) * bscale).reshape(1) if need[3] else None
+                elementwise = dx, dbeta1, r
+                del w
+            except CompileFailed:
+                pass
+        if elementwise is None:
+            xf = x.to(cdtype).reshape(-1)
+            xs = xf * beta1
+            j = torch.bucketize(xs.contiguous(), merged, right=True)  # #{boundaries <= x'} in [0, 2L+1] (int64)
+            w = g * inv_a[j]  # G / a_i on segments, 0 outside
+            dx = (w * (beta1 * bscale)).reshape(x.shape).to(x.dtype) if need[0] else None
+            dbeta1 = (torch.dot(w, xf) * bscale).reshape(1) if need[3] else None
+            # G*(x'-d_{i-1})/a_i^2 per element, for da_i's own-segment term (reuses w's memory)
+            r = w.mul_((xs - seg_start[j]).mul_(inv_a[j])) if need[2] else None
+            del w, xs
 
         ds0 = da = dbeta2 = None
         if need[1] or need[2] or need[4]:
@@ -165,11 +184,13 @@ class N2UQWeightFakeQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w, sf, levels, grad_mode):
-        """``sf`` is broadcastable against ``w`` and positive."""
+    def forward(ctx, w, sf, levels, grad_mode, cached=None):
+        """``sf`` is broadcastable against ``w`` and positive; ``cached``: the earlier output for the same ``w``."""
         ctx.grad_mode = grad_mode
         if grad_mode == "reference":
             ctx.save_for_backward(sf)
+        if cached is not None:
+            return cached.view_as(cached)
         half = levels / 2.0
         q = torch.round((w / sf).clamp_(-1.0, 1.0).add_(1.0).mul_(half)).div_(half).sub_(1.0)
         return q.mul_(sf)
@@ -178,8 +199,8 @@ class N2UQWeightFakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         if ctx.grad_mode == "reference":
             (sf,) = ctx.saved_tensors
-            return grad / sf, None, None, None
-        return grad, None, None, None
+            return grad / sf, None, None, None, None
+        return grad, None, None, None, None
 
 
 class N2UQQuantizer(FakeQuantizer):
@@ -282,15 +303,20 @@ class N2UQQuantizer(FakeQuantizer):
             positive(self.scale_out).to(cdtype),
         )
 
-    def _quantize(self, x, cdtype):
+    replays_cached = True
+
+    def _quantize(self, x, cdtype, cached=None):
         if self.role == "act":
             s0, a, b1, b2 = self._act_params(cdtype)
             return N2UQFakeQuantize.apply(x, s0, a, b1, b2, cdtype)
         w = x.to(cdtype)
-        sf = self._sf(w.detach())
-        with torch.no_grad():
-            self.w_scale.copy_(sf)
-        return N2UQWeightFakeQuantize.apply(w, self._bcast(sf, w), self._L, self.weight_grad)
+        if cached is not None:  # weight unchanged: w_scale already holds its SF
+            sf = self.w_scale.to(cdtype)
+        else:
+            sf = self._sf(w.detach())
+            with torch.no_grad():
+                self.w_scale.copy_(sf)
+        return N2UQWeightFakeQuantize.apply(w, self._bcast(sf, w), self._L, self.weight_grad, cached)
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()

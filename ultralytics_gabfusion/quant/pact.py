@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
+from .kernels import CompileFailed, kernel_for
 from .quantizers import STEP_EPS, FakeQuantizer, positive, round_ste, row_quantile
 
 __all__ = ["PACTFakeQuantize", "PACTQuantizer"]
@@ -39,6 +41,17 @@ class PACTFakeQuantize(torch.autograd.Function):
         """Fake-quantize raw ``x`` with the positive 1-D ``alpha`` (already in ``cdtype``)."""
         ctx.save_for_backward(x, alpha)
         ctx.conf = (signed, per_channel, cdtype)
+        ctx.kernel = kernel_for(x)
+        if ctx.kernel == "compiled":
+            try:
+                lv = kernels.scalar(levels, alpha.dtype, alpha.device)
+                if per_channel:
+                    y = kernels.run_compiled(kernels.pact_forward, x.reshape(x.shape[0], -1), alpha.view(-1, 1), lv,
+                                             signed)
+                    return y.view(x.shape)
+                return kernels.run_compiled(kernels.pact_forward, kernels.flat(x), alpha, lv, signed).view(x.shape)
+            except CompileFailed:
+                ctx.kernel = "reference"
         a = _view(x, alpha, per_channel)
         xf = x.to(cdtype)
         if signed:
@@ -54,6 +67,21 @@ class PACTFakeQuantize(torch.autograd.Function):
         """``(dx, dalpha)`` as in the class docstring."""
         x, alpha = ctx.saved_tensors
         signed, per_channel, cdtype = ctx.conf
+        if ctx.kernel == "compiled":
+            try:
+                if per_channel:
+                    rows = (x.shape[0], -1)
+                    dx, da = kernels.run_compiled(kernels.pact_backward, x.reshape(rows), grad.reshape(rows),
+                                                  alpha.view(-1, 1), signed, True)
+                    dx = dx.view(x.shape)
+                else:
+                    dx, da = kernels.run_compiled(kernels.pact_backward, *kernels.flat(x, grad), alpha, signed,
+                                                  False)
+                    dx = dx.view(x.shape)
+                need = ctx.needs_input_grad
+                return dx if need[0] else None, da if need[1] else None, None, None, None, None
+            except CompileFailed:
+                pass
         a = _view(x, alpha, per_channel)
         xf = x.to(cdtype)
         above = xf >= a
@@ -136,7 +164,7 @@ class PACTQuantizer(FakeQuantizer):
         return self
 
     # ------------------------------------------------------------------ forward
-    def _quantize(self, x, cdtype):
+    def _quantize(self, x, cdtype, cached=None):
         if self.role == "act":
             alpha = positive(self.alpha).to(cdtype)
             b = getattr(self, "fixed_offset", 0.0)

@@ -262,6 +262,7 @@ class FakeQuantizer(nn.Module):
         or buffer that became float16/bfloat16 is converted back. Device moves and float64 are untouched.
         """
         super()._apply(fn, recurse)
+        self._wq_cache = None
         for p in self._parameters.values():
             if p is not None and p.dtype in _HALF_TYPES:
                 grad = p.grad
@@ -302,13 +303,56 @@ class FakeQuantizer(nn.Module):
         if not self.is_initialized:
             self.init_from(x)
         cdtype = torch.promote_types(x.dtype, torch.float32)
+        key = cached = None
+        if self.role == "weight":
+            key = self._weight_key(x)
+            if key is not None and self._wq_cache is not None and self._wq_cache[0] == key:
+                cached = self._wq_cache[1]
+                if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+                    return cached  # nothing to differentiate: the cached output itself
+                if not self.replays_cached:
+                    cached = None
         with _autocast_off(x.device.type):
-            y = self._quantize(x, cdtype)
-        return y.to(x.dtype)
+            y = self._quantize(x, cdtype) if cached is None else self._quantize(x, cdtype, cached=cached)
+        y = y.to(x.dtype)
+        if key is not None and cached is None:
+            self._wq_cache = (key, y.detach())
+        return y
 
-    def _quantize(self, x: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
-        """Fake-quantize raw ``x``; return it in ``cdtype`` (subclasses cast ``x``/params to ``cdtype``)."""
+    def _quantize(self, x: torch.Tensor, cdtype: torch.dtype, cached=None) -> torch.Tensor:
+        """Fake-quantize raw ``x``; return it in ``cdtype`` (subclasses cast ``x``/params to ``cdtype``).
+
+        ``cached`` (only passed to classes with ``replays_cached``): the earlier output for the same unchanged
+        weight and parameters; the autograd function returns it instead of recomputing, gradients unchanged.
+        """
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- weight cache
+    # Weights change only at optimizer steps, so a weight quantizer's output is cached and reused by every later
+    # call (gradient-accumulation micro-batches, validation batches) until the weight or a quantizer tensor
+    # changes. The key holds each input tensor's storage address and version counter (bumped by every in-place
+    # update: optimizer steps, EMA updates, load_state_dict, init_from), so no explicit invalidation is needed.
+    _wq_cache = None
+    replays_cached = False  # whether _quantize accepts ``cached`` with the gradients still computed
+
+    def _weight_key(self, x: torch.Tensor) -> tuple:
+        tensors = [x, *self._parameters.values()]
+        tensors = [t for t in tensors if t is not None]
+        tensors += [b for n, b in self._buffers.items() if n != "w_scale" and b is not None]  # w_scale: an output
+        if any(t.is_inference() for t in tensors):  # inference tensors have no version counter: do not cache
+            return None
+        return (tuple(x.shape), x.dtype, torch.is_inference_mode_enabled(),
+                tuple((t.data_ptr(), t._version) for t in tensors))
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached weight output (it is also invalidated automatically when any input changes)."""
+        self._wq_cache = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if state.get("_wq_cache") is not None:  # never pickled or deep-copied (checkpoints, EMA copies)
+            state = {**state, "_wq_cache": None}
+        return state
 
     # ---------------------------------------------------------------- export helpers
     def step_size(self) -> torch.Tensor:
