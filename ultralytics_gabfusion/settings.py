@@ -225,7 +225,7 @@ SETTINGS: dict[str, Setting] = {
     "qat_act_grid": Setting("auto", "activation grids: auto (unsigned after SiLU/ReLU, signed after LayerNorm), signed, unsigned",
                             _choice(*ACT_GRIDS)),
     "qat_lr": Setting(1.0, "learning-rate multiplier of quantizer parameters (N2UQ reference: 0.1)", _float_range(0.0, lo_open=True)),
-    "qat_kernel": Setting("auto", "fake-quant kernels: auto (compiled where torch.compile works), reference, compiled", _choice(*QAT_KERNELS)),
+    "qat_kernel": Setting("auto", "fake-quant kernels: auto (compiled on CUDA with Triton, reference on CPU), reference, compiled", _choice(*QAT_KERNELS)),
     # GABFusion
     "gab": Setting("off", "GABFusion at the neck Concat nodes: balanced, learned, off", _choice(*GAB_MODES)),
     "gab_beta": Setting(0.1, "EMA factor of the per-branch gradient norms (balanced)", _float_range(0.0, 1.0, lo_open=True)),

@@ -116,12 +116,16 @@ def compiled_available(device_type: str) -> bool:
 def kernel_for(x: torch.Tensor) -> str:
     """The implementation to run for input ``x``: ``"reference"`` or ``"compiled"``.
 
-    ``compiled`` needs a device it can compile for; the selection ``compiled`` on a device without one falls back
-    to ``reference`` (as does ``auto``), and so does any input while TorchDynamo is already tracing (a user's own
+    ``auto`` is ``compiled`` on CUDA (Triton) and ``reference`` elsewhere. ``compiled`` needs a device it can
+    compile for; the selection ``compiled`` on a device without one falls back to ``reference``, and so does any input while TorchDynamo is already tracing (a user's own
     ``torch.compile`` of the model traces the reference code instead of nesting compilations).
     """
     k = _state["kernel"]
     if k == "reference" or _state["failed"] or not compiled_available(x.device.type):
+        return "reference"
+    if k == "auto" and x.device.type != "cuda":
+        # On CPU the first step of every process compiles C++ kernels for minutes on a small machine, more than
+        # the ~0.3 x FP per step they save in a short run: CPU users ask for them with qat_kernel=compiled.
         return "reference"
     if torch.compiler.is_compiling():
         return "reference"
