@@ -249,4 +249,3 @@ def test_qat_act_grid_key_is_validated_and_listed():
         validate_settings({"qat_act_grid": "uint"})
     assert "qat_act_grid" in help_text()
     assert "`qat_act_grid`" in (ROOT / "README.md").read_text()
-    assert not any(tmp_path.iterdir()), "refused before the run folder is created"
