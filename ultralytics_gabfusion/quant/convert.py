@@ -250,6 +250,30 @@ def init_weight_quantizers(model: nn.Module, only_uninitialized: bool = False, i
 
 
 CALIB_BN_MODES = ("auto", "eval", "batch")
+_SHIFT_SAMPLES = 1 << 16  # input samples kept per batch and N2UQ conv to set its input_shift
+
+
+def _average_n2uq_range(q: FakeQuantizer, old: dict, k: int) -> None:
+    """Running mean over ``k+1`` batches of an N2UQ activation range, taken in the input domain.
+
+    ``old`` holds the parameters averaged over the first ``k`` batches, ``q`` the init of the new batch. The start
+    ``s0/beta1`` and the span ``sum(a)/beta1`` are averaged; ``beta1``, ``s0`` and ``beta2`` follow from them (with
+    ``beta1*beta2`` kept), so the averaged segments cover the averaged input range.
+    """
+    def lo_span(start, intervals, b1):
+        b1 = b1.abs().clamp_min(1e-8)
+        return start / b1, intervals.clamp_min(0).sum() / b1
+
+    lo0, w0 = lo_span(old["start"], old["intervals"], old["scale_in"])
+    lo1, w1 = lo_span(q.start.detach(), q.intervals.detach(), q.scale_in.detach())
+    lo, w = (lo0 * k + lo1) / (k + 1), (w0 * k + w1) / (k + 1)
+    prod = (old["scale_in"] * old["scale_out"]).abs()
+    intervals = (old["intervals"] * k + q.intervals.detach()) / (k + 1)
+    b1 = intervals.clamp_min(0).sum() / w
+    q.intervals.copy_(intervals)
+    q.scale_in.copy_(b1)
+    q.scale_out.copy_(prod / b1)
+    q.start.copy_(b1 * lo)
 
 
 def bn_statistics_trained(model: nn.Module) -> bool:
@@ -268,7 +292,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
 
     Each activation quantizer is re-initialised from its input on every batch and the inits are averaged over batches;
     downstream quantizers see the already-quantized upstream outputs. For N2UQ the conv's ``input_shift`` is set to the
-    mean difference between input and quantized input. BatchNorm running statistics are never changed.
+    mean difference between input and quantized input over all calibration batches, with the final thresholds.
+    BatchNorm running statistics are never changed.
 
     Args:
         model (nn.Module): A quantized model.
@@ -304,7 +329,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
                 bn_momenta[mod] = mod.momentum
                 mod.momentum = 0.0
     state = {"k": 0}
-    shift_sums = {}
+    samples = {}  # N2UQ: input samples of every batch, for an input_shift that matches the final thresholds
+    gen = torch.Generator().manual_seed(0)
 
     def pre_hook(conv, args):
         m, q = targets[id(conv.act_quant)]
@@ -315,14 +341,18 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
         if init == "mse":
             refine_mse(q, x)
         if k:
-            for n, p in q.named_parameters():
-                p.copy_((old[n] * k + p) / (k + 1))
+            if q.method == "n2uq":  # average the input-domain start and span: start and beta1 are not linear in them
+                _average_n2uq_range(q, old, k)
+            else:
+                for n, p in q.named_parameters():
+                    p.copy_((old[n] * k + p) / (k + 1))
         if m.input_shift is not None:
-            m.input_shift.zero_()
-            d = (x.mean() - q(x).mean()).reshape(1)
-            s = shift_sums.get(id(m), torch.zeros_like(d)) + d
-            shift_sums[id(m)] = s
-            m.input_shift.copy_(s / (k + 1))
+            flat = x.reshape(-1)
+            if flat.numel() > _SHIFT_SAMPLES:
+                flat = flat[torch.randint(flat.numel(), (_SHIFT_SAMPLES,), generator=gen).to(flat.device)]
+            samples.setdefault(id(m), []).append(flat)
+            xs = torch.cat(samples[id(m)])
+            m.input_shift.copy_((xs.mean() - q(xs).mean()).reshape(1))
 
     handles = [m.register_forward_pre_hook(pre_hook) for m, _ in targets.values()]
     model.train(bn == "batch")
