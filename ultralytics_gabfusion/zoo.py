@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -119,50 +118,27 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, data: dict, max
     metrics = YOLO(str(dst)).val(data=args["data"], imgsz=args["imgsz"], batch=args["batch"], workers=0,
                                  plots=False, verbose=False, project=str(run / "publish-val"), exist_ok=True)
     rd = metrics.results_dict
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    from .bench.accuracy import _results_rows
+    from .bench.common import cpu_name, git_commit
+
     info = {
         "name": name,
         "architecture": Path(str(args["model"])).stem,
         "command": command,
         "data": data,
         "train": {k: args.get(k) for k in ("epochs", "imgsz", "batch", "optimizer", "lr0", "seed", "deterministic")},
-        "epochs_run": _results_rows(run / "results.csv"),
+        "epochs_run": _results_rows(run),
         "val": {"imgsz": args["imgsz"], "batch": args["batch"], "split": "val"},
         "metrics": {"mAP50": round(float(rd["metrics/mAP50(B)"]), 5),
                     "mAP50_95": round(float(rd["metrics/mAP50-95(B)"]), 5)},
         "sha256": sha256(dst),
         "bytes": dst.stat().st_size,
-        "commit": commit,
-        "hardware": _hardware(),
+        "commit": (git_commit() or "")[:7] or None,
+        "hardware": f"CPU {cpu_name()}, {os.cpu_count()} cores",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (ASSETS / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     return dst
-
-
-def _results_rows(csv: Path) -> int | None:
-    """Epochs recorded in a run's results.csv (a finished checkpoint no longer says how many ran)."""
-    if not csv.is_file():
-        return None
-    return max(sum(1 for ln in csv.read_text().splitlines() if ln.strip()) - 1, 0)
-
-
-def _hardware() -> str:
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {os.cpu_count()} cores"
 
 
 def _main(argv: list[str]) -> int:
