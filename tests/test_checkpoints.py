@@ -8,7 +8,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import IMGSZ, train_kwargs
+from pathlib import Path
+
+from conftest import IMGSZ, run_python, train_kwargs
 
 
 class Interrupt(Exception):
@@ -64,3 +66,32 @@ def test_stock_checkpoint_qat_val_export_resume(arch, data3, tmp_path):
     assert len(metrics.names) == 3 and metrics.box.map50 >= 0
     info = export_qdq_onnx(best, tmp_path / "q.onnx", imgsz=IMGSZ, images=str(data3), verbose=False)
     assert info["parity"]["ok"] and info["output_shape"][1] == 4 + 3
+
+
+V010_CKPT = Path(__file__).parent / "assets" / "v010-qat-gab-ada.pt"  # written by tests/assets/make_v010_checkpoint.py
+
+
+def test_checkpoint_from_version_010_loads_validates_and_exports(tiny_data, tmp_path):
+    """A QAT checkpoint (N2UQ W4A4, GABFusion, ADA) saved by plugin 0.1.0 keeps working: it loads in a fresh process
+    with nothing but the package imported, validates, and exports to Q/DQ ONNX with parity."""
+    code = f"""
+import ultralytics_gabfusion
+from ultralytics import YOLO
+from ultralytics_gabfusion.export import export_qdq_onnx
+from ultralytics_gabfusion.fusion import GABFusion
+from ultralytics_gabfusion.quant.qconv import QuantConv2d
+m = YOLO({str(V010_CKPT)!r})
+qconvs = [x for x in m.model.modules() if isinstance(x, QuantConv2d)]
+gabs = [x for x in m.model.modules() if isinstance(x, GABFusion)]
+assert qconvs and len(gabs) == 4, (len(qconvs), len(gabs))
+assert {{q.method for q in qconvs}} == {{"n2uq"}}
+assert {{q.weight_quant.bits for q in qconvs}} == {{4, 8}}  # first and last layers at 8 bits
+r = m.val(data={str(tiny_data)!r}, imgsz=64, batch=8, device="cpu", plots=False, verbose=False)
+assert 0 <= r.box.map50 <= 1
+info = export_qdq_onnx({str(V010_CKPT)!r}, {str(tmp_path / "v010.onnx")!r}, imgsz=64, images={str(tiny_data)!r},
+                       verbose=False)
+assert info["parity"]["ok"], info["parity"]
+print("OK", len(qconvs))
+"""
+    r = run_python(code)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
