@@ -1,7 +1,9 @@
 """ultralytics-gabfusion: very-low-bit quantization-aware training for Ultralytics YOLO detection.
 
-Importing the package registers ``GABFusion`` with Ultralytics' model parser (so ``*-gab.yaml`` models build, in
-DDP workers too) and exposes the trainer.
+Importing the package is light (no torch, no Ultralytics): the public names below load on first use.
+``GABFusion`` is registered with Ultralytics' model parser when :mod:`ultralytics_gabfusion.fusion` is imported,
+which the trainer, ``GABFusion`` and loading a GABFusion checkpoint all do, so ``*-gab.yaml`` models build (in DDP
+workers too).
 
 Examples:
     >>> from ultralytics import YOLO
@@ -9,12 +11,28 @@ Examples:
     >>> YOLO("fp.pt").train(trainer=GABTrainer, data="data.yaml", cfg="cfg/qat/w4a4-lsq.yaml")  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
-from .fusion import GABFusion, register_gabfusion  # noqa: E402
+# Public name -> module that defines it, imported on first access (PEP 562).
+_LAZY = {
+    "GABTrainer": "trainer",
+    "GABFusion": "fusion",
+    "QATConfig": "settings",
+    "post_training_quantize": "ptq",
+}
 
-register_gabfusion()
+__all__ = ("__version__", *_LAZY)
 
-from .trainer import GABTrainer  # noqa: E402
 
-__all__ = ["GABTrainer", "GABFusion", "__version__"]
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

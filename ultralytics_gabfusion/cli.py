@@ -117,6 +117,8 @@ def train(overrides: dict) -> None:
     """Run ``mode=train`` with the selected trainer through ``YOLO(model).train(trainer=...)``."""
     from ultralytics import YOLO
 
+    from . import fusion  # noqa: F401 - registers GABFusion, so *-gab.yaml models build with any trainer
+
     trainer = resolve_trainer(overrides.pop("trainer", None))
     from .trainer import GABTrainer
 
@@ -142,6 +144,8 @@ def delegate(argv: list[str]) -> None:
     """Hand a command to Ultralytics' own entrypoint unchanged (``val``, ``predict``, ``settings``, ...)."""
     from ultralytics.cfg import entrypoint
 
+    from . import fusion  # noqa: F401 - registers GABFusion, so *-gab.yaml models build in val/predict/export
+
     sys.argv[:] = ["yolo", *argv]  # Ultralytics reads the shared sys.argv list
     entrypoint()
 
@@ -149,8 +153,6 @@ def delegate(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``yolo-gab`` and ``python -m ultralytics_gabfusion``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    import ultralytics_gabfusion  # noqa: F401 - registers GABFusion for model YAMLs and checkpoints
-
     try:
         if not argv or argv[0] in {"help", "-h", "--help"}:
             from ultralytics.cfg import CLI_HELP_MSG

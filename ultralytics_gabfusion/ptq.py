@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from ultralytics.utils import LOGGER
 
-from . import __version__
+from .version import __version__
 
 # Keys that make no sense for a run without training steps (the optimiser is built but never stepped).
 _NO_TRAINING = {"epochs": 1, "plots": False, "val": False, "resume": False}

@@ -18,7 +18,10 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-QAT_METHODS = ("none", "lsq", "lsqplus", "pact", "n2uq")
+# The one list of quantizer names and the one bit range (quant.registry maps the names to classes).
+QUANT_METHODS = ("lsq", "lsqplus", "pact", "n2uq")
+QAT_METHODS = ("none", *QUANT_METHODS)
+MIN_BITS, MAX_BITS = 2, 8
 GAB_MODES = ("balanced", "learned", "off")
 ADA_ATTNS = ("simam", "qada")
 ADA_DIVS = ("kl", "js")
@@ -49,6 +52,11 @@ def _choice(*allowed: str) -> Callable[[str, Any], Any]:
         return s
 
     return check
+
+
+def check_bits(key: str, v) -> int:
+    """A bit-width: an integer in ``MIN_BITS..MAX_BITS`` (``3.0`` is accepted as 3); raise ValueError otherwise."""
+    return _int_range(MIN_BITS, MAX_BITS)(key, v)
 
 
 def _int_range(lo: int, hi: int, allow_zero: bool = False) -> Callable[[str, Any], Any]:
@@ -153,8 +161,9 @@ def _layer_bits(key, v):
                 layer = -1
             if layer < 0 or (isinstance(k, float) and k != layer) or isinstance(k, bool):
                 raise ValueError(f"'{key}': {k!r} is not a layer index; use non-negative integers, e.g. {{17: 8}}.")
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or float(b) != int(b) or not 2 <= int(b) <= 8:
-                raise ValueError(f"'{key}': layer {layer} bits {b!r} are not supported; use an integer in 2..8.")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or float(b) != int(b) or not MIN_BITS <= int(b) <= MAX_BITS:
+                raise ValueError(f"'{key}': layer {layer} bits {b!r} are not supported; use an integer in "
+                                 f"{MIN_BITS}..{MAX_BITS}.")
             out[layer] = int(b)
         if not out:
             raise ValueError(f"'{key}' is an empty mapping: name at least one layer, e.g. {{17: 8}}, or use None.")
@@ -210,11 +219,13 @@ def _bits_budget(key, v):
 
 SETTINGS: dict[str, Setting] = {
     # Quantization-aware training
-    "qat": Setting("none", "quantizer for weights and activations: none, lsq, lsqplus, pact, n2uq", _choice(*QAT_METHODS)),
-    "w_bits": Setting(4, "weight bit-width (2-8) of every quantized conv outside the policy's ends", _int_range(2, 8)),
-    "a_bits": Setting(4, "activation bit-width (2-8) of every quantized conv input outside the ends", _int_range(2, 8)),
-    "qat_first_bits": Setting(8, "W and A bits of the first conv (0 = same as w_bits/a_bits)", _int_range(2, 8, True)),
-    "qat_head_bits": Setting(8, "W and A bits of the Detect output convs (0 = same as w_bits/a_bits)", _int_range(2, 8, True)),
+    "qat": Setting("none", f"quantizer for weights and activations: {', '.join(QAT_METHODS)}", _choice(*QAT_METHODS)),
+    "w_bits": Setting(4, "weight bit-width (2-8) of every quantized conv outside the policy's ends", check_bits),
+    "a_bits": Setting(4, "activation bit-width (2-8) of every quantized conv input outside the ends", check_bits),
+    "qat_first_bits": Setting(8, "W and A bits of the first conv (0 = same as w_bits/a_bits)",
+                              _int_range(MIN_BITS, MAX_BITS, True)),
+    "qat_head_bits": Setting(8, "W and A bits of the Detect output convs (0 = same as w_bits/a_bits)",
+                             _int_range(MIN_BITS, MAX_BITS, True)),
     "qat_skip": Setting(None, "layer indices left in full precision, e.g. [0,23]", _int_list_or_none),
     "qat_layer_bits": Setting(None, "mixed precision: {layer: bits} of ordinary convs, or a sensitivity.csv (with "
                               "qat_bits_budget)", _layer_bits),

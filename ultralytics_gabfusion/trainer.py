@@ -34,7 +34,7 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
-from . import __version__
+from .version import __version__
 from .settings import (
     PLUGIN_DEFAULTS,
     PLUGIN_KEYS,

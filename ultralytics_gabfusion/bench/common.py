@@ -222,7 +222,7 @@ def environment(device: str | None = None) -> dict:
     import torch
     import ultralytics
 
-    from .. import __version__
+    from ..version import __version__
 
     cpu = cpu_name()
     n_cpu = os.cpu_count() or 0

@@ -362,7 +362,7 @@ def _worker(spec_json: str) -> None:
     import torch  # noqa: F401  (imports counted in the base RSS, like in every arm)
     import ultralytics  # noqa: F401
 
-    import ultralytics_gabfusion  # noqa: F401
+    from .. import fusion  # noqa: F401 - registers GABFusion for *-gab.yaml models
 
     spec = json.loads(spec_json)
     base = _rss_mib()

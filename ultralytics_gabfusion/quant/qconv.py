@@ -21,7 +21,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from .quantizers import make_quantizer
+from .registry import make_quantizer
 
 # Bumped when the pickled layout of these modules changes; checked when a checkpoint is unpickled.
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""Fake-quantizer base class, shared helpers and the ``make_quantizer`` factory.
+"""Fake-quantizer base class and the helpers shared by the methods (the factory is :mod:`.registry`).
 
 The four methods live in one file each so that every formula has exactly one visible home:
 
@@ -6,7 +6,7 @@ The four methods live in one file each so that every formula has exactly one vis
 * :mod:`.pact` -- PACT for activations and DoReFa for weights,
 * :mod:`.n2uq` -- N2UQ (``N2UQFakeQuantize.backward`` holds the generalised STE).
 
-Conventions shared by all quantizers (docs/method.md section 4):
+Conventions shared by all quantizers:
 
 * ``torch.round`` (round half to even); clamping happens before rounding; pass-through masks are decided
   on the unrounded scaled value.
@@ -23,16 +23,16 @@ Conventions shared by all quantizers (docs/method.md section 4):
 
 from __future__ import annotations
 
-import difflib
 import numbers
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from ..settings import MAX_BITS, MIN_BITS, QUANT_METHODS
+
 __all__ = [
     "FakeQuantizer",
-    "make_quantizer",
     "QUANT_METHODS",
     "QUANT_ROLES",
     "MIN_BITS",
@@ -44,14 +44,11 @@ __all__ = [
     "row_quantile",
 ]
 
-QUANT_METHODS = ("lsq", "lsqplus", "pact", "n2uq")
 QUANT_ROLES = ("weight", "act")
-MIN_BITS, MAX_BITS = 2, 8
 # Floor for steps / alpha / scales, in forward and in the data-driven inits (all-zero inputs).
 STEP_EPS = 1e-8
 
-# Spelling variants accepted by the factory; everything is normalised to QUANT_METHODS / QUANT_ROLES.
-_METHOD_ALIASES = {"lsq+": "lsqplus", "lsq_plus": "lsqplus", "lsq-plus": "lsqplus"}
+# Spelling variants accepted by the constructors; normalised to QUANT_ROLES.
 _ROLE_ALIASES = {"activation": "act", "activations": "act", "weights": "weight"}
 # Quantile inits look at most this many elements per row: kthvalue over a 100M-element activation
 # would cost time and memory for no gain in the estimate.
@@ -133,20 +130,12 @@ def _autocast_off(device_type: str):
 # Argument validation
 # ----------------------------------------------------------------------------------------------------------
 def _check_bits(bits) -> int:
+    # Stricter than the user-facing setting (which takes "4" or 4.0 from a CLI or YAML): the API wants an int.
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r} ({type(bits).__name__})")
     if not MIN_BITS <= int(bits) <= MAX_BITS:
         raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits}")
     return int(bits)
-
-
-def _check_method(method) -> str:
-    name = _METHOD_ALIASES.get(str(method).strip().lower(), str(method).strip().lower())
-    if name not in QUANT_METHODS:
-        hint = difflib.get_close_matches(str(method).lower(), QUANT_METHODS, n=1)
-        hint = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"unknown quantizer method {method!r}{hint}; allowed methods: {', '.join(QUANT_METHODS)}")
-    return name
 
 
 def _check_role(role) -> str:
@@ -374,47 +363,3 @@ class FakeQuantizer(nn.Module):
         offset = offset.expand_as(scale).clone() if offset.numel() == 1 else offset.clone()
         return {"scale": scale, "offset": offset, "qmin": int(qmin), "qmax": int(qmax),
                 "axis": 0 if self.channels else None}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Factory
-# ----------------------------------------------------------------------------------------------------------
-def _registry() -> dict:
-    # Imported lazily: the method modules import FakeQuantizer from this module.
-    from .lsq import LSQPlusQuantizer, LSQQuantizer
-    from .n2uq import N2UQQuantizer
-    from .pact import PACTQuantizer
-
-    return {"lsq": LSQQuantizer, "lsqplus": LSQPlusQuantizer, "pact": PACTQuantizer, "n2uq": N2UQQuantizer}
-
-
-def make_quantizer(
-    method: str, role: str, bits: int, channels: int = 0, signed: bool = True, **kwargs
-) -> FakeQuantizer:
-    """Build a fake quantizer.
-
-    Args:
-        method: ``"lsq"``, ``"lsqplus"`` (alias ``"lsq+"``), ``"pact"`` (weights: DoReFa) or ``"n2uq"``.
-        role: ``"weight"`` or ``"act"`` (alias ``"activation"``).
-        bits: integer bit-width in 2..8.
-        channels: 0 = per-tensor; C > 0 = per-channel along dim 0 (weights: ``weight.shape[0]``).
-        signed: signed integer grid ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
-        **kwargs: method-specific options forwarded to the class (e.g. N2UQ ``weight_grad``).
-
-    Returns:
-        FakeQuantizer: an uninitialised quantizer (it initialises from its first input, or call ``init_from``).
-
-    Raises:
-        ValueError: unknown method/role, bits not an integer in 2..8, negative channels.
-    """
-    cls = _registry()[_check_method(method)]
-    return cls(role=role, bits=bits, channels=channels, signed=signed, **kwargs)
-
-
-_LAZY_CLASSES = ("LSQQuantizer", "LSQPlusQuantizer", "PACTQuantizer", "N2UQQuantizer")
-
-
-def __getattr__(name):  # PEP 562: `from .quantizers import LSQQuantizer` works without an import cycle
-    if name in _LAZY_CLASSES:
-        return {c.__name__: c for c in _registry().values()}[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
