@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ultralytics_gabfusion.data import make_synthetic_dataset, synth_main
-from ultralytics_gabfusion.data import synth
+from ultralytics_gabfusion.data import render, synth
 from ultralytics_gabfusion.data.synth import CLASS_NAMES, SynthConfig, label_sha256, load_synth_info, render_sample
 
 CI = dict(n_train=24, n_val=8, imgsz=160)  # CI-sized set: a fraction of a second in-process
@@ -113,7 +113,7 @@ def test_label_file_matches_rendered_boxes(ci_set):
 def test_rendered_object_hits_target_size(cls, target):
     """The drawn (alpha >= 0.5) pixels of an object span the requested longest side."""
     rng = np.random.default_rng(cls)
-    alpha = synth._render_object(cls, target, rng)
+    alpha = render._render_object(cls, target, rng)
     ys, xs = np.nonzero(alpha >= 0.5)
     longest = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
     assert abs(longest - target) <= max(2.0, 0.1 * target)
@@ -122,9 +122,9 @@ def test_rendered_object_hits_target_size(cls, target):
 def test_box_is_tight_on_flat_background(monkeypatch):
     """On a flat background without degradations, each box is the tight box of the object's strong ink."""
     cfg = SynthConfig(imgsz=256, seed=0, max_objects=1)
-    monkeypatch.setattr(synth, "_background", lambda rng, size: np.full((size, size, 3), 128.0, np.float32))
-    monkeypatch.setattr(synth, "_render_distractor", lambda rng, size: None)
-    monkeypatch.setattr(synth, "_degrade", lambda rng, img: (np.clip(img, 0, 255).round().astype(np.uint8), 90))
+    monkeypatch.setattr(render, "_background", lambda rng, size: np.full((size, size, 3), 128.0, np.float32))
+    monkeypatch.setattr(render, "_render_distractor", lambda rng, size: None)
+    monkeypatch.setattr(render, "_degrade", lambda rng, img: (np.clip(img, 0, 255).round().astype(np.uint8), 90))
     for i in range(8):
         s = render_sample(cfg, "train", i)
         assert len(s.boxes) == 1
@@ -145,10 +145,10 @@ def test_occlusion_cap():
     rng = np.random.default_rng(0)
     # a 14x14 mask anywhere over the object can hide at most 100 px; force overlap by filling the image
     big = np.ones((size - 2, size - 2), bool)
-    assert synth._place(big, size, owner, visible, total, rng) is None  # would hide all of object 0
+    assert render._place(big, size, owner, visible, total, rng) is None  # would hide all of object 0
     half = np.zeros((size - 2, size - 2), bool)
     half[:, :14] = True  # covers image columns 1..14 at x=1: hides columns 10..14 of the object = 50 px
-    res = synth._place(half, size + 1, np.pad(owner, ((0, 1), (0, 1)), constant_values=-1), visible, total, rng)
+    res = render._place(half, size + 1, np.pad(owner, ((0, 1), (0, 1)), constant_values=-1), visible, total, rng)
     assert res is not None and res[2] is not None and res[2][0] <= 50
 
 
@@ -157,9 +157,9 @@ def test_color_contrast():
     for bg in ([0, 0, 0], [255, 255, 255], [128, 128, 128], [20, 200, 90], [127, 127, 128]):
         bg = np.array(bg, float)
         for _ in range(20):
-            c = synth._pick_color(rng, bg)
-            assert abs(synth._luma(c) - synth._luma(bg)) >= synth._MIN_LUMA_DIST
-            assert np.linalg.norm(c - bg) >= synth._MIN_COLOR_DIST
+            c = render._pick_color(rng, bg)
+            assert abs(render._luma(c) - render._luma(bg)) >= render._MIN_LUMA_DIST
+            assert np.linalg.norm(c - bg) >= render._MIN_COLOR_DIST
 
 
 # ------------------------------------------------------------------------------------------- distribution
