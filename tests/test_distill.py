@@ -198,7 +198,7 @@ def test_qada_residual_measures_the_tensor_the_conv_consumes(method, bits):
     """Q-ADA's Q(x) is what the Detect-head conv really convolves (N2UQ: act_quant(x) + input_shift), with the real
     calibrated quantizers, against a float64 evaluation of the formulas on the tensor captured inside the conv."""
     from ultralytics_gabfusion.quant.convert import calibrate_activations, init_weight_quantizers, quantize_model
-    from ultralytics_gabfusion.trainer import _consumer_quantizer
+    from ultralytics_gabfusion.qat_setup import consumer_quantizer as _consumer_quantizer
 
     torch.manual_seed(0)
     model = DetectionModel("yolov5n.yaml", nc=4, verbose=False)

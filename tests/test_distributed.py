@@ -1,6 +1,6 @@
 """The plugin's distributed paths in a real 2-process torch.distributed group (gloo, CPU).
 
-Each rank holds different images. Calibration (``trainer.calibrate_model``: gather, GABFusion LayerNorm fit,
+Each rank holds different images. Calibration (``qat_setup.calibrate_model``: gather, GABFusion LayerNorm fit,
 activation quantizers, broadcast) must leave both ranks with identical quantizer and fusion tensors, equal to one
 process calibrating on the union. Three balanced GABFusion updates (``update_fusion``: one all-reduce of the
 per-branch squared gradient norms) must leave both ranks with the same lambda as one process whose backward pass
@@ -29,7 +29,7 @@ import torch
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics_gabfusion.fusion import insert_gabfusion, update_fusion
 from ultralytics_gabfusion.quant.convert import init_weight_quantizers, quantize_model
-from ultralytics_gabfusion.trainer import calibrate_model
+from ultralytics_gabfusion.qat_setup import calibrate_model
 
 
 def build():

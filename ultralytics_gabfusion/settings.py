@@ -14,9 +14,13 @@ Examples:
 
 from __future__ import annotations
 
+import ast
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 # The one list of quantizer names and the one bit range (quant.registry maps the names to classes).
 QUANT_METHODS = ("lsq", "lsqplus", "pact", "n2uq")
@@ -25,10 +29,141 @@ MIN_BITS, MAX_BITS = 2, 8
 GAB_MODES = ("balanced", "learned", "off")
 ADA_ATTNS = ("simam", "qada")
 ADA_DIVS = ("kl", "js")
-ACT_GRIDS = ("auto", "signed", "unsigned")  # as quant.grids.ACT_GRIDS (settings must import without torch)
-QAT_KERNELS = ("auto", "reference", "compiled")  # = quant.kernels.QAT_KERNELS (kept import-free here)
+ACT_GRIDS = ("auto", "signed", "unsigned")  # activation grids of quant.grids
+QAT_KERNELS = ("auto", "reference", "compiled")  # fake-quant kernels of quant.kernels
 
 
+class SettingsError(ValueError):
+    """A mistake in the user's keys or values, found before any work starts; commands print it without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+def parse_key_values(tokens) -> dict:
+    """Parse ``key=value`` tokens the way ``yolo`` does (``--key=value`` and ``key = value`` accepted).
+
+    Values are typed by Ultralytics' own rules, so ``bits=[4,3]``, ``seed=0`` and ``device=0`` mean what they mean
+    to ``yolo``; later tokens win.
+
+    Args:
+        tokens: Tokens, e.g. ``["methods=[lsq,n2uq]", "bits=4"]``.
+
+    Returns:
+        (dict): ``{key: parsed value}``.
+
+    Raises:
+        SettingsError: A token without ``=`` or whose value cannot be parsed.
+
+    Examples:
+        >>> parse_key_values(["bits=[4,3]", "--epochs=2"])
+        {'bits': [4, 3], 'epochs': 2}
+    """
+    from ultralytics.cfg import merge_equals_args, parse_key_value_pair  # keeps `settings` importable without torch
+
+    out = {}
+    for a in merge_equals_args(list(tokens)):
+        a = a[2:] if a.startswith("--") else a
+        a = a[:-1] if a.endswith(",") else a
+        if "=" not in a:
+            raise SettingsError(f"'{a}' is not a key=value pair (e.g. epochs=3).")
+        try:
+            k, v = parse_key_value_pair(a)
+        except (AssertionError, NameError, ValueError, SyntaxError) as e:
+            raise SettingsError(f"could not parse '{a}': {e}") from None
+        out[k] = v
+    return out
+
+
+def unknown_key_error(key: str, valid, command: str) -> SettingsError:
+    """A :class:`SettingsError` for an unknown key of ``yolo-gab COMMAND`` that names the closest valid key."""
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else f" Run 'yolo-gab {command} help' for the keys."
+    return SettingsError(f"'{key}' is not a valid '{command}' key.{hint}")
+
+
+# ----------------------------------------------------------------------------------------------- value checks
+def as_list(key: str, v: Any) -> list:
+    """A list from ``[a,b]``, ``a,b``, a scalar or a list/tuple (how the CLI spells lists)."""
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    if isinstance(v, str):
+        items = [x.strip().strip("'\"") for x in v.strip().strip("[]()").split(",")]
+        return [x for x in items if x]
+    return [v]
+
+
+def as_str_list(key: str, v: Any, allowed=None) -> list[str]:
+    """A non-empty, de-duplicated list of lower-case names, optionally restricted to ``allowed``."""
+    items = list(dict.fromkeys(x for x in (str(y).strip().lower() for y in as_list(key, v)) if x))
+    if not items:
+        raise SettingsError(f"'{key}' is empty: give at least one value, e.g. {key}=[...].")
+    if allowed is not None:
+        allowed = list(allowed)
+        for x in items:
+            if x not in allowed:
+                close = difflib.get_close_matches(x, allowed, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise SettingsError(f"{key}: '{x}' is not one of {', '.join(allowed)}.{hint}")
+    return items
+
+
+def as_int(key: str, v: Any, lo: int | None = None, hi: int | None = None, allow_zero: bool = False) -> int:
+    """An integer within ``[lo, hi]`` (or 0 when ``allow_zero``); floats such as 3.0 are accepted."""
+    rng = (f"in {lo}..{hi}" if hi is not None else f">= {lo}") if lo is not None else ""
+    rng += " or 0" if allow_zero else ""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v):
+        raise SettingsError(f"'{key}={v!r}' must be an integer{' ' + rng if hi is not None else ''}.")
+    v = int(v)
+    if ((lo is not None and v < lo) or (hi is not None and v > hi)) and not (allow_zero and v == 0):
+        raise SettingsError(f"'{key}={v}' is out of range: use an integer {rng}.")
+    return v
+
+
+def as_int_list(key: str, v: Any, lo: int | None = None, hi: int | None = None) -> list[int]:
+    """A non-empty, de-duplicated list of integers within ``[lo, hi]``."""
+    raw = as_list(key, v)
+    if not raw:
+        raise SettingsError(f"'{key}' is empty: give at least one value, e.g. {key}=[0].")
+    out = []
+    for x in raw:
+        if isinstance(x, str):
+            try:
+                x = int(x)
+            except ValueError:
+                raise SettingsError(f"{key}: '{x}' is not an integer.") from None
+        out.append(as_int(key, x, lo, hi))
+    return list(dict.fromkeys(out))
+
+
+def as_float(key: str, v: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    """A number (not NaN) ``>= lo`` (``> lo`` when ``lo_open``) and ``<= hi``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise SettingsError(f"'{key}={v!r}' must be a number.")
+    v = float(v)
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        raise SettingsError(f"'{key}={v}' is out of range: it must be {rng}.")
+    return v
+
+
+def as_bool(key: str, v: Any) -> bool:
+    """True/False from a bool or its usual spellings."""
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("true", "1", "yes"):
+        return True
+    if str(v).lower() in ("false", "0", "no"):
+        return False
+    raise SettingsError(f"'{key}={v!r}' must be True or False.")
+
+
+def check_bits(key: str, v) -> int:
+    """A bit-width: an integer in ``MIN_BITS..MAX_BITS`` (``3.0`` is accepted as 3)."""
+    return as_int(key, v, MIN_BITS, MAX_BITS)
+
+
+# ------------------------------------------------------------------------------------------------ plugin keys
 @dataclass(frozen=True)
 class Setting:
     """One plugin key: default, help text and a validator returning the normalised value or raising ValueError."""
@@ -48,41 +183,18 @@ def _choice(*allowed: str) -> Callable[[str, Any], Any]:
         if s not in allowed:
             close = difflib.get_close_matches(s, allowed, n=1)
             hint = f" Did you mean '{key}={close[0]}'?" if close else ""
-            raise ValueError(f"'{key}={v}' is not valid. Allowed values: {', '.join(allowed)}.{hint}")
+            raise SettingsError(f"'{key}={v}' is not valid. Allowed values: {', '.join(allowed)}.{hint}")
         return s
 
     return check
 
 
-def check_bits(key: str, v) -> int:
-    """A bit-width: an integer in ``MIN_BITS..MAX_BITS`` (``3.0`` is accepted as 3); raise ValueError otherwise."""
-    return _int_range(MIN_BITS, MAX_BITS)(key, v)
-
-
 def _int_range(lo: int, hi: int, allow_zero: bool = False) -> Callable[[str, Any], Any]:
-    def check(key, v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v):
-            raise ValueError(f"'{key}={v!r}' must be an integer in {lo}..{hi}{' or 0' if allow_zero else ''}.")
-        v = int(v)
-        if not (lo <= v <= hi or (allow_zero and v == 0)):
-            raise ValueError(f"'{key}={v}' is out of range: use an integer in {lo}..{hi}{' or 0' if allow_zero else ''}.")
-        return v
-
-    return check
+    return lambda key, v: as_int(key, v, lo, hi, allow_zero)
 
 
 def _float_range(lo: float, hi: float | None = None, lo_open: bool = False) -> Callable[[str, Any], Any]:
-    def check(key, v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"'{key}={v!r}' must be a number.")
-        v = float(v)
-        bad_lo = v <= lo if lo_open else v < lo
-        if bad_lo or (hi is not None and v > hi):
-            rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-            raise ValueError(f"'{key}={v}' is out of range: it must be {rng}.")
-        return v
-
-    return check
+    return lambda key, v: as_float(key, v, lo, hi, lo_open)
 
 
 def _optional_float(lo: float) -> Callable[[str, Any], Any]:
@@ -92,16 +204,6 @@ def _optional_float(lo: float) -> Callable[[str, Any], Any]:
         return None if v in (None, "", "none", "None") else inner(key, v)
 
     return check
-
-
-def _bool(key, v):
-    if isinstance(v, bool):
-        return v
-    if str(v).lower() in ("true", "1", "yes"):
-        return True
-    if str(v).lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"'{key}={v!r}' must be True or False.")
 
 
 def _path_or_none(key, v):
@@ -122,9 +224,9 @@ def _int_list_or_none(key, v):
     try:
         out = [int(x) for x in v]
     except (TypeError, ValueError):
-        raise ValueError(f"'{key}={v!r}' must be a list of layer indices, e.g. {key}=[17,20,23].") from None
+        raise SettingsError(f"'{key}={v!r}' must be a list of layer indices, e.g. {key}=[17,20,23].") from None
     if not out:
-        raise ValueError(f"'{key}' must name at least one layer index, or be None for the default.")
+        raise SettingsError(f"'{key}' must name at least one layer index, or be None for the default.")
     return out
 
 
@@ -138,7 +240,7 @@ def _float_list_or_none(key, v):
     try:
         return [float(x) for x in v]
     except (TypeError, ValueError):
-        raise ValueError(f"'{key}={v!r}' must be a list of numbers, e.g. {key}=[0.0,0.0].") from None
+        raise SettingsError(f"'{key}={v!r}' must be a list of numbers, e.g. {key}=[0.0,0.0].") from None
 
 
 def _layer_bits(key, v):
@@ -146,12 +248,10 @@ def _layer_bits(key, v):
     if v in (None, "", "none", "None"):
         return None
     if isinstance(v, str) and v.strip().startswith("{"):
-        import ast
-
         try:
             v = ast.literal_eval(v.strip())
         except (ValueError, SyntaxError):
-            raise ValueError(f"'{key}={v}' is not a valid mapping: write it as {{17: 8, 20: 6}} (layer: bits).") from None
+            raise SettingsError(f"'{key}={v}' is not a valid mapping: write it as {{17: 8, 20: 6}} (layer: bits).") from None
     if isinstance(v, dict):
         out = {}
         for k, b in v.items():
@@ -160,21 +260,19 @@ def _layer_bits(key, v):
             except (TypeError, ValueError):
                 layer = -1
             if layer < 0 or (isinstance(k, float) and k != layer) or isinstance(k, bool):
-                raise ValueError(f"'{key}': {k!r} is not a layer index; use non-negative integers, e.g. {{17: 8}}.")
+                raise SettingsError(f"'{key}': {k!r} is not a layer index; use non-negative integers, e.g. {{17: 8}}.")
             if isinstance(b, bool) or not isinstance(b, (int, float)) or float(b) != int(b) or not MIN_BITS <= int(b) <= MAX_BITS:
-                raise ValueError(f"'{key}': layer {layer} bits {b!r} are not supported; use an integer in "
+                raise SettingsError(f"'{key}': layer {layer} bits {b!r} are not supported; use an integer in "
                                  f"{MIN_BITS}..{MAX_BITS}.")
             out[layer] = int(b)
         if not out:
-            raise ValueError(f"'{key}' is an empty mapping: name at least one layer, e.g. {{17: 8}}, or use None.")
+            raise SettingsError(f"'{key}' is an empty mapping: name at least one layer, e.g. {{17: 8}}, or use None.")
         return out
     if isinstance(v, str) and v.lower().endswith(".csv"):
-        from pathlib import Path
-
         if not Path(v).is_file():
-            raise ValueError(f"'{key}={v}': file not found; pass the sensitivity.csv written by 'yolo-gab sensitivity'.")
+            raise SettingsError(f"'{key}={v}': file not found; pass the sensitivity.csv written by 'yolo-gab sensitivity'.")
         return v
-    raise ValueError(f"'{key}={v!r}' must be a mapping {{layer: bits}} (e.g. {{17: 8, 20: 6}}) or the path of the "
+    raise SettingsError(f"'{key}={v!r}' must be a mapping {{layer: bits}} (e.g. {{17: 8, 20: 6}}) or the path of the "
                      f"sensitivity.csv written by 'yolo-gab sensitivity' (with qat_bits_budget=).")
 
 
@@ -193,7 +291,7 @@ def parse_bits_budget(value) -> tuple[str, float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)
         if not 2 <= v <= 8:
-            raise ValueError(f"'qat_bits_budget={value}' is out of range: an average bit-width must be in 2..8; give a "
+            raise SettingsError(f"'qat_bits_budget={value}' is out of range: an average bit-width must be in 2..8; give a "
                              f"model size with a unit instead, e.g. qat_bits_budget=600KB.")
         return "avg_bits", v
     s = str(value).strip().replace(" ", "")
@@ -206,7 +304,7 @@ def parse_bits_budget(value) -> tuple[str, float]:
             if n > 0:
                 return "bytes", n
             break
-    raise ValueError(f"'qat_bits_budget={value}' is not valid: give an average bit-width (e.g. 4.5) or a model size "
+    raise SettingsError(f"'qat_bits_budget={value}' is not valid: give an average bit-width (e.g. 4.5) or a model size "
                      f"with a unit (e.g. 600KB, 1.2MB, 900KiB, 650000B).")
 
 
@@ -243,8 +341,8 @@ SETTINGS: dict[str, Setting] = {
     "gab_eta": Setting(0.05, "step size of the lambda update (balanced)", _float_range(0.0)),
     "gab_eps": Setting(1e-12, "epsilon inside log(G + eps) (balanced)", _float_range(0.0, lo_open=True)),
     "gab_tau": Setting(None, "per-branch log-ratio targets tau_i (balanced; None = 0)", _float_list_or_none),
-    "gab_rms": Setting(False, "use size-normalised gradient norms ||g||/sqrt(numel) (balanced)", _bool),
-    "gab_calib": Setting(True, "fit the LayerNorm affine so a GABFusion node starts close to the Concat it replaced", _bool),
+    "gab_rms": Setting(False, "use size-normalised gradient norms ||g||/sqrt(numel) (balanced)", as_bool),
+    "gab_calib": Setting(True, "fit the LayerNorm affine so a GABFusion node starts close to the Concat it replaced", as_bool),
     # ADA distillation
     "ada": Setting(0.0, "ADA loss weight (0 = off; paper: 0.01)", _float_range(0.0)),
     "ada_attn": Setting("simam", "attention of ADA: simam (v1) or qada (v2)", _choice(*ADA_ATTNS)),
@@ -258,31 +356,96 @@ PLUGIN_DEFAULTS: dict[str, Any] = {k: s.default for k, s in SETTINGS.items()}
 PLUGIN_KEYS = frozenset(SETTINGS)
 
 
-def validate_settings(values: dict, strict: bool = True) -> dict:
-    """Validate and normalise plugin settings.
+def validate_settings(values: dict) -> dict:
+    """Validate and normalise the plugin keys in ``values`` (other keys are Ultralytics' and are left out).
 
     Args:
-        values (dict): Mapping of keys to values; keys that are not plugin keys are ignored unless ``strict``
-            and they look like misspelt plugin keys.
-        strict (bool): Raise on keys that are not plugin keys but are close to one (e.g. ``w_bit``).
+        values (dict): Mapping of keys to values.
 
     Returns:
         (dict): The plugin keys present in ``values`` with normalised values.
 
     Raises:
-        ValueError: On a bad value, with the allowed values in the message.
+        SettingsError: On a bad value, with the allowed values in the message.
 
     Examples:
         >>> validate_settings({"w_bits": "3"})
         Traceback (most recent call last):
         ...
-        ValueError: 'w_bits='3'' must be an integer in 2..8.
+        ultralytics_gabfusion.settings.SettingsError: 'w_bits='3'' must be an integer in 2..8.
     """
-    out = {}
-    for k, v in values.items():
-        if k in SETTINGS:
-            out[k] = SETTINGS[k].check(k, v)
-    return out
+    return {k: SETTINGS[k].check(k, v) for k, v in values.items() if k in SETTINGS}
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """The plugin's keys for one run, validated once (each value normalised, cross-key rules checked).
+
+    Built from the user's keys by :meth:`from_keys`; the model set-up (:mod:`ultralytics_gabfusion.qat_setup`) and
+    the trainer read it by name. Field names are the plugin keys of :data:`SETTINGS`.
+
+    Examples:
+        >>> cfg = QATConfig.from_keys({"qat": "LSQ", "w_bits": 3, "a_bits": 3, "gab": "balanced"})
+        >>> cfg.qat, cfg.w_bits, cfg.gab, cfg.quantized
+        ('lsq', 3, 'balanced', True)
+    """
+
+    qat: str = "none"
+    w_bits: int = 4
+    a_bits: int = 4
+    qat_first_bits: int = 8
+    qat_head_bits: int = 8
+    qat_skip: tuple | None = None
+    qat_layer_bits: Any = None
+    qat_bits_budget: Any = None
+    qat_calib: int = 4
+    qat_init: str = "mse"
+    qat_act_grid: str = "auto"
+    qat_lr: float = 1.0
+    qat_kernel: str = "auto"
+    gab: str = "off"
+    gab_beta: float = 0.1
+    gab_eta: float = 0.05
+    gab_eps: float = 1e-12
+    gab_tau: tuple | None = None
+    gab_rms: bool = False
+    gab_calib: bool = True
+    ada: float = 0.0
+    ada_attn: str = "simam"
+    ada_div: str = "kl"
+    ada_layers: tuple | None = None
+    ada_t: float | None = None
+    teacher: str | None = None
+
+    @classmethod
+    def from_keys(cls, values) -> "QATConfig":
+        """Validate the plugin keys of ``values`` (a dict or a namespace such as ``trainer.args``); defaults fill in.
+
+        Raises:
+            SettingsError: A bad value or contradicting keys, saying which key to change.
+        """
+        d = dict(values) if isinstance(values, dict) else dict(vars(values))
+        v = {**PLUGIN_DEFAULTS, **validate_settings({k: d[k] for k in SETTINGS if k in d})}
+        check_consistency(v)
+        for k in ("qat_skip", "gab_tau", "ada_layers"):  # hashable and immutable, like the config itself
+            v[k] = None if v[k] is None else tuple(v[k])
+        return cls(**v)
+
+    def as_dict(self) -> dict:
+        """The keys and values as plain Python (lists, not tuples), as they are written to args.yaml."""
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in fields(self) for v in (getattr(self, f.name),)}
+
+    @property
+    def quantized(self) -> bool:
+        """Whether convs are fake-quantized (``qat`` is not ``none``)."""
+        return self.qat != "none"
+
+    @property
+    def fusion_options(self) -> dict:
+        """Keyword arguments of GABFusion's balanced update (``gab_*`` keys)."""
+        return {"beta": self.gab_beta, "eta": self.gab_eta, "eps": self.gab_eps,
+                "tau": None if self.gab_tau is None else list(self.gab_tau), "rms": self.gab_rms}
 
 
 def read_recipe(path) -> dict:
@@ -296,31 +459,22 @@ def read_recipe(path) -> dict:
         >>> read_recipe("cfg/qat/w4a4-lsq.yaml")["qat"]  # doctest: +SKIP
         'lsq'
     """
-    from pathlib import Path
-
     p = Path(str(path))
     hint = "Pass a recipe YAML of key: value pairs, e.g. cfg=cfg/qat/w4a4-lsq.yaml"
     if not p.is_file():
         raise FileNotFoundError(f"cfg={path}: file not found. {hint}")
     if p.suffix not in (".yaml", ".yml"):
-        raise ValueError(f"cfg={path} is not a .yaml file. {hint}")
-    import yaml
+        raise SettingsError(f"cfg={path} is not a .yaml file. {hint}")
 
     try:
         recipe = yaml.safe_load(p.read_text(errors="replace"))
     except yaml.YAMLError as e:
-        raise ValueError(f"cfg={path} is not valid YAML ({str(e).splitlines()[0]}). {hint}") from None
+        raise SettingsError(f"cfg={path} is not valid YAML ({str(e).splitlines()[0]}). {hint}") from None
     if recipe is None:
         return {}
     if not isinstance(recipe, dict):
-        raise ValueError(f"cfg={path} holds a {type(recipe).__name__}, not key: value pairs. {hint}")
+        raise SettingsError(f"cfg={path} holds a {type(recipe).__name__}, not key: value pairs. {hint}")
     return {k: v for k, v in recipe.items() if k != "cfg"}
-
-
-def suggest_key(key: str, valid: set | frozenset | list) -> str:
-    """Return a hint naming the closest valid key to ``key``, or an empty string."""
-    close = difflib.get_close_matches(key, list(valid), n=3)
-    return f" Similar keys: {', '.join(close)}." if close else ""
 
 
 def check_consistency(args) -> None:
@@ -335,13 +489,13 @@ def check_consistency(args) -> None:
     get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
     layer_bits, budget = get("qat_layer_bits"), get("qat_bits_budget")
     if isinstance(layer_bits, str) and budget is None:
-        raise ValueError(f"'qat_layer_bits={layer_bits}' (a sensitivity CSV) needs qat_bits_budget= (average bits such "
+        raise SettingsError(f"'qat_layer_bits={layer_bits}' (a sensitivity CSV) needs qat_bits_budget= (average bits such "
                          "as 4.5, or a model size such as 600KB).")
     if budget is not None and not isinstance(layer_bits, str):
-        raise ValueError("'qat_bits_budget' applies to qat_layer_bits=<sensitivity.csv>; pass that CSV, or drop the "
+        raise SettingsError("'qat_bits_budget' applies to qat_layer_bits=<sensitivity.csv>; pass that CSV, or drop the "
                          "budget when giving a {layer: bits} mapping.")
     if get("ada_attn") == "qada" and get("qat") == "none" and (get("ada") or 0) > 0:
-        raise ValueError("'ada_attn=qada' uses the student's quantizers: set qat=lsq|lsqplus|pact|n2uq or ada_attn=simam.")
+        raise SettingsError("'ada_attn=qada' uses the student's quantizers: set qat=lsq|lsqplus|pact|n2uq or ada_attn=simam.")
 
 
 def split_overrides(overrides: dict) -> tuple[dict, dict]:

@@ -26,25 +26,38 @@ from copy import copy
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ultralytics.cfg import cfg2dict
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.nn.tasks import DetectionModel
-from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace, colorstr
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace
+from ultralytics.utils.patches import torch_load
 from ultralytics.utils.torch_utils import unwrap_model
 
-from .version import __version__
-from .settings import (
-    PLUGIN_DEFAULTS,
-    PLUGIN_KEYS,
-    check_consistency,
-    read_recipe,
-    strip_plugin_keys,
-    validate_settings,
+from .distill import ADACriterion, load_teacher
+from .fusion import FusionTelemetry, GABFusion, sync_fusion_state, update_fusion
+from .preflight import check_resume, preflight_train
+from .qat_setup import (
+    PREFIX,
+    attach_ada,
+    build_structure,
+    calibrate_model,
+    needs_calibration,
+    qada_quantizers,
 )
-
-PREFIX = colorstr("gabfusion: ")
+from .quant.convert import quantizer_parameters, quantizers
+from .quant.kernels import set_qat_kernel
+from .quant.quantizers import STEP_EPS
+from .resume import (
+    atomic_replace,
+    drop_resume_state,
+    own_shuffle_generator,
+    resume_state,
+    set_rng_state,
+    shuffle_generator,
+    truncate_results,
+)
+from .settings import PLUGIN_DEFAULTS, QATConfig, read_recipe, strip_plugin_keys
 
 
 def plugin_cfg(cfg=DEFAULT_CFG) -> dict:
@@ -76,31 +89,26 @@ class GABTrainer(DetectionTrainer):
         if overrides.get("cfg"):
             overrides = {**read_recipe(overrides.pop("cfg")), **overrides}
         merged = {**base, **overrides}
-        validated = validate_settings(merged)
-        overrides.update({k: v for k, v in validated.items() if k in overrides})
-        check_consistency(validated)
+        config = QATConfig.from_keys(merged)  # every plugin key validated once, before any directory exists
+        overrides.update({k: v for k, v in config.as_dict().items() if k in overrides})
         if not merged.get("resume"):
             teacher = self._check_teacher_source(merged)
             if teacher:  # recorded in args.yaml and checkpoints, so resume finds the same teacher
                 overrides["teacher"] = teacher
         if RANK == -1:  # model, data, structure and teacher checks; DDP workers were checked by the launcher
-            from .preflight import check_resume, preflight_train
-
             if merged.get("resume"):
                 check_resume(overrides)
             else:
-                preflight_train({**merged, **validated, **overrides}, overrides)
+                preflight_train({**merged, **config.as_dict(), **overrides}, overrides)
         super().__init__(base, overrides, _callbacks)
-        for k, v in validate_settings(vars(self.args)).items():
-            setattr(self.args, k, v)  # normalised values (e.g. resumed runs)
-        if self.args.qat != "none":
-            from .quant.kernels import set_qat_kernel
-
+        # the run's config: from the final args (a resumed run's come from its checkpoint), normalised back into them
+        self.qat_config = QATConfig.from_keys(self.args)
+        for k, v in self.qat_config.as_dict().items():
+            setattr(self.args, k, v)
+        if self.qat_config.quantized:
             set_qat_kernel(self.args.qat_kernel)  # process-wide; also in each DDP worker, which rebuilds the trainer
         self._ada = None
         if self.args.gab != "off":
-            from .fusion import FusionTelemetry
-
             FusionTelemetry().attach(self)  # on_train_epoch_end (CSV) and on_train_end (PNG, summary)
         if self.args.ada > 0:
             self.add_callback("on_train_epoch_end", _log_ada_ratio)
@@ -135,72 +143,8 @@ class GABTrainer(DetectionTrainer):
         """
         verbose = verbose and RANK in {-1, 0}
         model = DetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
-        from ultralytics.nn.modules.head import Detect
-
-        head = model.model[-1]
-        if not isinstance(head, Detect):
-            raise ValueError(
-                f"GABTrainer trains detection models, but {cfg if isinstance(cfg, str) else 'this model'} ends in "
-                f"{type(head).__name__}, not Detect. Use a detection YAML or checkpoint (e.g. yolov5s.yaml, yolo11s.yaml)."
-            )
         model = self.set_model_names_for_load(model)
-        args = self.args
-        from .fusion import GABFusion, insert_gabfusion, set_fusion_mode
-
-        has_gab = any(isinstance(m, GABFusion) for m in model.modules())
-        opts = dict(beta=args.gab_beta, eta=args.gab_eta, eps=args.gab_eps, tau=args.gab_tau, rms=args.gab_rms)
-        if args.gab != "off":
-            nodes = insert_gabfusion(model, mode=args.gab, **opts)
-            if verbose:
-                LOGGER.info(f"{PREFIX}GABFusion ({args.gab}) at layers {nodes}")
-        elif has_gab:
-            set_fusion_mode(model, "off")
-        if args.qat != "none":
-            from .quant.convert import format_policy, quantize_model
-
-            layer_bits = self._layer_bits(model, verbose)
-            rows = quantize_model(
-                model, args.qat, args.w_bits, args.a_bits, args.qat_first_bits, args.qat_head_bits, args.qat_skip,
-                args.qat_act_grid, layer_bits,
-            )
-            if verbose:
-                LOGGER.info(f"{PREFIX}W{args.w_bits}A{args.a_bits} {args.qat} precision policy:\n{format_policy(rows)}")
-                LOGGER.info(f"{PREFIX}fake-quant kernels: qat_kernel={args.qat_kernel}")
-        if weights:
-            model.load(weights, verbose=verbose)
-            has_trained_gab = any(isinstance(m, GABFusion) for m in weights.modules())
-            model.gab_identity_pending = args.gab != "off" and args.gab_calib and not has_trained_gab
-        if args.qat != "none":
-            from .quant.convert import init_weight_quantizers
-
-            init_weight_quantizers(model, only_uninitialized=True, init=args.qat_init)  # from the loaded weights, not the random init
-        model.gabfusion = {"version": __version__, **{k: getattr(args, k) for k in sorted(PLUGIN_KEYS)}}
-        return model
-
-    def _layer_bits(self, model, verbose: bool) -> dict | None:
-        """Resolve ``qat_layer_bits`` (mapping, or sensitivity CSV + ``qat_bits_budget``) on the float model; log it."""
-        args = self.args
-        value = getattr(args, "qat_layer_bits", None)
-        if value is None:
-            return None
-        from .quant.convert import plan_policy
-        from .quant.mixed import average_bits, plan_size_bytes, resolve_layer_bits
-
-        def plan(lb):  # bits only: a fixed grid skips the activation-bound probe (a forward pass per call)
-            return plan_policy(model, args.w_bits, args.a_bits, args.qat_first_bits, args.qat_head_bits, args.qat_skip,
-                               "signed", lb)
-
-        mapping = resolve_layer_bits(model, value, getattr(args, "qat_bits_budget", None), plan)
-        if verbose:
-            uni, mixed = plan({}), plan(mapping)
-            src = f" from {value} under budget {args.qat_bits_budget}" if isinstance(value, str) else ""
-            LOGGER.info(
-                f"{PREFIX}mixed precision{src}: layer bits {mapping or '{} (nothing fits)'}; average weight bits "
-                f"{average_bits(model, mixed):.3f} (uniform {average_bits(model, uni):.3f}), size "
-                f"{plan_size_bytes(model, mixed) / 1024:.1f} KiB (uniform {plan_size_bytes(model, uni) / 1024:.1f} KiB)"
-            )
-        model.gabfusion_layer_bits = mapping  # the resolved mapping, kept with the model (and its checkpoints)
-        return mapping
+        return build_structure(model, self.qat_config, weights, verbose=verbose, source=cfg if isinstance(cfg, str) else None)
 
     def _build_train_pipeline(self):
         """Build loaders and optimizer, then run the data-dependent inits before ``ModelEMA`` copies the model."""
@@ -212,11 +156,7 @@ class GABTrainer(DetectionTrainer):
     @torch.no_grad()
     def _calibrate(self):
         model = unwrap_model(self.model)
-        need_gab = getattr(model, "gab_identity_pending", False)
-        from .quant.qconv import quant_convs
-
-        need_act = any(m.act_quant is not None and not bool(m.act_quant.initialized) for _, m in quant_convs(model))
-        if not (need_gab or need_act):
+        if not needs_calibration(model):
             return
         n = self.args.qat_calib
         batch = max(self.batch_size // max(self.world_size, 1), 1)
@@ -248,8 +188,6 @@ class GABTrainer(DetectionTrainer):
             tmp_last, tmp_best = self.last, self.best
             self.last, self.best = final
         if tmp_last.exists():
-            from ultralytics.utils.patches import torch_load
-
             ckpt = torch_load(tmp_last, map_location="cpu")
             ckpt["gab_resume"] = resume_state(self)
             torch.save(ckpt, tmp_last)
@@ -271,7 +209,7 @@ class GABTrainer(DetectionTrainer):
         if self.resume and elapsed:
             self.add_callback("on_train_start", continue_clock)
         if self.resume and self.csv.exists():  # rows of epochs after the checkpoint (a kill during its save) go
-            _truncate_results(self.csv, int(ckpt.get("epoch", -1)) + 1)
+            truncate_results(self.csv, int(ckpt.get("epoch", -1)) + 1)
         if not state:
             if self.resume:
                 LOGGER.warning(f"{PREFIX}{self.args.model} has no exact-resume state: training continues from its EMA "
@@ -281,7 +219,7 @@ class GABTrainer(DetectionTrainer):
         if self.ema:
             self.ema.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        gen = _shuffle_generator(self.train_loader)
+        gen = shuffle_generator(self.train_loader)
         if gen is not None and state.get("shuffle") is not None:
             gen.set_state(state["shuffle"])
 
@@ -310,8 +248,6 @@ class GABTrainer(DetectionTrainer):
             self.loss = torch.tensor(float("nan"), device=self.device)
         recovered = super()._handle_nan_recovery(epoch)
         if recovered:
-            from ultralytics.utils.patches import torch_load
-
             state = torch_load(self.last, map_location="cpu").get("gab_resume")
             if state:
                 unwrap_model(self.model).load_state_dict(state["model"])
@@ -323,7 +259,7 @@ class GABTrainer(DetectionTrainer):
     def final_eval(self):
         """Drop the exact-resume state from the finished checkpoints, then Ultralytics' final validation."""
         if self.last.exists():
-            _drop_resume_state(self.last)
+            drop_resume_state(self.last)
         return super().final_eval()
 
     # ----------------------------------------------------------------------------------------------- optimizer
@@ -335,9 +271,6 @@ class GABTrainer(DetectionTrainer):
         learned lambda; no decay). These are 1-D tensors and never go to Muon.
         """
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
-        from .fusion import GABFusion
-        from .quant.convert import quantizer_parameters
-
         m = unwrap_model(model)
         q_plain, q_decay = quantizer_parameters(m)
         fusion = [p for mod in m.modules() if isinstance(mod, GABFusion) for p in mod.parameters()]
@@ -369,14 +302,10 @@ class GABTrainer(DetectionTrainer):
     def optimizer_step(self):
         """GABFusion gradient-norm EMA and lambda update, the optimizer step, then lambda mirrored into the EMA model."""
         if self.args.gab != "off":
-            from .fusion import update_fusion
-
             scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
             update_fusion(unwrap_model(self.model), grad_scale=scale)  # every rank: one all-reduce keeps lambda equal
         super().optimizer_step()
         if self.args.gab != "off" and self.ema:
-            from .fusion import sync_fusion_state
-
             sync_fusion_state(unwrap_model(self.model), self.ema.ema)
 
     # --------------------------------------------------------------------------------------------- ADA teacher
@@ -386,22 +315,12 @@ class GABTrainer(DetectionTrainer):
             self._setup_ada()
 
     def _setup_ada(self):
-        from .distill import ADACriterion, ADALoss, check_teacher, default_layers, load_teacher
-
         student = unwrap_model(self.model)
         if not self.args.teacher:  # normally resolved in __init__; kept for trainers built from a bare namespace
             self.args.teacher = self._check_teacher_source(vars(self.args))
-        teacher = load_teacher(self.args.teacher, device=self.device)
-        layers = self.args.ada_layers or default_layers(student)
-        check_teacher(student, teacher, layers)
-        self._ada = ADALoss(
-            teacher, layers, attn=self.args.ada_attn, div=self.args.ada_div, weight=self.args.ada,
-            temperature=self.args.ada_t, quantizers=self._qada_quantizers(student, layers),
-        )
-        self._ada.attach(student)
-        student.criterion = ADACriterion(student.init_criterion(), self._ada, student)
+        self._ada = attach_ada(student, load_teacher(self.args.teacher, device=self.device), self.qat_config)
         LOGGER.info(
-            f"{PREFIX}ADA {self.args.ada_attn}/{self.args.ada_div} weight {self.args.ada} on layers {layers}, "
+            f"{PREFIX}ADA {self.args.ada_attn}/{self.args.ada_div} weight {self.args.ada} on layers {self._ada.layers}, "
             f"teacher {self.args.teacher}"
         )
 
@@ -409,8 +328,6 @@ class GABTrainer(DetectionTrainer):
         """Validate the EMA model; with ADA on, val/ada_loss is computed like the training term."""
         if self._ada is None or not self.ema:
             return super().validate()
-        from .distill import ADACriterion
-
         ema = self.ema.ema
         self._ada.quantizers.update(self._qada_quantizers(ema, self._ada.layers))
         self._ada.attach(ema)
@@ -426,8 +343,7 @@ class GABTrainer(DetectionTrainer):
             self._ada.quantizers.update(self._qada_quantizers(unwrap_model(self.model), self._ada.layers))
 
     def _qada_quantizers(self, model, layers) -> dict:
-        """For ``ada_attn=qada``: the student's activation quantizer reading each supervised layer (else empty)."""
-        return {j: _consumer_quantizer(model, j) for j in layers} if self.args.ada_attn == "qada" else {}
+        return qada_quantizers(model, layers, self.args.ada_attn)
 
     # -------------------------------------------------------------------------------------------- validation
     def get_validator(self):
@@ -437,69 +353,6 @@ class GABTrainer(DetectionTrainer):
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-@torch.no_grad()
-def calibrate_model(model, images: list, init: str = "mse") -> None:
-    """Data-dependent inits before training: GABFusion LayerNorm fit (if pending) and activation quantizers.
-
-    Under torch.distributed each rank passes its own batches; they are gathered first (batch ``k`` of every rank,
-    concatenated in rank order), so every rank calibrates on the union exactly as one process holding all the
-    images would, and rank 0's result is then broadcast to make the ranks bit-identical.
-
-    Args:
-        model (nn.Module): The (unwrapped) model to calibrate in place.
-        images (list[Tensor]): This rank's preprocessed image batches.
-        init (str): ``qat_init`` of the activation quantizers.
-    """
-    from .quant.qconv import quant_convs
-
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed:
-        images = gather_batches(images)
-    if getattr(model, "gab_identity_pending", False):
-        from .fusion import calibrate_identity
-        from .quant.qconv import quantizers_disabled
-
-        with quantizers_disabled(model):
-            err = calibrate_identity(model, torch.cat(images[:2]))
-        model.gab_identity_pending = False
-        out = err.get("output", {}) if isinstance(err, dict) else {}
-        LOGGER.info(
-            f"{PREFIX}GABFusion LayerNorm affine fitted to the replaced Concat outputs (relative output change "
-            f"{out.get('before', float('nan')):.3g} -> {out.get('after', float('nan')):.3g})"
-        )
-    if any(m.act_quant is not None and not bool(m.act_quant.initialized) for _, m in quant_convs(model)):
-        from .quant.convert import bn_statistics_trained, calibrate_activations
-
-        bn = "eval" if bn_statistics_trained(model) else "batch"  # trained BN: what validation and export see
-        k = calibrate_activations(model, images, init=init, bn=bn)
-        LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {len(images[0])} images "
-                    f"(BatchNorm on {'running' if bn == 'eval' else 'batch'} statistics)")
-    if distributed:
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
-
-
-def gather_batches(images: list) -> list:
-    """All-gather a list of image batches: batch ``k`` of every rank, concatenated in rank order (sizes may differ)."""
-    world = dist.get_world_size()
-    dev = images[0].device if images else torch.device("cpu")
-    n = torch.tensor([len(images)], dtype=torch.int64, device=dev)  # on the device: NCCL reduces CUDA tensors only
-    counts = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(counts, n)
-    k = min(int(c) for c in counts)  # every rank must take part in every gather
-    out = []
-    for b in images[:k]:
-        sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([len(b)], dtype=torch.int64, device=dev))
-        big = max(int(s) for s in sizes)
-        pad = torch.zeros((big, *b.shape[1:]), dtype=b.dtype, device=b.device)
-        pad[: len(b)] = b
-        parts = [torch.empty_like(pad) for _ in range(world)]
-        dist.all_gather(parts, pad)
-        out.append(torch.cat([p[: int(s)] for p, s in zip(parts, sizes)]))
-    return out
-
-
 def quantizer_problems(model) -> list[str]:
     """Describe quantizers with a non-finite tensor, or whose ``step`` collapsed to the positivity floor.
 
@@ -511,9 +364,6 @@ def quantizer_problems(model) -> list[str]:
         >>> quantizer_problems(model)  # doctest: +SKIP
         ['model.2.cv1.conv.act_quant.step collapsed to |step| = 0 (floor 1e-08): its input quantizes to 0']
     """
-    from .quant.convert import quantizers
-    from .quant.quantizers import STEP_EPS
-
     out = []
     for name, q in quantizers(model):
         for n, t in list(q.named_parameters(recurse=False)) + list(q.named_buffers(recurse=False)):
@@ -526,145 +376,6 @@ def quantizer_problems(model) -> list[str]:
                 out.append(f"{name}.{n} collapsed to |step| = {float(t.abs().max()):.3g} (floor {STEP_EPS:g}): "
                            "its input quantizes to 0")
     return out
-
-
-def atomic_replace(tmp: Path, dst: Path) -> None:
-    """Flush ``tmp`` to disk and rename it over ``dst`` (atomic on POSIX and Windows): readers see old or new."""
-    import os
-
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """One random permutation of ``range(n)`` per pass, drawn from ``generator`` when the pass starts.
-
-    torch's ``RandomSampler`` draws a second, unused permutation lazily when a pass ends, i.e. at the start of the
-    next epoch, so the generator state saved at an epoch's end is one draw short of what the next epoch uses. Here
-    the state saved at an epoch's end is exactly the state the next permutation is drawn from.
-    """
-
-    def __init__(self, n: int, generator: torch.Generator):
-        self.n, self.generator = n, generator
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        yield from torch.randperm(self.n, generator=self.generator).tolist()
-
-
-def _shuffle_generator(loader):
-    """The generator the train loader's :class:`EpochShuffleSampler` draws permutations from (or None)."""
-    batch = getattr(getattr(loader, "batch_sampler", None), "sampler", None)  # _RepeatSampler -> BatchSampler
-    sampler = getattr(batch, "sampler", None)
-    return sampler.generator if isinstance(sampler, EpochShuffleSampler) else None
-
-
-def own_shuffle_generator(loader) -> None:
-    """Shuffle the train loader with an :class:`EpochShuffleSampler` whose generator a resumed run can restore.
-
-    DataLoader shares one generator between the sampler's permutations and each iterator's base seed; an iterator
-    is re-created on resume and at ``close_mosaic``, which would shift the permutations. The new generator starts
-    where the shared one is after the first iterator's seed draw, so the first epoch's permutation is Ultralytics'
-    own (later ones differ from stock: stock also draws the unused permutation described above).
-    """
-    batch = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
-    rs = getattr(batch, "sampler", None)
-    if type(rs) is not torch.utils.data.RandomSampler or rs.replacement or rs._num_samples is not None:
-        return
-    if rs.generator is None or rs.generator is not getattr(loader, "generator", None):
-        return
-    own = torch.Generator()
-    own.set_state(rs.generator.get_state())
-    torch.empty((), dtype=torch.int64).random_(generator=own)  # the base-seed draw of the first iterator
-    batch.sampler = EpochShuffleSampler(len(rs.data_source), own)
-
-
-def resume_state(trainer) -> dict:
-    """fp32 training model, EMA and optimizer state plus RNG streams at the end of an epoch (for exact resume)."""
-    from copy import deepcopy
-
-    def fp32(sd):
-        return {k: v.detach().clone() for k, v in sd.items()}
-
-    gen = _shuffle_generator(trainer.train_loader)
-    return {
-        "epoch": trainer.epoch,
-        "model": fp32(unwrap_model(trainer.model).state_dict()),
-        "ema": fp32(trainer.ema.ema.state_dict()) if trainer.ema else None,
-        "optimizer": deepcopy(trainer.optimizer.state_dict()),
-        "rng": get_rng_state(),
-        "shuffle": gen.get_state() if gen is not None else None,
-    }
-
-
-def get_rng_state() -> dict:
-    """Python, NumPy and torch (CPU and CUDA) random states."""
-    import random
-
-    import numpy as np
-
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore :func:`get_rng_state`'s output (CUDA states only when the device count matches)."""
-    import random
-
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _truncate_results(csv: Path, last_epoch: int) -> None:
-    """Keep the header and the rows of epochs <= ``last_epoch`` (1-based, as written) of a results.csv."""
-    lines = csv.read_text().splitlines(keepends=True)
-    keep = lines[:1] + [ln for ln in lines[1:] if ln.strip() and float(ln.split(",", 1)[0]) <= last_epoch]
-    if len(keep) != len(lines):
-        tmp = csv.with_name(csv.name + ".tmp")
-        tmp.write_text("".join(keep))
-        atomic_replace(tmp, csv)
-
-
-def _drop_resume_state(f: Path) -> None:
-    from ultralytics.utils.patches import torch_load
-
-    ckpt = torch_load(f, map_location="cpu")
-    if isinstance(ckpt, dict) and "gab_resume" in ckpt:
-        del ckpt["gab_resume"]
-        tmp = f.with_name(f.name + ".tmp")
-        torch.save(ckpt, tmp)
-        atomic_replace(tmp, f)
-
-
-def _consumer_quantizer(model, layer: int):
-    """``Q(x)`` of the Detect-head conv that reads layer ``layer``'s output (for qada's r term), or None.
-
-    Returns the conv's :class:`~.quant.qconv.ConvInputQuantizer`: the tensor the conv really consumes, including
-    N2UQ's ``input_shift``.
-    """
-    from .quant.qconv import QuantConv2d
-
-    head = model.model[-1]
-    try:
-        idx = list(head.f).index(layer)
-    except ValueError:
-        return None
-    for seq in (getattr(head, "cv2", None), getattr(head, "cv3", None)):
-        if seq is None:
-            continue
-        for m in seq[idx].modules():
-            if isinstance(m, QuantConv2d) and m.act_quant is not None:
-                return m.input_quantizer()
-    return None
 
 
 def _log_ada_ratio(trainer):

@@ -26,7 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-FUSION_MODES = ("balanced", "learned", "off")
+from ..settings import GAB_MODES as FUSION_MODES  # the one list, validated there
+from ..settings import SETTINGS
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _UNSET = object()  # "leave unchanged" marker of GABFusion.configure
 LAM_MAX = 10.0  # |lam - mean(lam)| bound: alpha ratios up to e^20 stay > 0 in float32 (softmax cannot saturate to 0)
@@ -204,18 +206,13 @@ class GABFusion(_KeepFP32, nn.Module):
         Raises:
             ValueError: If an option is out of range.
         """
+        # the ranges of the gab_beta / gab_eta / gab_eps settings (one validator for the keys and the YAML args)
         if beta is not None:
-            if not 0.0 < float(beta) <= 1.0:
-                raise ValueError(f"GABFusion beta must be in (0, 1], got {beta!r}.")
-            self.beta = float(beta)
+            self.beta = SETTINGS["gab_beta"].check("GABFusion beta", beta)
         if eta is not None:
-            if not float(eta) >= 0.0:
-                raise ValueError(f"GABFusion eta must be >= 0, got {eta!r}.")
-            self.eta = float(eta)
+            self.eta = SETTINGS["gab_eta"].check("GABFusion eta", eta)
         if eps is not None:
-            if not float(eps) > 0.0:
-                raise ValueError(f"GABFusion eps must be > 0, got {eps!r}.")
-            self.eps = float(eps)
+            self.eps = SETTINGS["gab_eps"].check("GABFusion eps", eps)
         if tau is _UNSET:
             pass
         elif tau is None:

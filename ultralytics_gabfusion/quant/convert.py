@@ -28,6 +28,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from ..settings import check_bits
 from .grids import ACT_GRIDS, fixed_offset, grid_signed, input_lower_bounds
 from .init import INIT_MODES, check_init_mode, refine_mse
 from .qconv import QuantConv2d, QuantConvBlock, quant_convs
@@ -147,9 +148,7 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
     Raises:
         ValueError: On an unknown method or grid, bits outside 2..8, or a model without convs.
     """
-    for key, b in (("w_bits", w_bits), ("a_bits", a_bits)):
-        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
-            raise ValueError(f"{key}={b!r} is not supported: use an integer bit-width in 2..8.")
+    w_bits, a_bits = check_bits("w_bits", w_bits), check_bits("a_bits", a_bits)
     if any(isinstance(m, QuantConv2d) for m in model.modules()):
         raise ValueError("model is already quantized; build a fresh model (or load its checkpoint) instead of converting twice.")
     rows = plan_policy(model, w_bits, a_bits, first_bits, head_bits, skip, act_grid, layer_bits)

@@ -43,10 +43,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..settings import ACT_GRIDS  # the one list, validated there
+
 __all__ = ["ACT_GRIDS", "SILU_MIN", "GELU_MIN", "input_lower_bounds", "grid_signed", "fixed_offset"]
 OFFSET_METHODS = ("lsq", "pact")  # methods without a learnable offset: their unsigned grid gets a fixed one
 
-ACT_GRIDS = ("auto", "signed", "unsigned")
 SILU_MIN = -0.2784645427610738  # min_x x*sigmoid(x), at x = -1.2785
 GELU_MIN = -0.16997120747  # min_x x*Phi(x), at x = -0.7518
 UNBOUNDED = -math.inf

@@ -40,6 +40,8 @@ import shutil
 
 import torch
 
+from ..settings import QAT_KERNELS  # the one list, validated there
+
 __all__ = [
     "QAT_KERNELS",
     "N2UQ_COMPILED_MAX_BITS",
@@ -50,7 +52,6 @@ __all__ = [
     "compiled_available",
 ]
 
-QAT_KERNELS = ("auto", "reference", "compiled")
 N2UQ_COMPILED_MAX_BITS = 5  # 31 thresholds unrolled; 6-8 bits (the 8-bit ends) stay on the reference path
 
 _state = {"kernel": "auto", "failed": False}

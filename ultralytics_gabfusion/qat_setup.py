@@ -1,0 +1,245 @@
+"""The one model set-up path of QAT, driven by a validated :class:`~ultralytics_gabfusion.settings.QATConfig`.
+
+Steps, in the order they must run (the trainer calls them at its lifecycle hooks, the speed benchmark through
+:func:`prepare_qat_model` in one go):
+
+1. :func:`build_structure`: GABFusion at the neck Concat nodes, quantized convs per the precision policy, the FP (or
+   earlier QAT) weights loaded, weight quantizers initialised from those weights;
+2. :func:`calibrate_model`: data-dependent inits (GABFusion LayerNorm identity fit, activation quantizers);
+3. :func:`attach_ada`: the frozen FP teacher, the ADA loss and the criterion that adds it.
+
+Examples:
+    >>> from ultralytics.nn.tasks import DetectionModel
+    >>> from ultralytics_gabfusion.settings import QATConfig
+    >>> cfg = QATConfig.from_keys({"qat": "lsq", "w_bits": 4, "a_bits": 4, "gab": "balanced"})
+    >>> model = build_structure(DetectionModel("yolov5n.yaml", nc=16, verbose=False), cfg)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from ultralytics.nn.modules.head import Detect
+from ultralytics.utils import LOGGER, colorstr
+
+from .distill import ADACriterion, ADALoss, check_teacher, default_layers
+from .fusion import GABFusion, calibrate_identity, insert_gabfusion, set_fusion_mode
+from .quant.convert import (
+    bn_statistics_trained,
+    calibrate_activations,
+    format_policy,
+    init_weight_quantizers,
+    plan_policy,
+    quantize_model,
+)
+from .quant.mixed import average_bits, plan_size_bytes, resolve_layer_bits
+from .quant.qconv import QuantConv2d, quant_convs, quantizers_disabled
+from .settings import PLUGIN_KEYS, QATConfig
+from .version import __version__
+
+PREFIX = colorstr("gabfusion: ")
+
+
+# ------------------------------------------------------------------------------------------------ structure
+def build_structure(model, cfg: QATConfig, weights=None, verbose: bool = False, source: str | None = None):
+    """Insert GABFusion, swap in quantized convs, load ``weights``, then initialise the weight quantizers.
+
+    Args:
+        model (DetectionModel): A freshly built float model (random init); changed in place.
+        cfg (QATConfig): The run's plugin settings.
+        weights (nn.Module | None): Model whose weights are transferred (FP or an earlier QAT checkpoint).
+        verbose (bool): Log the fusion nodes and the per-layer precision table.
+        source (str | None): Where the model came from (YAML or checkpoint), named in errors.
+
+    Returns:
+        (DetectionModel): ``model``, ready for calibration.
+
+    Raises:
+        ValueError: The model is not a detection model, or the precision policy cannot be applied.
+    """
+    head = model.model[-1]
+    if not isinstance(head, Detect):
+        raise ValueError(
+            f"GABTrainer trains detection models, but {source or 'this model'} ends in {type(head).__name__}, not Detect. Use a "
+            f"detection YAML or checkpoint (e.g. yolov5s.yaml, yolo11s.yaml)."
+        )
+    if cfg.gab != "off":
+        nodes = insert_gabfusion(model, mode=cfg.gab, **cfg.fusion_options)
+        if verbose:
+            LOGGER.info(f"{PREFIX}GABFusion ({cfg.gab}) at layers {nodes}")
+    elif any(isinstance(m, GABFusion) for m in model.modules()):
+        set_fusion_mode(model, "off")
+    if cfg.quantized:
+        layer_bits = resolve_mixed_precision(model, cfg, verbose)
+        rows = quantize_model(model, cfg.qat, cfg.w_bits, cfg.a_bits, cfg.qat_first_bits, cfg.qat_head_bits,
+                              cfg.qat_skip, cfg.qat_act_grid, layer_bits)
+        if verbose:
+            LOGGER.info(f"{PREFIX}W{cfg.w_bits}A{cfg.a_bits} {cfg.qat} precision policy:\n{format_policy(rows)}")
+            LOGGER.info(f"{PREFIX}fake-quant kernels: qat_kernel={cfg.qat_kernel}")
+    if weights:
+        model.load(weights, verbose=verbose)
+        has_trained_gab = any(isinstance(m, GABFusion) for m in weights.modules())
+        model.gab_identity_pending = cfg.gab != "off" and cfg.gab_calib and not has_trained_gab
+    if cfg.quantized:  # from the loaded weights, not the random init
+        init_weight_quantizers(model, only_uninitialized=True, init=cfg.qat_init)
+    model.gabfusion = {"version": __version__, **{k: getattr(cfg, k) for k in sorted(PLUGIN_KEYS)}}
+    return model
+
+
+def resolve_mixed_precision(model, cfg: QATConfig, verbose: bool = False) -> dict | None:
+    """Resolve ``qat_layer_bits`` (mapping, or sensitivity CSV + ``qat_bits_budget``) on the float model; log it."""
+    if cfg.qat_layer_bits is None:
+        return None
+
+    def plan(lb):  # bits only: a fixed grid skips the activation-bound probe (a forward pass per call)
+        return plan_policy(model, cfg.w_bits, cfg.a_bits, cfg.qat_first_bits, cfg.qat_head_bits, cfg.qat_skip,
+                           "signed", lb)
+
+    mapping = resolve_layer_bits(model, cfg.qat_layer_bits, cfg.qat_bits_budget, plan)
+    if verbose:
+        uni, mixed = plan({}), plan(mapping)
+        src = f" from {cfg.qat_layer_bits} under budget {cfg.qat_bits_budget}" if isinstance(cfg.qat_layer_bits, str) else ""
+        LOGGER.info(
+            f"{PREFIX}mixed precision{src}: layer bits {mapping or '{} (nothing fits)'}; average weight bits "
+            f"{average_bits(model, mixed):.3f} (uniform {average_bits(model, uni):.3f}), size "
+            f"{plan_size_bytes(model, mixed) / 1024:.1f} KiB (uniform {plan_size_bytes(model, uni) / 1024:.1f} KiB)"
+        )
+    model.gabfusion_layer_bits = mapping  # the resolved mapping, kept with the model (and its checkpoints)
+    return mapping
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def needs_calibration(model) -> bool:
+    """Whether a GABFusion identity fit is pending or an activation quantizer has not been initialised."""
+    return getattr(model, "gab_identity_pending", False) or any(
+        m.act_quant is not None and not bool(m.act_quant.initialized) for _, m in quant_convs(model))
+
+
+@torch.no_grad()
+def calibrate_model(model, images: list, init: str = "mse") -> None:
+    """Data-dependent inits before training: GABFusion LayerNorm fit (if pending) and activation quantizers.
+
+    Under torch.distributed each rank passes its own batches; they are gathered first (batch ``k`` of every rank,
+    concatenated in rank order), so every rank calibrates on the union exactly as one process holding all the
+    images would, and rank 0's result is then broadcast to make the ranks bit-identical.
+
+    Args:
+        model (nn.Module): The (unwrapped) model to calibrate in place.
+        images (list[Tensor]): This rank's preprocessed image batches.
+        init (str): ``qat_init`` of the activation quantizers.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        images = gather_batches(images)
+    if getattr(model, "gab_identity_pending", False):
+        with quantizers_disabled(model):
+            err = calibrate_identity(model, torch.cat(images[:2]))
+        model.gab_identity_pending = False
+        out = err.get("output", {}) if isinstance(err, dict) else {}
+        LOGGER.info(
+            f"{PREFIX}GABFusion LayerNorm affine fitted to the replaced Concat outputs (relative output change "
+            f"{out.get('before', float('nan')):.3g} -> {out.get('after', float('nan')):.3g})"
+        )
+    if any(m.act_quant is not None and not bool(m.act_quant.initialized) for _, m in quant_convs(model)):
+        bn = "eval" if bn_statistics_trained(model) else "batch"  # trained BN: what validation and export see
+        k = calibrate_activations(model, images, init=init, bn=bn)
+        LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {len(images[0])} images "
+                    f"(BatchNorm on {'running' if bn == 'eval' else 'batch'} statistics)")
+    if distributed:
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def gather_batches(images: list) -> list:
+    """All-gather a list of image batches: batch ``k`` of every rank, concatenated in rank order (sizes may differ)."""
+    world = dist.get_world_size()
+    dev = images[0].device if images else torch.device("cpu")
+    n = torch.tensor([len(images)], dtype=torch.int64, device=dev)  # on the device: NCCL reduces CUDA tensors only
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    k = min(int(c) for c in counts)  # every rank must take part in every gather
+    out = []
+    for b in images[:k]:
+        sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([len(b)], dtype=torch.int64, device=dev))
+        big = max(int(s) for s in sizes)
+        pad = torch.zeros((big, *b.shape[1:]), dtype=b.dtype, device=b.device)
+        pad[: len(b)] = b
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(parts, pad)
+        out.append(torch.cat([p[: int(s)] for p, s in zip(parts, sizes)]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ ADA
+def attach_ada(student, teacher, cfg: QATConfig) -> ADALoss:
+    """Check ``teacher`` against ``student``, build the ADA loss and wrap the student's criterion with it.
+
+    Args:
+        student (DetectionModel): The (unwrapped) model being trained.
+        teacher (nn.Module): The frozen FP teacher (see :func:`~ultralytics_gabfusion.distill.load_teacher`).
+        cfg (QATConfig): ``ada``, ``ada_attn``, ``ada_div``, ``ada_layers`` and ``ada_t`` are read.
+
+    Returns:
+        (ADALoss): The loss, attached to ``student`` (its criterion is an ``ADACriterion``).
+    """
+    layers = list(cfg.ada_layers) if cfg.ada_layers else default_layers(student)
+    check_teacher(student, teacher, layers)
+    ada = ADALoss(teacher, layers, attn=cfg.ada_attn, div=cfg.ada_div, weight=cfg.ada, temperature=cfg.ada_t,
+                  quantizers=qada_quantizers(student, layers, cfg.ada_attn))
+    ada.attach(student)
+    student.criterion = ADACriterion(student.init_criterion(), ada, student)
+    return ada
+
+
+def qada_quantizers(model, layers, attn: str) -> dict:
+    """For ``ada_attn=qada``: the student's activation quantizer reading each supervised layer (else empty)."""
+    return {j: consumer_quantizer(model, j) for j in layers} if attn == "qada" else {}
+
+
+def consumer_quantizer(model, layer: int):
+    """``Q(x)`` of the Detect-head conv that reads layer ``layer``'s output (for qada's r term), or None.
+
+    Returns the conv's :class:`~.quant.qconv.ConvInputQuantizer`: the tensor the conv really consumes, including
+    N2UQ's ``input_shift``.
+    """
+    head = model.model[-1]
+    try:
+        idx = list(head.f).index(layer)
+    except ValueError:
+        return None
+    for seq in (getattr(head, "cv2", None), getattr(head, "cv3", None)):
+        if seq is None:
+            continue
+        for m in seq[idx].modules():
+            if isinstance(m, QuantConv2d) and m.act_quant is not None:
+                return m.input_quantizer()
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- all of it
+def prepare_qat_model(model, cfg: QATConfig, images: list, weights=None, teacher=None):
+    """Run the whole set-up on ``model`` in order: structure, weight load and init, calibration, ADA.
+
+    Args:
+        model (DetectionModel): A freshly built float model.
+        cfg (QATConfig): The run's plugin settings.
+        images (list[Tensor]): Preprocessed image batches for calibration (``cfg.qat_calib`` of them are used).
+        weights (nn.Module | None): Weights to load after the structure change.
+        teacher (nn.Module | None): FP teacher; required when ``cfg.ada > 0``.
+
+    Returns:
+        (tuple): ``(model, ada)``; ``ada`` is None without ADA.
+    """
+    build_structure(model, cfg, weights)
+    if needs_calibration(model):
+        calibrate_model(model, images[: cfg.qat_calib], init=cfg.qat_init)
+    if cfg.ada > 0:
+        if teacher is None:
+            raise ValueError("ADA needs a full-precision teacher: pass teacher= or set ada=0.")
+        return model, attach_ada(model, teacher, cfg)
+    return model, None
+
+
+__all__ = ["attach_ada", "build_structure", "calibrate_model", "consumer_quantizer", "gather_batches",
+           "needs_calibration", "prepare_qat_model", "qada_quantizers", "resolve_mixed_precision"]
