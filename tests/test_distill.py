@@ -182,7 +182,7 @@ def test_qada_matches_hand_formula():
 
 
 def _qada_reference(x, consumed, step, k=1e-4, gamma=1.0):
-    """method.md §3 qada in float64: z = |x-mu_c|/(sigma_c+k), r = |x-Q(x)|/(s_c+k), S = log(1+z^2) + gamma log(1+r^2)."""
+    """qada (ADA v2) in float64: z = |x-mu_c|/(sigma_c+k), r = |x-Q(x)|/(s_c+k), S = log(1+z^2) + gamma log(1+r^2)."""
     x, consumed = x.double(), consumed.double()
     n = x.shape[2] * x.shape[3]
     mu = x.mean((2, 3), keepdim=True)

@@ -1,4 +1,4 @@
-"""Tests of the fake quantizers against the formulas of docs/method.md section 4.
+"""Tests of the fake quantizers against their published formulas (LSQ, LSQ+, PACT/DoReFa, N2UQ).
 
 The reference implementations below are written independently of the package, in plain elementwise
 float64 torch code (masks, explicit sums, loops over levels where the formula is a sum over levels).
@@ -103,7 +103,7 @@ def assert_close(a, b, tol=1e-9):
 
 # ----------------------------------------------------------------------------------------------- references
 def ref_lsq(x, s, beta, n, p, G, N, per_channel):
-    """method.md LSQ / LSQ+: y = round(clamp((x-beta)/s, n, p))*s + beta and its gradients."""
+    """LSQ / LSQ+: y = round(clamp((x-beta)/s, n, p))*s + beta and its gradients."""
     sb, bb = bcast(s, x, per_channel), bcast(beta, x, per_channel)
     v = (x - bb) / sb
     y = torch.round(torch.clamp(v, n, p)) * sb + bb
@@ -157,7 +157,7 @@ def ref_n2uq_weight(w, bits, G, per_channel, mode):
 
 
 def ref_n2uq_act(x, s0, a, b1, b2, G):
-    """method.md N2UQ activations, with the thresholds built by the recursion and loops over levels."""
+    """N2UQ activations, with the thresholds built by the recursion and loops over levels."""
     L = a.numel()
     delta = 2.0 / L
     xs = b1 * x

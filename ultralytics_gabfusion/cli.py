@@ -16,78 +16,22 @@ Usage:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 from pathlib import Path
 
-from .settings import PLUGIN_KEYS, help_text, read_recipe, split_overrides, validate_settings
+from .settings import PLUGIN_KEYS, SettingsError, help_text, parse_command, parse_key_values, split_overrides
 
 TRAINER_HELP = "trainer= takes gab (default), default (the stock DetectionTrainer) or package.module:ClassName"
 PLUGIN_MODES = ("synth", "bench", "sensitivity")  # modes of yolo-gab itself (the rest go to Ultralytics)
 
 
-class UsageError(Exception):
-    """A command-line mistake; printed without a traceback and exits with status 2."""
+# Ultralytics, torch and each subcommand's module are imported when a command is dispatched, not here, so that
+# `yolo-gab help` and `yolo-gab synth` start without loading torch.
 
-
-def parse_args(argv: list[str]) -> tuple[str | None, dict]:
-    """Parse ``yolo``-style tokens into (mode, overrides), reading ``cfg=`` first and letting explicit keys win.
-
-    Args:
-        argv (list[str]): Tokens after the program name, e.g. ``["train", "model=x.pt", "epochs=3"]``.
-
-    Returns:
-        (tuple[str | None, dict]): The mode (or None) and the overrides, plugin keys included.
-
-    Raises:
-        UsageError: On unknown keys (with the closest valid key), missing '=' or bad values.
-    """
-    from ultralytics.cfg import MODES, TASKS, merge_equals_args, parse_key_value_pair
-    from ultralytics.utils import DEFAULT_CFG_DICT
-
-    mode, overrides, recipe = None, {}, {}
-    for a in merge_equals_args(argv):
-        a = a[2:] if a.startswith("--") else a
-        a = a[:-1] if a.endswith(",") else a
-        if "=" in a:
-            try:
-                k, v = parse_key_value_pair(a)
-            except (NameError, SyntaxError, ValueError, AssertionError) as e:
-                raise UsageError(f"could not parse '{a}': {e}") from None
-            if k == "cfg" and v is not None:
-                try:
-                    recipe = read_recipe(v)
-                except (FileNotFoundError, ValueError) as e:
-                    raise UsageError(str(e)) from None
-            else:
-                overrides[k] = v
-        elif a in MODES:
-            mode = a
-        elif a in TASKS:
-            overrides["task"] = a
-        elif a in DEFAULT_CFG_DICT and isinstance(DEFAULT_CFG_DICT[a], bool):
-            overrides[a] = True  # bare boolean flag, e.g. 'resume'
-        else:
-            raise UsageError(f"'{a}' is not a mode or key=value pair.{_suggest(a)}")
-    overrides = {**recipe, **overrides}
-    valid = set(DEFAULT_CFG_DICT) | set(PLUGIN_KEYS) | {"trainer", "task", "save_dir", "file"}
-    bad = [k for k in overrides if k not in valid]
-    if bad:
-        raise UsageError("\n".join(f"'{k}' is not a valid yolo-gab argument.{_suggest(k)}" for k in bad))
-    try:
-        validate_settings(overrides)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return mode, overrides
-
-
-def _suggest(key: str) -> str:
-    import difflib
-
-    from ultralytics.utils import DEFAULT_CFG_DICT
-
-    close = difflib.get_close_matches(key, list(DEFAULT_CFG_DICT) + sorted(PLUGIN_KEYS) + ["trainer"], n=3)
-    return f" Similar arguments: {', '.join(close)}." if close else " Run 'yolo-gab help' for the plugin keys."
+UsageError = SettingsError  # a command-line mistake: printed without a traceback, exit status 2
+parse_args = parse_command  # the yolo-style command parser lives with the settings it validates
 
 
 def resolve_trainer(spec):
@@ -165,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "synth":
             from .data.synth import synth_main
 
-            synth_main(_parse_plain(argv[1:]))
+            synth_main(parse_key_values(argv[1:]))
             return 0
         if argv[0] == "bench":
             from .bench import bench_main
@@ -200,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_mode(argv: list[str]) -> None:
     """Refuse a bare word that is no mode, task or Ultralytics command (``tran``), naming the closest mode."""
-    import difflib
-
     from ultralytics.cfg import MODES, TASKS
     from ultralytics.utils import DEFAULT_CFG_DICT
 
@@ -217,19 +159,6 @@ def _check_mode(argv: list[str]) -> None:
         close = difflib.get_close_matches(word, [*MODES, *PLUGIN_MODES], n=1, cutoff=0.6)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UsageError(f"'{a}' is not a mode or key=value pair.{hint} Modes: {', '.join([*MODES, *PLUGIN_MODES])}.")
-
-
-def _parse_plain(argv: list[str]) -> dict:
-    """Parse ``key=value`` tokens with Ultralytics' value parsing, without validating keys (subcommands do)."""
-    from ultralytics.cfg import merge_equals_args, parse_key_value_pair
-
-    out = {}
-    for a in merge_equals_args(argv):
-        if "=" not in a:
-            raise UsageError(f"'{a}' is not a key=value pair.")
-        k, v = parse_key_value_pair(a)
-        out[k] = v
-    return out
 
 
 def entry() -> None:

@@ -13,11 +13,21 @@ Examples:
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS
+import torch
+from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths
+from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint, yaml_model_load
+from ultralytics.utils import YAML
+from ultralytics.utils.checks import check_file
+from ultralytics.utils.patches import torch_load
+
+from .distill import _check_indices, check_teacher, default_layers, is_quantized, load_teacher
+from .fusion import GABFusion, insert_gabfusion
+from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, validate_settings
 
 # Keys that only mean something with the feature on: set explicitly without it they would be silently ignored.
 # Recipes carry ada_div for runs with and without ada, so only keys no recipe sets alone are checked for ADA.
@@ -37,8 +47,6 @@ def check_writable_dir(path: Any, key: str) -> Path:
         FileExistsError: ``path`` or one of its parents is a file.
         PermissionError: Nothing can be written there.
     """
-    import tempfile
-
     p = Path(str(path)).expanduser().resolve()
     if p.exists() and not p.is_dir():
         raise FileExistsError(f"{key}={path} is a file; pass a directory path.")
@@ -89,7 +97,6 @@ def load_model_file(model: Any, key: str = "model"):
     if path.suffix == ".pt":
         if not path.is_file():
             raise FileNotFoundError(f"{key}={model}: file not found (nothing is downloaded); pass an existing .pt checkpoint.")
-        from ultralytics.nn.tasks import load_checkpoint
 
         try:
             with warnings.catch_warnings():
@@ -101,7 +108,6 @@ def load_model_file(model: Any, key: str = "model"):
         return net, dict(getattr(net, "yaml", {}) or {})
     if path.suffix not in (".yaml", ".yml"):
         raise ValueError(f"{key}={model} is neither a .pt checkpoint nor a model .yaml.")
-    from ultralytics.nn.tasks import yaml_model_load
 
     try:
         cfg = yaml_model_load(str(path))  # also resolves scaled names: yolov5n.yaml -> yolov5.yaml, scale n
@@ -116,8 +122,6 @@ def load_model_file(model: Any, key: str = "model"):
 
 
 def _task_of(net, cfg: dict) -> str:
-    from ultralytics.nn.tasks import guess_model_task
-
     try:
         return guess_model_task(net if net is not None else cfg)
     except Exception:
@@ -138,10 +142,6 @@ def check_data(data: Any, imgsz: Any = None) -> dict:
         FileNotFoundError: The YAML or an image folder does not exist.
         ValueError: A malformed YAML, no images, labels out of range.
     """
-    from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths
-    from ultralytics.utils import YAML
-    from ultralytics.utils.checks import check_file
-
     if data in (None, ""):
         raise ValueError("data= is missing: pass a detection data YAML, e.g. data=datasets/synth/data.yaml.")
     s = str(data)
@@ -234,7 +234,6 @@ def check_resume(overrides: dict) -> None:
         return  # Ultralytics picks the latest run itself
     if not Path(str(path)).is_file():
         raise FileNotFoundError(f"resume: checkpoint {path} not found; pass model=path/to/weights/last.pt of the run.")
-    from ultralytics.utils.patches import torch_load
 
     try:
         with warnings.catch_warnings():
@@ -247,7 +246,6 @@ def check_resume(overrides: dict) -> None:
     if ckpt.get("optimizer") is None or ckpt.get("epoch", -1) < 0:
         raise ValueError(f"resume: {path} is a finished (stripped) checkpoint with no optimizer state: nothing to resume. "
                          f"Start a new run with model={path}.")
-    from .settings import validate_settings
 
     given = validate_settings({k: v for k, v in overrides.items() if k in PLUGIN_KEYS})
     before = validate_settings({k: saved.get(k, PLUGIN_DEFAULTS[k]) for k in given})
@@ -267,8 +265,6 @@ def preflight_train(merged: dict, overrides: dict) -> None:
     Raises:
         ValueError | FileNotFoundError: With the key or file and what to do.
     """
-    import torch
-
     check_explicit_keys(overrides, merged)
     net, cfg = load_model_file(merged.get("model"))
     task = _task_of(net, cfg)
@@ -277,9 +273,6 @@ def preflight_train(merged: dict, overrides: dict) -> None:
                          "detection YAML or checkpoint (e.g. yolov5s.yaml, yolo11s.yaml).")
     data = check_data(merged.get("data"), merged.get("imgsz"))
     check_imgsz(merged.get("imgsz", 640))
-    from ultralytics.nn.tasks import DetectionModel
-
-    from .distill import _check_indices, is_quantized
 
     nc = data.get("nc") or (getattr(net, "nc", None) if net is not None else cfg.get("nc", 80))
     if net is not None and is_quantized(net):
@@ -297,8 +290,6 @@ def preflight_train(merged: dict, overrides: dict) -> None:
     if merged.get("qat_skip"):
         _check_indices(merged["qat_skip"], n_layers, "model")
     if merged.get("gab", "off") != "off":
-        from .fusion import GABFusion, insert_gabfusion
-
         if not any(isinstance(m, GABFusion) for m in student.modules()):
             try:
                 insert_gabfusion(student, mode=merged["gab"])
@@ -309,8 +300,6 @@ def preflight_train(merged: dict, overrides: dict) -> None:
 
 
 def _check_teacher_matches(student, merged: dict, nc: int, data: dict) -> None:
-    from .distill import _check_indices, check_teacher, default_layers, load_teacher
-
     teacher_path = merged.get("teacher") or merged.get("model")
     teacher = load_teacher(teacher_path)
     layers = merged.get("ada_layers") or default_layers(student)

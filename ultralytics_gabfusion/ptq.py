@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from ultralytics.utils import LOGGER
 
+from .trainer import GABTrainer
 from .version import __version__
 
 # Keys that make no sense for a run without training steps (the optimiser is built but never stepped).
@@ -43,8 +44,6 @@ def post_training_quantize(model: str | os.PathLike, file: str | os.PathLike | N
     Raises:
         ValueError: ``qat`` missing or ``none``, or any invalid plugin key (raised before anything is written).
     """
-    from .trainer import GABTrainer
-
     if str(overrides.get("qat", "none")).lower() == "none":
         raise ValueError("post_training_quantize needs a quantizer: pass qat=lsq|lsqplus|pact|n2uq (and w_bits, "
                          "a_bits).")

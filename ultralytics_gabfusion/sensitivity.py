@@ -42,6 +42,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from ultralytics.nn.modules.conv import Concat
+from ultralytics.nn.modules.head import Detect
+from ultralytics.utils import LOGGER, TQDM
+
+from . import zoo
+from .fusion import GABFusion
+from .quant.convert import _layer_index
+from .quant.qconv import quant_convs
+from .settings import SettingsError, parse_command, parse_key_values
+from .trainer import GABTrainer
 
 METRICS = ("kl", "mse", "map")
 MODES = ("w", "a", "wa")  # weights only, input activations only, both
@@ -55,11 +65,6 @@ _NO_TRAINING = {"epochs": 1, "plots": False, "val": False, "resume": False}
 # ================================================================================================ model helpers
 def layer_roles(model: torch.nn.Module) -> dict[int, str]:
     """``{layer index: role}`` for the top-level layers of an Ultralytics detection model (see module docstring)."""
-    from ultralytics.nn.modules.conv import Concat
-    from ultralytics.nn.modules.head import Detect
-
-    from .fusion import GABFusion
-
     layers = model.model
     n_backbone = len((getattr(model, "yaml", None) or {}).get("backbone", [])) or 0
     fusion_nodes = {i for i, m in enumerate(layers) if i >= n_backbone and isinstance(m, (Concat, GABFusion))
@@ -81,9 +86,6 @@ def layer_roles(model: torch.nn.Module) -> dict[int, str]:
 
 def quantized_layers(model: torch.nn.Module) -> list[int]:
     """Top-level layer indices that hold at least one quantizer, in order."""
-    from .quant.convert import _layer_index
-    from .quant.qconv import quant_convs
-
     out = {_layer_index(n) for n, m in quant_convs(model) if m.weight_quant is not None or m.act_quant is not None}
     return sorted(x for x in out if x is not None)
 
@@ -95,9 +97,6 @@ def only_quantized(model: torch.nn.Module, layers=None, weights: bool = True, ac
     Every other quantizer is detached for the duration (its conv runs in full precision) and put back afterwards.
     ``layers=None`` keeps all layers (so ``only_quantized(m, None, False, False)`` is the FP model).
     """
-    from .quant.convert import _layer_index
-    from .quant.qconv import quant_convs
-
     removed = []
     for name, m in quant_convs(model):
         keep = layers is None or _layer_index(name) in layers
@@ -243,10 +242,6 @@ def layer_sensitivity(model: str | os.PathLike, metric: str = "kl", images: int 
     Raises:
         ValueError: Bad ``metric``/``images``, ``qat`` missing, or any invalid key (before anything is written).
     """
-    from ultralytics.utils import LOGGER, TQDM
-
-    from .trainer import GABTrainer
-
     metric = str(metric).lower()
     if metric not in METRICS:
         raise ValueError(f"metric={metric} is not valid: use one of {', '.join(METRICS)} (kl/mse: fast output proxies, "
@@ -257,7 +252,6 @@ def layer_sensitivity(model: str | os.PathLike, metric: str = "kl", images: int 
         raise ValueError("sensitivity needs a quantizer: pass qat=lsq|lsqplus|pact|n2uq (and w_bits/a_bits).")
     if overrides.get("qat_layer_bits") is not None:
         raise ValueError("sensitivity measures the uniform policy: drop qat_layer_bits/qat_bits_budget from this command.")
-    from . import zoo
 
     if str(model) in zoo.names():
         model = zoo.verify(str(model))
@@ -414,20 +408,18 @@ def plot(info: dict) -> bytes:
 # ====================================================================================================== CLI
 def sensitivity_main(argv: list[str]) -> int:
     """``yolo-gab sensitivity key=value ...``: the ``metric=`` and ``images=`` keys plus the QAT/Ultralytics keys."""
-    from .cli import UsageError, _parse_plain, parse_args
-
     if argv and argv[0] in ("help", "-h", "--help"):
         print(__doc__.split("Examples:")[0].strip())
         print("\nKeys: model=fp.pt data=data.yaml qat= w_bits= a_bits= metric=kl|mse|map (default kl) "
               "images=256, and any QAT/Ultralytics key (imgsz, batch, device, project, name, qat_calib, ...).")
         return 0
-    own = {k: v for k, v in _parse_plain([a for a in argv if a.split("=", 1)[0] in DEFAULTS]).items()}
-    _, overrides = parse_args([a for a in argv if a.split("=", 1)[0] not in DEFAULTS])
+    own = {k: v for k, v in parse_key_values([a for a in argv if a.split("=", 1)[0] in DEFAULTS]).items()}
+    _, overrides = parse_command([a for a in argv if a.split("=", 1)[0] not in DEFAULTS])
     model = overrides.pop("model", None)
     if model is None:
-        raise UsageError("sensitivity needs model=, the FP checkpoint to analyse, e.g. model=runs/detect/train/weights/best.pt")
+        raise SettingsError("sensitivity needs model=, the FP checkpoint to analyse, e.g. model=runs/detect/train/weights/best.pt")
     if overrides.get("data") is None:
-        raise UsageError("sensitivity needs data=, the data YAML whose val images are measured.")
+        raise SettingsError("sensitivity needs data=, the data YAML whose val images are measured.")
     overrides.pop("mode", None)
     layer_sensitivity(model, metric=own.get("metric", DEFAULTS["metric"]), images=own.get("images", DEFAULTS["images"]),
                       **overrides)

@@ -26,7 +26,6 @@ from copy import copy
 from pathlib import Path
 
 import torch
-
 from ultralytics.cfg import cfg2dict
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.nn.tasks import DetectionModel

@@ -25,6 +25,10 @@ import functools
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from ultralytics.nn import tasks
+from ultralytics.nn.modules import Concat
+from ultralytics.utils import LOGGER
+from ultralytics.utils.torch_utils import unwrap_model
 
 from .modules import FoldedFusion, GABFusion, _check_mode
 
@@ -37,15 +41,11 @@ def _type_name(cls) -> str:
 
 
 def _concat_cls():
-    from ultralytics.nn.modules import Concat
-
     return Concat
 
 
 def detection_model(model) -> nn.Module:
     """Return the Ultralytics ``BaseModel`` inside a DDP/compile wrapper or a ``YOLO`` object."""
-    from ultralytics.utils.torch_utils import unwrap_model
-
     model = unwrap_model(model)
     inner = getattr(model, "model", None)
     while not isinstance(inner, nn.Sequential) and isinstance(inner, nn.Module):
@@ -59,8 +59,6 @@ def detection_model(model) -> nn.Module:
 
 def fusion_nodes(model) -> list[GABFusion]:
     """All GABFusion modules of ``model`` (any nn.Module or YOLO wrapper), in layer order."""
-    from ultralytics.utils.torch_utils import unwrap_model
-
     if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
         model = model.model
     return [m for m in unwrap_model(model).modules() if isinstance(m, GABFusion)]
@@ -325,8 +323,6 @@ def register_gabfusion() -> None:
     The model's ``yaml`` keeps the GABFusion rows, so rebuilding from it (checkpoints, DDP workers) goes
     through the same path. ``tasks.GABFusion`` / ``tasks.FoldedFusion`` are also set for name lookups.
     """
-    from ultralytics.nn import tasks
-
     tasks.GABFusion = GABFusion
     tasks.FoldedFusion = FoldedFusion
     if getattr(tasks.parse_model, "_gabfusion_wrapper", False):
@@ -350,8 +346,6 @@ def register_gabfusion() -> None:
         for i, (dim, mode, opts) in gab.items():
             layers[i] = _make_node(layers[i], chans[i], mode, opts)
         if verbose:
-            from ultralytics.utils import LOGGER
-
             desc = ", ".join(f"{i} ({'+'.join(map(str, chans[i]))}, {gab[i][1]})" for i in gab)
             LOGGER.info(f"GABFusion replaced the Concat rows built above at layers: {desc}")
         return layers, save

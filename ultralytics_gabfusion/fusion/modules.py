@@ -4,7 +4,7 @@
 channels-first LayerNorm (statistics over C only, at every sample and pixel; per-channel affine). ``lam`` is driven
 either by the closed-loop gradient balancer (``mode="balanced"``, lam is a buffer) or by backprop
 (``mode="learned"``, lam is an ``nn.Parameter``); ``mode="off"`` makes the node a plain ``Concat`` that still
-measures per-branch gradient norms (a baseline run's diagnostic). See docs/method.md section 2.
+measures per-branch gradient norms (a baseline run's diagnostic).
 
 Examples:
     >>> import torch

@@ -17,6 +17,8 @@ import csv
 import math
 from pathlib import Path
 
+from ultralytics.utils import LOGGER, RANK
+
 from .graph import fusion_nodes
 
 COLUMNS = ("epoch", "layer", "branch", "source_layer", "role", "grad_ema", "alpha", "deep_shallow_ratio", "mode")
@@ -63,8 +65,6 @@ def node_rows(model, epoch: int) -> list[dict]:
 
 
 def _is_main_process() -> bool:
-    from ultralytics.utils import RANK
-
     return RANK in {-1, 0}
 
 
@@ -133,7 +133,6 @@ class FusionTelemetry:
         """Write the ratio/alpha plot next to Ultralytics' plots and log a per-node summary."""
         if not _is_main_process():
             return None
-        from ultralytics.utils import LOGGER
 
         data = self.read(trainer.save_dir)
         if not data:

@@ -27,10 +27,13 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+from ultralytics.nn.modules.block import DFL
+from ultralytics.nn.modules.conv import Conv, DWConv
+from ultralytics.nn.modules.head import Detect
 
 from ..settings import check_bits
 from .grids import ACT_GRIDS, fixed_offset, grid_signed, input_lower_bounds
-from .init import INIT_MODES, check_init_mode, refine_mse
+from .init import check_init_mode, refine_mse
 from .qconv import QuantConv2d, QuantConvBlock, quant_convs
 from .quantizers import FakeQuantizer
 
@@ -38,20 +41,14 @@ LAYER_ATTRS = ("i", "f", "type", "np")
 
 
 def _conv_block_types():
-    from ultralytics.nn.modules.conv import Conv, DWConv
-
     return (Conv, DWConv)
 
 
 def _dfl_type():
-    from ultralytics.nn.modules.block import DFL
-
     return DFL
 
 
 def _detect_type():
-    from ultralytics.nn.modules.head import Detect
-
     return Detect
 
 

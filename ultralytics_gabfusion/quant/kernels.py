@@ -1,6 +1,6 @@
 """Fake-quant kernels: which implementation the quantizers' autograd functions run (``qat_kernel``).
 
-Two implementations of the same arithmetic (docs/method.md section 4):
+Two implementations of the same arithmetic (the conventions of :mod:`.quantizers`):
 
 * ``reference`` -- the plain PyTorch code inside each autograd function (``LSQFakeQuantize`` ...): easy to read,
   one PyTorch op per formula term, so every term is a separate pass over the tensor with its own temporaries.
@@ -39,6 +39,7 @@ import functools
 import shutil
 
 import torch
+from ultralytics.utils import LOGGER
 
 from ..settings import QAT_KERNELS  # the one list, validated there
 
@@ -185,7 +186,6 @@ def run_compiled(fn, *args):
         return fn(*args)
     except Exception as e:  # compiler missing at run time, unsupported op, ...: correctness first
         _state["failed"] = True
-        from ultralytics.utils import LOGGER
 
         LOGGER.warning(f"qat_kernel: compiled fake-quant kernels failed ({type(e).__name__}: {str(e)[:200]}); "
                        f"using the reference kernels for the rest of this process.")

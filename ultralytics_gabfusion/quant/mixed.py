@@ -33,6 +33,8 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..settings import parse_bits_budget
+from .qconv import quant_convs
+from .quantizers import FakeQuantizer
 
 RAISE_LEVELS = (8, 7, 6, 5, 4, 3)  # bits tried for a sensitive layer, highest first (only those above its base)
 FP_BITS = 32
@@ -68,9 +70,6 @@ def model_size_bytes(model: nn.Module) -> float:
         >>> model_size_bytes(m) == 4 * sum(p.numel() for p in m.parameters())
         True
     """
-    from .qconv import quant_convs
-    from .quantizers import FakeQuantizer
-
     saved = 0.0
     for _, m in quant_convs(model):
         if m.weight_quant is not None:

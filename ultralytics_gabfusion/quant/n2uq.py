@@ -29,7 +29,7 @@ def n2uq_boundaries(start: torch.Tensor, intervals: torch.Tensor):
     """Segment edges ``d`` (L+1,) and thresholds ``T`` (L,) in the ``beta1``-scaled domain.
 
     ``d_0 = s0``, ``d_i = d_{i-1} + a_i``; ``T_i`` is the midpoint of segment ``i`` (``d_{i-1} + a_i/2``,
-    equal to method.md's recursion ``T_i = T_{i-1} + a_i/2 + a_{i+1}/2``). ``cummax`` guards the sort
+    equal to the paper's recursion ``T_i = T_{i-1} + a_i/2 + a_{i+1}/2``). ``cummax`` guards the sort
     order ``bucketize`` needs against float rounding when ``|s0| >> a_i`` (a no-op otherwise).
     """
     d = torch.cat([start.reshape(1), start.reshape(1) + torch.cumsum(intervals, 0)])
