@@ -190,7 +190,7 @@ class LSQQuantizer(_LSQBase):
     method = "lsq"
 
     def __init__(self, role="act", bits=4, channels=0, signed=True, fixed_offset: float = 0.0):
-        """See :func:`make_quantizer`; ``fixed_offset`` (activations) shifts the grid by a constant (not learned)."""
+        """See :func:`.registry.make_quantizer`; ``fixed_offset`` (activations) shifts the grid by a constant (not learned)."""
         super().__init__(role, bits, channels, signed)
         self.step = nn.Parameter(torch.ones(max(self.channels, 1)))
         self.fixed_offset = float(fixed_offset)  # plain attribute: part of the layer's configuration, not its state
@@ -239,7 +239,7 @@ class LSQPlusQuantizer(_LSQBase):
     method = "lsqplus"
 
     def __init__(self, role="act", bits=4, channels=0, signed=True):
-        """See :func:`make_quantizer`."""
+        """See :func:`.registry.make_quantizer`."""
         super().__init__(role, bits, channels, signed)
         c = max(self.channels, 1)
         self.step = nn.Parameter(torch.ones(c))

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import kernels
 from .kernels import N2UQ_COMPILED_MAX_BITS, CompileFailed, kernel_for
-from .quantizers import STEP_EPS, FakeQuantizer, floor_ste, positive, row_quantile
+from .quantizers import STEP_EPS, FakeQuantizer, QuantExportSpec, floor_ste, positive, row_quantile
 
 __all__ = ["N2UQFakeQuantize", "N2UQWeightFakeQuantize", "N2UQQuantizer", "n2uq_boundaries"]
 
@@ -234,7 +234,7 @@ class N2UQQuantizer(FakeQuantizer):
     init_percentile = 0.999
 
     def __init__(self, role="act", bits=4, channels=0, signed=True, weight_grad: str = "ste"):
-        """See :func:`make_quantizer`; ``weight_grad`` is ``"ste"`` or ``"reference"`` (weights only)."""
+        """See :func:`.registry.make_quantizer`; ``weight_grad`` is ``"ste"`` or ``"reference"`` (weights only)."""
         super().__init__(role, bits, channels, signed)
         if weight_grad not in ("ste", "reference"):
             raise ValueError(f"weight_grad must be 'ste' or 'reference', got {weight_grad!r}")
@@ -347,3 +347,23 @@ class N2UQQuantizer(FakeQuantizer):
             s = (positive(self.scale_out) * self.delta).reshape(1)
             return self._grid(s, torch.zeros_like(s), 0, self._L)
         return self._grid(2 * self.w_scale / self._L, -self.w_scale, 0, self._L)
+
+    @torch.no_grad()
+    def export_spec(self, dtype: torch.dtype = torch.float32) -> QuantExportSpec:
+        """Weights: the uniform grid. Activations: the nonuniform thresholds, as the forward evaluates them.
+
+        Args:
+            dtype (torch.dtype): compute dtype of the parameters (the forward's ``cdtype``) and of the tensors.
+
+        Returns:
+            (QuantExportSpec): for activations ``kind="nonuniform"``: ``input_scale = beta1``, ``thresholds`` the
+            2^b-1 segment midpoints in the ``beta1``-scaled domain, ``scale = beta2*Delta``, offset 0, count in
+            ``[0, 2^b-1]``.
+        """
+        if self.role != "act":
+            return super().export_spec(dtype)
+        s0, a, b1, b2 = self._act_params(dtype)
+        _, thr = n2uq_boundaries(s0, a)
+        scale = (b2 * self.delta).reshape(1)  # exactly the forward's `beta2 * delta`
+        return QuantExportSpec(kind="nonuniform", bits=self.bits, scale=scale, offset=torch.zeros_like(scale), qmin=0,
+                               qmax=self._L, axis=None, input_scale=b1.reshape(1), thresholds=thr)

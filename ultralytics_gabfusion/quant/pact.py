@@ -133,7 +133,7 @@ class PACTQuantizer(FakeQuantizer):
     init_percentile = 0.999
 
     def __init__(self, role="act", bits=4, channels=0, signed=True, fixed_offset: float = 0.0):
-        """See :func:`make_quantizer`; ``fixed_offset`` ``b`` (canonical activations): ``y = PACT(x - b) + b``."""
+        """See :func:`.registry.make_quantizer`; ``fixed_offset`` ``b`` (canonical activations): ``y = PACT(x - b) + b``."""
         super().__init__(role, bits, channels, signed)
         c = max(self.channels, 1)
         self.fixed_offset = float(fixed_offset) if not self.signed else 0.0  # plain attribute: configuration

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numbers
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from ..settings import MAX_BITS, MIN_BITS, QUANT_METHODS
 
 __all__ = [
     "FakeQuantizer",
+    "QuantExportSpec",
     "QUANT_METHODS",
     "QUANT_ROLES",
     "MIN_BITS",
@@ -155,6 +157,41 @@ def _check_channels(channels) -> int:
             f"channels must be a non-negative integer (0 = per-tensor, C>0 = per-channel along dim 0), got {channels}"
         )
     return int(channels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export description
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantExportSpec:
+    """What an exporter needs to reproduce a quantizer's output exactly (see :meth:`FakeQuantizer.export_spec`).
+
+    ``kind="uniform"``: every output equals ``offset + k*scale``, ``k`` an integer in ``[qmin, qmax]``.
+    ``kind="nonuniform"`` (N2UQ activations): ``count = #{i: input_scale*x > thresholds[i]}`` (an input exactly at a
+    threshold does not count), output ``offset + count*scale``, ``count`` in ``[qmin, qmax]``.
+
+    Attributes:
+        kind (str): ``"uniform"`` or ``"nonuniform"``.
+        bits (int): bit-width of the integers ``k`` / ``count``.
+        scale (Tensor): output step, shape ``(channels,)`` or ``(1,)`` (detached).
+        offset (Tensor): output offset, same shape as ``scale``.
+        qmin (int): lowest integer.
+        qmax (int): highest integer.
+        axis (int | None): 0 when ``scale``/``offset`` are per output channel, None per tensor.
+        input_scale (Tensor | None): nonuniform only: factor applied to the input before the comparison, ``(1,)``.
+        thresholds (Tensor | None): nonuniform only: the ``qmax - qmin`` non-decreasing thresholds, in the
+            ``input_scale``-scaled domain.
+    """
+
+    kind: str
+    bits: int
+    scale: torch.Tensor
+    offset: torch.Tensor
+    qmin: int
+    qmax: int
+    axis: int | None
+    input_scale: torch.Tensor | None = None
+    thresholds: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -363,3 +400,20 @@ class FakeQuantizer(nn.Module):
         offset = offset.expand_as(scale).clone() if offset.numel() == 1 else offset.clone()
         return {"scale": scale, "offset": offset, "qmin": int(qmin), "qmax": int(qmax),
                 "axis": 0 if self.channels else None}
+
+    @torch.no_grad()
+    def export_spec(self, dtype: torch.dtype = torch.float32) -> QuantExportSpec:
+        """Describe the output grid for export: the uniform :meth:`grid`, its tensors cast to ``dtype``.
+
+        Methods whose output is not a uniform function of the input (N2UQ activations) override this. A weight
+        quantizer that records its scale in forward (PACT/DoReFa, N2UQ) describes the grid of its last forward.
+
+        Args:
+            dtype (torch.dtype): dtype of the returned tensors.
+
+        Returns:
+            (QuantExportSpec): ``kind="uniform"`` with the grid's scale, offset, integer range and axis.
+        """
+        g = self.grid()
+        return QuantExportSpec(kind="uniform", bits=self.bits, scale=g["scale"].to(dtype), offset=g["offset"].to(dtype),
+                               qmin=g["qmin"], qmax=g["qmax"], axis=g["axis"])

@@ -1,0 +1,121 @@
+"""The ``yolo-gab export`` command: Q/DQ ONNX for quantized checkpoints, Ultralytics' exporter for FP models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ultralytics import YOLO
+from ultralytics.utils import LOGGER
+
+from ..preflight import check_writable_dir
+from ..quant.qconv import is_quantized
+from ..settings import PLUGIN_KEYS
+from .inputs import load_quantized_model
+from .parity import ParityError, _fmt_parity
+from .qdq import export_qdq_onnx
+
+_IGNORED_FOR_QDQ = ("half", "int8", "dynamic", "simplify", "nms", "optimize", "keras", "quantize", "batch", "workspace")
+
+
+def export_main(overrides: dict) -> int:
+    """Handle ``yolo-gab export model=... [format=onnx] [imgsz=..] [opset=21] [data=...] [file=out.onnx]``.
+
+    * quantized checkpoint, ``format=onnx`` (or no format): :func:`export_qdq_onnx` with a parity check on the
+      ``data=`` val images (first 8) or, without ``data=``, on generated synthetic images (the log says which);
+      prints the output path and the parity numbers. ``file=`` (Python callers; the CLI may not accept the key) or
+      ``save_dir=`` choose the output, default: next to the checkpoint with suffix ``.onnx``.
+    * quantized checkpoint, any other format: ``ValueError`` (other formats would trace the fake-quant graph in
+      float, or have no integer-grid representation).
+    * full-precision model: handed to Ultralytics' exporter, ``YOLO(model).export(**overrides)``.
+
+    Args:
+        overrides (dict): Parsed ``key=value`` pairs (plugin keys and ``trainer`` are ignored with a warning).
+
+    Returns:
+        (int): 0 on success, 1 when the parity check failed (the message is printed; no file is written).
+
+    Raises:
+        ValueError: Missing/invalid model, corrupt checkpoint, quantized model with a non-ONNX format.
+        FileNotFoundError: The checkpoint does not exist.
+
+    Examples:
+        >>> export_main({"model": "runs/qat/weights/best.pt", "format": "onnx", "data": "data.yaml"})  # doctest: +SKIP
+        0
+    """
+    ov = dict(overrides)
+    ov.pop("mode", None)
+    model = ov.pop("model", None)
+    if model is None:
+        raise ValueError("export needs model=, e.g. yolo-gab export model=runs/qat/weights/best.pt format=onnx")
+    _drop_training_keys(ov)
+    path = Path(str(model))
+    net = None
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise FileNotFoundError(f"model={model}: file not found (no weights are downloaded by yolo-gab export).")
+        net = load_quantized_model(path, require_quantized=False)
+    if net is None or not is_quantized(net):
+        return _export_fp(model, ov)
+    return _export_quantized(net, model, path, ov)
+
+
+def _drop_training_keys(ov: dict) -> None:
+    """Remove (with a warning) the plugin's training keys and ``trainer``: export has no use for them."""
+    ours = sorted(k for k in ov if k in PLUGIN_KEYS or k == "trainer")
+    if ours:
+        LOGGER.warning(f"yolo-gab export: ignoring training keys {ours}")
+        for k in ours:
+            ov.pop(k)
+
+
+def _export_fp(model, ov: dict) -> int:
+    """Hand a full-precision model to Ultralytics' exporter with the remaining overrides."""
+    bad = [k for k in ("file", "save_dir") if ov.get(k) is not None]
+    if bad:
+        raise ValueError(f"{bad} apply to quantized (Q/DQ) exports only; Ultralytics writes FP exports next to the weights.")
+    ov.pop("file", None)
+    ov.pop("save_dir", None)
+    LOGGER.info(f"yolo-gab export: {model} has no quantized layers, handing over to Ultralytics' exporter.")
+    f = YOLO(str(model), task=ov.pop("task", None)).export(**ov)
+    print(f"Exported {f}")
+    return 0
+
+
+def _export_quantized(net, model, path: Path, ov: dict) -> int:
+    """Q/DQ ONNX export of the loaded quantized checkpoint ``net`` (from ``path``), parity checked and printed."""
+    fmt = str(ov.pop("format", None) or "onnx").lower()
+    if fmt != "onnx":
+        raise ValueError(
+            f"format={fmt} is not supported for quantized models: other formats would run the fake-quant graph in float "
+            "(or drop the learned integer grids). Use format=onnx for the Q/DQ export."
+        )
+    for k in _IGNORED_FOR_QDQ:
+        v = ov.get(k)
+        if v in (None, False, "") or (k == "batch" and v == 1):
+            continue
+        LOGGER.warning(f"yolo-gab export: {k}={v} is ignored by the Q/DQ ONNX export (static batch-1 graph).")
+    imgsz = ov.get("imgsz")
+    if imgsz is None:
+        args = getattr(net, "args", None)
+        imgsz = (args.get("imgsz") if isinstance(args, dict) else None) or 640
+    opset = ov.get("opset") or 21
+    file = ov.get("file")
+    if file is None and ov.get("save_dir"):
+        file = Path(ov["save_dir"]) / path.with_suffix(".onnx").name
+    out = Path(str(file or path.with_suffix(".onnx")))
+    check_writable_dir(out.parent, "save_dir" if ov.get("save_dir") and not ov.get("file") else "file")
+    data = ov.get("data")
+    if data:
+        images, what = str(data), f"val images of data={data}"
+    else:
+        images, what = None, "generated synthetic images (pass data=... to use real validation images)"
+    LOGGER.info(f"yolo-gab export: Q/DQ ONNX export of {model}; parity check on {what}")
+    try:
+        res = export_qdq_onnx(net, file or path.with_suffix(".onnx"), imgsz=imgsz, opset=int(opset), images=images)
+    except ParityError as e:
+        print(f"yolo-gab: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Exported {res['file']}")
+    print(f"Parity ({what}): {_fmt_parity(res['parity'])}")
+    return 0

@@ -1,0 +1,236 @@
+"""Deployment form of a quantized model: BatchNorm folded exactly into integer weights, quantizers as specs.
+
+:func:`_build_export_model` deep-copies a fake-quant model and replaces every
+:class:`~ultralytics_gabfusion.quant.qconv.QuantConv2d` by an :class:`_ExportConv` whose weight is the BN-folded
+integer grid and whose quantizers are :mod:`.nodes` specs, built only from each quantizer's
+:meth:`~ultralytics_gabfusion.quant.quantizers.FakeQuantizer.export_spec`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from ultralytics.nn.modules import C2f, Detect
+
+from ..quant.qconv import QuantConv2d, QuantConvBlock, quant_convs
+from .nodes import _ActSpec, _container, _GabqOp, _N2UQSpec, _WeightSpec
+
+_ZP_TOL = 1e-4  # largest zero-point snap, in quantization steps (float rounding of the scale is ~1e-5 at 8 bits)
+
+
+class _ExportConv(nn.Module):
+    """Deployment form of a :class:`QuantConv2d` (BN folded, integer weights); traced with ``gabq::`` placeholders."""
+
+    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, act_spec=None, w_spec=None):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by the Q/DQ exporter (zeros only).")
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.register_buffer("weight", weight.detach().float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.act_spec, self.w_spec = act_spec, w_spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize the input (placeholder op), dequantize the integer weight (placeholder op), convolve."""
+        if self.act_spec is not None:
+            x = _GabqOp.apply(x, self.act_spec)
+        w = _GabqOp.apply(self.weight, self.w_spec) if self.w_spec is not None else self.weight
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BN folding and weight specs
+# ----------------------------------------------------------------------------------------------------------------
+def _bn_factors(conv: nn.Conv2d, bn: nn.Module | None):
+    """Return float64 (f, bias') with ``BN(conv(x) + b) == f*conv(x) + bias'`` per output channel."""
+    c = conv.out_channels
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(c, dtype=torch.float64)
+    if bn is None or isinstance(bn, nn.Identity):
+        return torch.ones(c, dtype=torch.float64), b
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats or bn.running_var is None:
+        raise ValueError(f"cannot fold {type(bn).__name__} into a quantized conv: only BatchNorm with running stats.")
+    f = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    if bn.affine:
+        f = f * bn.weight.detach().double()
+    shift = -bn.running_mean.detach().double() * f + b * f
+    if bn.affine:
+        shift = shift + bn.bias.detach().double()
+    return f, shift
+
+
+def _weight_ints(key: str, conv: QuantConv2d):
+    """``conv``'s quantized weight as integers ``k`` (float64) on the grid ``offset + k*scale`` of its export spec."""
+    q = conv.weight_quant
+    w = conv.weight.detach().float()
+    wq = q(w).double()  # PACT/N2UQ refresh their w_scale buffer from this weight here (on the export copy)
+    spec = q.export_spec(torch.float64)
+    s, off = spec.scale, spec.offset
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    k = torch.round((wq - off.view(shape)) / s.view(shape))
+    err = ((k * s.view(shape) + off.view(shape)) - wq).abs().amax(dim=tuple(range(1, w.dim())))
+    if spec.kind != "uniform" or bool((err > 1e-3 * s).any()) or int(k.min()) < spec.qmin or int(k.max()) > spec.qmax:
+        raise RuntimeError(
+            f"{key}: the weight quantizer's export_spec() does not describe its output (internal error).")
+    return k, spec
+
+
+@torch.no_grad()
+def _weight_spec(key: str, conv: QuantConv2d, f: torch.Tensor, mode: str) -> _WeightSpec:
+    """Quantize ``conv``'s weight to integers and fold the per-channel BN factor ``f`` into grid and integers."""
+    k, spec = _weight_ints(key, conv)
+    s, off, qmin, qmax = spec.scale, spec.offset, spec.qmin, spec.qmax
+    shape = (-1,) + (1,) * (k.dim() - 1)
+    big_f, neg = f.abs(), f < 0
+    # Negative BN scale: mirror the grid so the scale stays positive and k stays in [qmin, qmax].
+    k2 = torch.where(neg.view(shape), qmin + qmax - k, k)
+    off2 = torch.where(neg, -big_f * (off + (qmin + qmax) * s), big_f * off)
+    s2 = big_f * s
+    dead = s2 == 0  # gamma == 0: the channel outputs exactly its bias
+    s2 = torch.where(dead, s, s2)
+    off2 = torch.where(dead, torch.zeros_like(off2), off2)
+    # Zero point in steps. Snapping it to an integer (or half-integer) moves the grid by at most ZP_TOL of a step:
+    # float32 scales such as 2M/255 make DoReFa's L/2 come out as 127.50001.
+    z = -off2 / s2
+    zr = torch.round(z)
+    offset = None
+    if bool(((z - zr).abs() <= _ZP_TOL).all()) and int(zr.min()) >= qmin and int(zr.max()) <= qmax:
+        ints, zp, scale, qrange, used = k2, zr, s2, (qmin, qmax), "zero_point"
+    elif mode == "widen" and bool(((2 * z - torch.round(2 * z)).abs() <= 2 * _ZP_TOL).all()):
+        z2 = torch.where(dead, torch.full_like(z, float(qmin + qmax)), torch.round(2 * z))  # dead: any in-range z
+        ints = 2 * k2 - z2.view(shape)
+        zp, scale, used = torch.zeros_like(z2), s2 / 2, "widen"
+        qrange = (int(2 * qmin - z2.max()), int(2 * qmax - z2.min()))
+    else:
+        ints, zp, scale, qrange, used, offset = k2, torch.zeros_like(z), s2, (qmin, qmax), "add", off2
+    ints = torch.where(dead.view(shape), zp.view(shape), ints)
+    container = _container(qrange[0], qrange[1], spec.bits if used != "widen" else None)
+    return _WeightSpec(
+        key=key, bits=spec.bits, ints=ints.to(torch.int64).numpy(), scale=scale.float().numpy(),
+        zp=zp.to(torch.int64).numpy(), offset=None if offset is None else offset.float().numpy(),
+        container=container, qrange=qrange, mode=used,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activation specs
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _act_spec(key: str, conv: QuantConv2d):
+    """The :mod:`.nodes` spec of ``conv``'s input quantizer: thresholds (nonuniform) or a per-tensor Q/DQ grid."""
+    q = conv.act_quant
+    spec = q.export_spec(torch.float32)
+    if spec.kind == "nonuniform":
+        shift = None if conv.input_shift is None else float(conv.input_shift.detach().float().reshape(()))
+        return _N2UQSpec(key=key, bits=spec.bits, beta1=float(spec.input_scale.reshape(())),
+                         thresholds=spec.thresholds.float().numpy().copy(), out_scale=float(spec.scale.reshape(())),
+                         shift=shift)
+    if spec.axis is not None and spec.scale.numel() > 1:
+        raise ValueError(f"{key}: per-channel activation quantizers are not supported by the Q/DQ exporter.")
+    lo, hi = spec.qmin, spec.qmax
+    bits = spec.bits
+    container = ("INT4" if lo < 0 else "UINT4") if bits == 4 else ("INT8" if lo < 0 else "UINT8")
+    a_spec = _ActSpec(key=key, method=q.method, bits=bits, scale=float(spec.scale.reshape(())),
+                      offset=float(spec.offset.reshape(())), qmin=lo, qmax=hi, container=container)
+    if conv.input_shift is not None:  # only N2UQ has one today; keep the function exact if that changes
+        raise ValueError(f"{key}: input_shift on a non-N2UQ quantizer is not supported by the Q/DQ exporter.")
+    return a_spec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export model
+# ----------------------------------------------------------------------------------------------------------------
+def _check_initialized(model: nn.Module) -> None:
+    """Raise if any quantizer was never initialised (its grid would be the constructor's placeholder)."""
+    missing = []
+    for name, m in quant_convs(model):
+        for role, q in (("weight", m.weight_quant), ("act", m.act_quant)):
+            if q is not None and not bool(q.initialized):
+                missing.append(f"{name}.{role}_quant")
+    if missing:
+        raise ValueError(
+            f"{len(missing)} quantizer(s) were never initialised ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}): "
+            "calibrate (quant.convert.calibrate_activations) or train the model before exporting."
+        )
+
+
+def _layer_row(name: str, conv: QuantConv2d, bn, a_spec, w_spec) -> dict:
+    """One row of the export's per-layer summary (returned and stored in the ``quantization`` metadata)."""
+    return {
+        "name": name,
+        "method": conv.method or "fp",
+        "w_bits": conv.w_bits,
+        "a_bits": conv.a_bits,
+        "bn_folded": bn is not None and not isinstance(bn, nn.Identity),
+        "weight": w_spec.describe() if w_spec else "float initializer",
+        "weight_range": list(w_spec.qrange) if w_spec else None,
+        "act": a_spec.describe() if a_spec else "float",
+    }
+
+
+def _convert_conv(name: str, conv: QuantConv2d, bn, weight_offset: str, specs: dict, rows: list) -> _ExportConv:
+    """The :class:`_ExportConv` of ``conv`` (``bn`` folded in); records its specs and summary row."""
+    f, bias = _bn_factors(conv, bn)
+    a_spec = _act_spec(name + ".act", conv) if conv.act_quant is not None else None
+    if conv.weight_quant is not None:
+        w_spec = _weight_spec(name + ".weight", conv, f, weight_offset)
+        weight = w_spec.dequantized()
+    else:
+        w_spec = None
+        weight = (conv.weight.detach().double() * f.view(-1, 1, 1, 1)).float()
+    if a_spec is None and conv.input_shift is not None:
+        raise ValueError(f"{name}: input_shift without an activation quantizer cannot be exported.")
+    for s in (a_spec, w_spec):
+        if s is not None:
+            specs[s.key] = s
+    rows.append(_layer_row(name, conv, bn, a_spec, w_spec))
+    return _ExportConv(conv, weight, bias.float(), a_spec, w_spec)
+
+
+def _build_export_model(model: nn.Module, weight_offset: str):
+    """Deep copy of ``model`` with BN folded and every QuantConv2d replaced by an :class:`_ExportConv`."""
+    m = copy.deepcopy(model).float().eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    specs, rows = {}, []
+    # Blocks first (their conv carries the BN), then the raw quantized convs (Detect predictors).
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, QuantConvBlock) and isinstance(mod.conv, QuantConv2d):
+            mod.conv = _convert_conv(f"{name}.conv", mod.conv, mod.bn, weight_offset, specs, rows)
+            mod.bn = nn.Identity()
+    for name, mod in list(m.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, QuantConv2d):
+                full = f"{name}.{child_name}" if name else child_name
+                new = _convert_conv(full, child, None, weight_offset, specs, rows)
+                for a in ("i", "f", "type", "np"):
+                    if hasattr(child, a):
+                        setattr(new, a, getattr(child, a))
+                setattr(mod, child_name, new)
+    rows.sort(key=lambda r: _natural_key(r["name"]))
+    return m, specs, rows
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in name.split(".")]
+
+
+def _prepare_for_onnx(m: nn.Module, imgsz: tuple[int, int]) -> nn.Module:
+    """Fuse remaining float Conv+BN and set the Detect export attributes as Ultralytics' ONNX exporter does."""
+    if hasattr(m, "fuse"):
+        m = m.fuse(verbose=False)
+    stride = m.stride.tolist() if hasattr(m, "stride") else [32]
+    for mod in m.modules():
+        if isinstance(mod, Detect):
+            mod.dynamic = False
+            mod.export = True
+            mod.format = "onnx"
+            mod.xyxy = False
+            mod.shape = None
+            mod.max_det = min(300, sum(int(imgsz[0] / s) * int(imgsz[1] / s) for s in stride))
+            mod.agnostic_nms = False
+        elif isinstance(mod, C2f):
+            mod.forward = mod.forward_split  # Ultralytics' ONNX graph uses Split instead of Chunk (same values)
+    return m

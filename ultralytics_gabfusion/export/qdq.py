@@ -1,0 +1,227 @@
+"""Q/DQ ONNX export of a fake-quantized detection model (:func:`export_qdq_onnx`); format in the package docstring."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from ultralytics import __version__ as ul_version
+from ultralytics.utils import LOGGER
+
+from .. import __version__
+from .fold import _build_export_model, _check_initialized, _prepare_for_onnx
+from .inputs import _imgsz_pair, generated_images, load_images, load_quantized_model
+from .nodes import _DOMAIN, _lower_graph
+from .parity import PARITY_DEFAULTS, _fmt_parity, check_parity
+
+# onnx is imported inside the functions that use it: it is slow to import and only needed once a graph is written.
+
+# ONNX opsets this exporter writes: INT4/UINT4 tensors need opset 21; later opsets are not verified here.
+SUPPORTED_OPSETS = (21,)
+_TRACE_OPSET = 20  # highest opset of torch's TorchScript ONNX exporter; raised to 21 after lowering
+
+
+def _log(msg: str, verbose: bool = True) -> None:
+    if verbose:
+        LOGGER.info(msg)
+
+
+def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: str) -> dict:
+    """``metadata_props`` of the file: Ultralytics' keys (so ``YOLO("model.onnx")`` works) and ``quantization``."""
+    names = getattr(model, "names", None) or {i: f"class{i}" for i in range(int(getattr(model.model[-1], "nc", 80)))}
+    if isinstance(names, (list, tuple)):
+        names = dict(enumerate(names))
+    stride = int(max(model.stride)) if hasattr(model, "stride") else 32
+    yaml_file = Path(getattr(model, "yaml", {}).get("yaml_file", "") or "model").stem
+    methods = sorted({r["method"] for r in rows if r["method"] != "fp"})
+    quant = {
+        "format": "qdq",
+        "plugin": f"ultralytics-gabfusion {__version__}",
+        "methods": methods,
+        "opset": opset,
+        "weight_offset": weight_offset,
+        "bits": sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=str),
+        "layers": [{k: r[k] for k in ("name", "method", "w_bits", "a_bits", "weight", "weight_range", "act")} for r in rows],
+    }
+    data = model.args.get("data", "") if isinstance(getattr(model, "args", None), dict) else ""
+    return {
+        "description": f"Ultralytics {yaml_file} model, {'/'.join(methods)} Q/DQ export by ultralytics-gabfusion"
+        + (f", trained on {data}" if data else ""),
+        "author": "Ultralytics / ultralytics-gabfusion",
+        "date": datetime.now().astimezone().isoformat(),
+        "version": ul_version,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+        "stride": stride,
+        "task": getattr(model, "task", "detect"),
+        "head": type(model.model[-1]).__name__ if hasattr(model, "model") else "Detect",
+        "batch": 1,
+        "imgsz": list(imgsz),
+        "names": names,
+        "args": {"batch": 1, "imgsz": list(imgsz), "dynamic": False, "nms": False, "half": False, "opset": opset},
+        "channels": int(getattr(model, "yaml", {}).get("channels", 3)),
+        "end2end": False,
+        "quantization": json.dumps(quant, default=str),
+    }
+
+
+def export_qdq_onnx(
+    model,
+    file=None,
+    imgsz=640,
+    opset: int = 21,
+    images=None,
+    check: bool = True,
+    weight_offset: str = "add",
+    verbose: bool = True,
+    **parity_tol,
+) -> dict:
+    """Export a fake-quantized Ultralytics detection model to a Q/DQ ONNX file (opset 21, INT4 where 4-bit).
+
+    See :mod:`ultralytics_gabfusion.export` for the exact operators emitted per quantizer and bit-width.
+
+    Args:
+        model (nn.Module | str | Path): A quantized ``DetectionModel`` or a ``.pt`` checkpoint path (loaded with
+            ``ultralytics.nn.tasks.load_checkpoint``). It is deep-copied, never modified.
+        file (str | Path | None): Output ``.onnx`` path; default: the checkpoint path with suffix ``.onnx``
+            (required when ``model`` is a module).
+        imgsz (int | tuple[int, int]): Input size, rounded up to a multiple of the model stride; batch is 1.
+        opset (int): ONNX opset; only 21 (INT4/UINT4 types) is supported.
+        images: Parity images: a tensor ``(N,3,H,W)`` in [0,1], image files, a directory, a data YAML (its val
+            split); None uses :func:`generated_images` (synthetic, not natural images).
+        check (bool): Run :func:`check_parity` and refuse to write the file if it fails.
+        weight_offset (str): How weights whose grid has no integer zero point (DoReFa, N2UQ) are stored:
+            ``"add"`` (b-bit integers + per-channel float ``Add``) or ``"widen"`` (``2k-L`` in b+1 bits).
+        verbose (bool): Log progress with Ultralytics' logger.
+        **parity_tol: :data:`PARITY_DEFAULTS` overrides (conf, top_k, iou, margin, nms_iou, ref_eps, ref_runs, ratio,
+            floor).
+
+    Returns:
+        (dict): ``file``, ``opset``, ``imgsz``, ``output_shape``, ``ops`` (op type counts), ``int_types``
+        (element types of the integer tensors), ``layers`` (per-conv rows: bits, weight and activation encoding),
+        ``parity`` (the :func:`check_parity` result, or None) and ``images`` (what parity ran on).
+
+    Raises:
+        ValueError: Not a checkpoint / corrupt file, an FP model (use ``YOLO(model).export``), uninitialised
+            quantizers, an unsupported opset or option.
+        ParityError: ``check=True`` and the ONNX model disagrees with the PyTorch model beyond the tolerance.
+
+    Examples:
+        >>> from ultralytics.nn.tasks import DetectionModel
+        >>> from ultralytics_gabfusion.quant.convert import quantize_model, init_weight_quantizers, calibrate_activations
+        >>> m = DetectionModel("yolov5s.yaml", nc=16, verbose=False)
+        >>> _ = quantize_model(m, "lsq", 4, 4); _ = init_weight_quantizers(m)
+        >>> _ = calibrate_activations(m, [torch.rand(2, 3, 64, 64)])
+        >>> info = export_qdq_onnx(m, "w4a4.onnx", imgsz=64)  # doctest: +SKIP
+        >>> info["int_types"]  # doctest: +SKIP
+        ['INT4', 'INT8', 'UINT8']
+    """
+    _check_options(opset, weight_offset, parity_tol)
+    src_path = Path(model) if isinstance(model, (str, Path)) else None
+    model = load_quantized_model(model)
+    file = _output_file(file, src_path)
+    _check_initialized(model)
+    stride = int(max(model.stride)) if hasattr(model, "stride") else 32
+    hw = _imgsz_pair(imgsz, stride)
+    proto, rows = _trace_qdq(model, hw, opset, weight_offset, verbose)
+    out_shape, ops, int_types = _graph_summary(proto)
+    result = {"file": str(file), "opset": opset, "imgsz": list(hw), "output_shape": out_shape, "ops": ops,
+              "int_types": int_types, "layers": rows, "parity": None, "images": None}
+    _save_checked(proto, file, result, verbose, check=check, model=model, images=images, hw=hw, parity_tol=parity_tol)
+    _log(f"Q/DQ ONNX: saved {file} ({file.stat().st_size / 1e6:.1f} MB, opset {opset}, integer types {int_types})", verbose)
+    return result
+
+
+def _check_options(opset: int, weight_offset: str, parity_tol: dict) -> None:
+    """Refuse an unsupported opset, weight encoding or parity tolerance key before any work is done."""
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"opset={opset} is not supported by the Q/DQ exporter: use opset=21 (INT4/UINT4 need 21).")
+    if weight_offset not in ("add", "widen"):
+        raise ValueError(f"weight_offset={weight_offset!r} is not valid: use 'add' or 'widen'.")
+    unknown = set(parity_tol) - set(PARITY_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown export_qdq_onnx arguments {sorted(unknown)}; parity tolerances: {sorted(PARITY_DEFAULTS)}")
+
+
+def _output_file(file, src_path: Path | None) -> Path:
+    """The ``.onnx`` output path: ``file``, else the checkpoint path with suffix ``.onnx``."""
+    if file is None:
+        if src_path is None:
+            raise ValueError("file= is required when exporting a model object (no checkpoint path to derive it from).")
+        file = src_path.with_suffix(".onnx")
+    file = Path(file)
+    if file.suffix != ".onnx":
+        raise ValueError(f"file={file}: the output must end in .onnx")
+    return file
+
+
+def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset: str, verbose: bool):
+    """Trace the deployment copy of ``model`` with ``gabq::`` placeholders, lower them, add metadata, check.
+
+    Returns:
+        (tuple): the checked ``onnx.ModelProto`` and the per-layer rows.
+    """
+    import onnx
+
+    exp, specs, rows = _build_export_model(model, weight_offset)
+    exp = _prepare_for_onnx(exp, hw)
+    im = torch.zeros(1, int(getattr(model, "yaml", {}).get("channels", 3)), *hw)
+    _log(f"Q/DQ ONNX: tracing {len(rows)} quantized convs at {hw[0]}x{hw[1]} (batch 1)", verbose)
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
+        torch.onnx.export(exp, im, buf, opset_version=_TRACE_OPSET, dynamo=False, input_names=["images"],
+                          output_names=["output0"], custom_opsets={_DOMAIN: 1}, do_constant_folding=True)
+    proto = _lower_graph(onnx.load_from_string(buf.getvalue()), specs, opset)
+    for k, v in _metadata(model, hw, opset, rows, weight_offset).items():
+        meta = proto.metadata_props.add()
+        meta.key, meta.value = k, str(v)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto, rows
+
+
+def _graph_summary(proto):
+    """``(output shape, {op type: count}, sorted element types of the integer initializers)``."""
+    import onnx
+
+    out_shape = tuple(d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim)
+    ops = {}
+    for n in proto.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    int_types = sorted({onnx.TensorProto.DataType.Name(i.data_type) for i in proto.graph.initializer
+                        if i.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)})
+    return out_shape, ops, int_types
+
+
+def _save_checked(proto, file: Path, result: dict, verbose: bool, check: bool, model: nn.Module, images, hw,
+                  parity_tol: dict) -> None:
+    """Write ``proto`` under a temporary name next to ``file``, check parity (``check``), then rename it to ``file``.
+
+    Parity runs on ``images``, or on :func:`generated_images` when None, and fills ``result["parity"]`` and
+    ``result["images"]``. On any failure the temporary file is removed and ``file`` is left untouched.
+    """
+    import onnx
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.onnx")
+    try:
+        onnx.save(proto, str(tmp))
+        if check:
+            if images is None:
+                x, result["images"] = generated_images(hw, n=4), "generated synthetic images (no data given)"
+            else:
+                x = load_images(images, hw)
+                result["images"] = f"{len(x)} image(s) from {images if not torch.is_tensor(images) else 'a tensor'}"
+            result["parity"] = check_parity(model, tmp, x, **parity_tol)
+            _log(f"Q/DQ ONNX parity on {result['images']}: {_fmt_parity(result['parity'])}", verbose)
+        os.replace(tmp, file)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
