@@ -71,6 +71,7 @@ Examples:
 """
 
 from .command import export_main
+
 # _image_files is private but imported from here by the study scripts and tests.
 from .inputs import _image_files, generated_images, load_images, load_quantized_model  # noqa: F401
 from .parity import PARITY_DEFAULTS, ParityError, check_parity

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ultralytics import __version__ as ul_version
 from ultralytics.utils import LOGGER
 
-from .. import __version__
+from ..version import __version__
 from .fold import _build_export_model, _check_initialized, _prepare_for_onnx
 from .inputs import _imgsz_pair, generated_images, load_images, load_quantized_model
 from .nodes import _DOMAIN, _lower_graph
