@@ -182,12 +182,11 @@ def calibrate_identity(model, images, batch_size: int = 16) -> dict:
     with _eval_mode(m):
         handles = [n.register_forward_hook(hook) for n in nodes]
         try:
-            for n in nodes:
-                n._bypass = True
-            ref = _run(m, batches)
+            with contextlib.ExitStack() as stack:
+                for n in nodes:
+                    stack.enter_context(n.bypassed())
+                ref = _run(m, batches)
         finally:
-            for n in nodes:
-                n._bypass = False
             for h in handles:
                 h.remove()
         before_out = _run(m, batches)

@@ -248,24 +248,14 @@ def update_fusion(model, grad_scale=None) -> int:
     distributed = dist.is_available() and dist.is_initialized()
     if distributed:
         # Every rank has the same nodes and backward count; reduce squared norms and element counts together.
-        dev = nodes[0]._grad_sq.device
-        parts = []
-        for n in nodes:
-            parts += [n._grad_sq.to(dev), torch.tensor(n._grad_numel, dtype=torch.float32, device=dev)]
+        parts = [n.accumulators() for n in nodes]
         packed = torch.cat(parts)
-        pend = torch.tensor([float(n.measured) for n in nodes], device=dev)
+        pend = torch.tensor([float(n.measured) for n in nodes], device=packed.device)
         dist.all_reduce(packed)
         dist.all_reduce(pend, op=dist.ReduceOp.MIN)
         packed /= dist.get_world_size()
-        k = 0
-        for n, p in zip(nodes, pend.tolist()):
-            m = n.n_branches
-            n._grad_sq.copy_(packed[k : k + m])
-            n._grad_numel = [int(round(v)) for v in packed[k + m : k + 2 * m].tolist()]
-            n._pending = int(p > 0)
-            if not p:
-                n._grad_numel = [0] * m  # some rank missed a branch: skip this step everywhere
-            k += 2 * m
+        for n, chunk, p in zip(nodes, packed.split([len(x) for x in parts]), pend.tolist()):
+            n.load_accumulators(chunk, measured=p > 0)  # some rank missed a branch: skip this step everywhere
     count = 0
     for n in nodes:
         norms = n.pending_norms(grad_scale)

@@ -341,6 +341,33 @@ class GABFusion(_KeepFP32, nn.Module):
         """Whether every branch received a gradient since the last update (python state: no device sync)."""
         return self._pending > 0 and min(self._grad_numel) > 0
 
+    def accumulators(self) -> torch.Tensor:
+        """This step's squared gradient norms and element counts per branch, packed as ``(2 * n_branches,)``.
+
+        The packed form is what ranks all-reduce so that every rank applies the same update.
+        """
+        numel = torch.tensor(self._grad_numel, dtype=torch.float32, device=self._grad_sq.device)
+        return torch.cat([self._grad_sq, numel])
+
+    def load_accumulators(self, packed: torch.Tensor, measured: bool = True) -> None:
+        """Replace the accumulators by ``packed`` (from :meth:`accumulators`, e.g. averaged over ranks).
+
+        ``measured=False`` (some rank missed a branch) makes the next update a no-op on every rank.
+        """
+        m = self.n_branches
+        self._grad_sq.copy_(packed[:m])
+        self._grad_numel = [int(round(v)) for v in packed[m : 2 * m].tolist()] if measured else [0] * m
+        self._pending = int(measured)
+
+    @contextlib.contextmanager
+    def bypassed(self):
+        """Within the context the node computes exactly the Concat it replaced (used while fitting its LayerNorm)."""
+        self._bypass = True
+        try:
+            yield self
+        finally:
+            self._bypass = False
+
     def reset_accumulators(self):
         """Drop the accumulated gradient norms (start of a new optimizer step)."""
         self._grad_sq.zero_()
@@ -371,12 +398,10 @@ class GABFusion(_KeepFP32, nn.Module):
                 self.reset_accumulators()
                 return None
             if sync and dist.is_available() and dist.is_initialized():
-                numel = torch.tensor(self._grad_numel, dtype=torch.float32, device=self._grad_sq.device)
-                packed = torch.cat([self._grad_sq, numel])
+                packed = self.accumulators()
                 dist.all_reduce(packed)
                 packed /= dist.get_world_size()
-                self._grad_sq.copy_(packed[: self.n_branches])
-                self._grad_numel = [int(round(v)) for v in packed[self.n_branches :].tolist()]
+                self.load_accumulators(packed)
             norms = self.pending_norms(grad_scale)
         self.reset_accumulators()
         g = norms.to(self.grad_ema.device, torch.float32)
