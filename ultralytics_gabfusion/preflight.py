@@ -13,7 +13,6 @@ Examples:
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from ultralytics.utils.patches import torch_load
 
 from .distill import _check_indices, check_teacher, default_layers, is_quantized, load_teacher
 from .fusion import GABFusion, insert_gabfusion
-from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, validate_settings
+from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, check_writable_dir, validate_settings
 
 # Keys that only mean something with the feature on: set explicitly without it they would be silently ignored.
 # Recipes carry ada_div for runs with and without ada, so only keys no recipe sets alone are checked for ADA.
@@ -36,30 +35,6 @@ NEEDS_ADA = ("ada_layers", "teacher")
 # Keys that define the quantized structure of a checkpoint: training it further with other values is a new model.
 QUANT_STRUCTURE = ("qat", "w_bits", "a_bits", "qat_first_bits", "qat_head_bits", "qat_skip")
 _LABEL_SAMPLE = 200  # label files read per split: catches a wrong `names:` list without reading a large set
-
-
-def check_writable_dir(path: Any, key: str) -> Path:
-    """Check that directory ``path`` can be created or written, by creating and removing a temp dir in it.
-
-    Probing beats ``os.access``: it also catches read-only mounts and works the same for root.
-
-    Raises:
-        FileExistsError: ``path`` or one of its parents is a file.
-        PermissionError: Nothing can be written there.
-    """
-    p = Path(str(path)).expanduser().resolve()
-    if p.exists() and not p.is_dir():
-        raise FileExistsError(f"{key}={path} is a file; pass a directory path.")
-    anc = p
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise FileExistsError(f"{key}={path}: {anc} is a file, not a folder; pass a directory path.")
-    try:
-        Path(tempfile.mkdtemp(prefix=".gab-write-test-", dir=anc)).rmdir()
-    except OSError as e:
-        raise PermissionError(f"{key}={path}: cannot write in {anc} ({e.strerror or e}); choose a folder you can write to.") from None
-    return p
 
 
 def check_explicit_keys(overrides: dict, merged: dict) -> None:

@@ -1,5 +1,8 @@
 """Plugin settings: every key the plugin adds to Ultralytics' flat argument namespace, in one place.
 
+This module is longer than the others on purpose: the keys, their validators, the ``key=value`` parsers and the
+validated :class:`QATConfig` are the one place where a user's setting is checked, and it imports no torch.
+
 Each key is a plain Ultralytics-style setting (``key=value`` on the CLI, a keyword in Python, a line in a YAML
 recipe). This module defines their defaults, types and allowed values and validates them with messages that say
 what to fix.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -219,6 +223,30 @@ def as_bool(key: str, v: Any) -> bool:
 def check_bits(key: str, v) -> int:
     """A bit-width: an integer in ``MIN_BITS..MAX_BITS`` (``3.0`` is accepted as 3)."""
     return as_int(key, v, MIN_BITS, MAX_BITS)
+
+
+def check_writable_dir(path: Any, key: str) -> Path:
+    """Check that directory ``path`` can be created or written, by creating and removing a temp dir in it.
+
+    Probing beats ``os.access``: it also catches read-only mounts and works the same for root.
+
+    Raises:
+        FileExistsError: ``path`` or one of its parents is a file.
+        PermissionError: Nothing can be written there.
+    """
+    p = Path(str(path)).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        raise FileExistsError(f"{key}={path} is a file; pass a directory path.")
+    anc = p
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise FileExistsError(f"{key}={path}: {anc} is a file, not a folder; pass a directory path.")
+    try:
+        Path(tempfile.mkdtemp(prefix=".gab-write-test-", dir=anc)).rmdir()
+    except OSError as e:
+        raise PermissionError(f"{key}={path}: cannot write in {anc} ({e.strerror or e}); choose a folder you can write to.") from None
+    return p
 
 
 # ------------------------------------------------------------------------------------------------ plugin keys

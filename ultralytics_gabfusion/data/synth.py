@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 import yaml
 
+from ..settings import check_writable_dir
 from .render import (
     CLASS_NAMES,
     NUM_CLASSES,
@@ -378,7 +379,6 @@ def make_synthetic_dataset(
 
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out_dir {out} is a file; pass a directory path")
-    from ..preflight import check_writable_dir  # imported here: preflight is trainer-side, this module stays torch-free
 
     check_writable_dir(out, "out")
     if out.is_dir() and any(out.iterdir()) and _reuse_existing(out, cfg, overwrite, log):
