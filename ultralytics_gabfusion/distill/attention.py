@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..settings import ADA_ATTNS
+
 __all__ = [
     "ATTN_KINDS",
     "QADA_K",
@@ -39,7 +41,7 @@ __all__ = [
     "simam_scores",
 ]
 
-ATTN_KINDS = ("simam", "qada")
+ATTN_KINDS = ADA_ATTNS  # the ada_attn choices of settings
 SIMAM_LAMBDA = 1e-4  # SimAM's regulariser lambda in E = (x-mu)^2 / (4 (var + lambda)) + 0.5
 QADA_K = 1e-4  # Q-ADA stabiliser k (paper gives no value; see module docstring)
 _TINY = 1e-12  # floor inside logs, square roots and denominators (shared with the divergences)

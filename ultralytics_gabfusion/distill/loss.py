@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ..settings import ADA_DIVS
 from .attention import (
     _TINY,
     ATTN_KINDS,
@@ -48,7 +49,7 @@ from .teacher import _check_indices, _layers_of, _param_like, _unwrap, is_quanti
 
 __all__ = ["DIV_KINDS", "ADACriterion", "ADALoss", "divergence", "js_div", "kl_div", "reduce_point"]
 
-DIV_KINDS = ("kl", "js")
+DIV_KINDS = ADA_DIVS  # the ada_div choices of settings
 
 
 # ----------------------------------------------------------------------------------------------------------------------
