@@ -24,7 +24,7 @@ from ultralytics.utils import YAML
 from ultralytics.utils.checks import check_file
 from ultralytics.utils.patches import torch_load
 
-from .distill import _check_indices, check_teacher, default_layers, is_quantized, load_teacher
+from .distill import check_layer_indices, check_teacher, default_layers, has_quant_modules, load_teacher
 from .fusion import GABFusion, insert_gabfusion
 from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, check_writable_dir, validate_settings
 
@@ -250,7 +250,7 @@ def preflight_train(merged: dict, overrides: dict) -> None:
     check_imgsz(merged.get("imgsz", 640))
 
     nc = data.get("nc") or (getattr(net, "nc", None) if net is not None else cfg.get("nc", 80))
-    if net is not None and is_quantized(net):
+    if net is not None and has_quant_modules(net):
         was = dict(getattr(net, "gabfusion", None) or {})
         diff = [f"{k}={merged.get(k)} (checkpoint: {was.get(k)})" for k in QUANT_STRUCTURE if was and merged.get(k) != was.get(k)]
         if merged.get("qat") == "none" or diff:
@@ -263,7 +263,7 @@ def preflight_train(merged: dict, overrides: dict) -> None:
         student = net if net is not None else DetectionModel(cfg, nc=nc, verbose=False)  # (a build runs a 256 px forward)
     n_layers = len(student.model)
     if merged.get("qat_skip"):
-        _check_indices(merged["qat_skip"], n_layers, "model")
+        check_layer_indices(merged["qat_skip"], n_layers, "model")
     if merged.get("gab", "off") != "off":
         if not any(isinstance(m, GABFusion) for m in student.modules()):
             try:
@@ -279,7 +279,7 @@ def _check_teacher_matches(student, merged: dict, nc: int, data: dict) -> None:
     teacher = load_teacher(teacher_path)
     layers = merged.get("ada_layers") or default_layers(student)
     try:
-        _check_indices(layers, len(student.model), "student")
+        check_layer_indices(layers, len(student.model), "student")
     except ValueError as e:
         raise ValueError(f"ada_layers={layers}: {e}. Pick layers of the model (default: the Detect inputs).") from None
     t_nc = getattr(teacher, "nc", None) or len(getattr(teacher, "names", {}) or {})

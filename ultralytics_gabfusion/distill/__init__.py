@@ -54,12 +54,14 @@ from .loss import (
     reduce_point,
 )
 from .teacher import (
-    _check_indices,  # noqa: F401 (used by preflight)
+    check_layer_indices,
     check_teacher,
     default_layers,
-    is_quantized,
+    has_quant_modules,
     load_teacher,
 )
+
+is_quantized = has_quant_modules  # the earlier name (quant.qconv.is_quantized asks a narrower question: QuantConv2d)
 
 __all__ = [
     "ATTN_KINDS",
@@ -70,9 +72,11 @@ __all__ = [
     "ADALoss",
     "attention_distribution",
     "attention_scores",
+    "check_layer_indices",
     "check_teacher",
     "default_layers",
     "divergence",
+    "has_quant_modules",
     "is_quantized",
     "js_div",
     "kl_div",

@@ -45,7 +45,7 @@ from .attention import (
     qada_scores,
     simam_scores,
 )
-from .teacher import _check_indices, _layers_of, _param_like, _unwrap, is_quantized
+from .teacher import _layers_of, _param_like, _unwrap, check_layer_indices, has_quant_modules
 
 __all__ = ["DIV_KINDS", "ADACriterion", "ADALoss", "divergence", "js_div", "kl_div", "reduce_point"]
 
@@ -225,10 +225,10 @@ class ADALoss:
         if temperature is not None and not (float(temperature) > 0 and math.isfinite(float(temperature))):
             raise ValueError(f"temperature must be a positive number or None, got {temperature!r}")
         teacher = _unwrap(teacher)
-        self.layers = _check_indices(list(dict.fromkeys(layers)), len(_layers_of(teacher, "teacher")), "teacher")
+        self.layers = check_layer_indices(list(dict.fromkeys(layers)), len(_layers_of(teacher, "teacher")), "teacher")
         if not self.layers:
             raise ValueError("no supervision layers given")
-        if is_quantized(teacher):
+        if has_quant_modules(teacher):
             raise ValueError("teacher must be full precision: it contains fake-quantized modules")
         self.teacher = teacher.eval().requires_grad_(False)
         self.weight = float(weight)
@@ -264,7 +264,7 @@ class ADALoss:
                 return self
             self._drop(key)  # stale entry of a garbage-collected model that reused the id
         seq = _layers_of(m, "student")
-        _check_indices(self.layers, len(seq), "student")
+        check_layer_indices(self.layers, len(seq), "student")
         handles = [seq[j].register_forward_hook(_CaptureHook(self, key, j)) for j in self.layers]
         self._handles[key] = (weakref.ref(m), handles)
         return self

@@ -1,7 +1,7 @@
 """Teacher side of ADA: loading the frozen FP teacher and checking that it matches the quantized student.
 
 The teacher must be a full-precision checkpoint of the student's architecture (normally the FP model QAT started
-from): :func:`load_teacher` refuses quantized models (:func:`is_quantized`) and :func:`check_teacher` runs one dummy
+from): :func:`load_teacher` refuses quantized models (:func:`has_quant_modules`) and :func:`check_teacher` runs one dummy
 forward through both models to compare their features at the supervision points (:func:`default_layers`: the
 Detect head inputs). The small model helpers here (unwrapping DDP / ``torch.compile``, layer lists, index checks)
 are shared with the loss.
@@ -23,7 +23,7 @@ import torch.nn as nn
 from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils.checks import check_yolov5u_filename
 
-__all__ = ["check_teacher", "default_layers", "is_quantized", "load_teacher"]
+__all__ = ["check_layer_indices", "check_teacher", "default_layers", "has_quant_modules", "load_teacher"]
 
 _QUANT_ATTRS = ("weight_quant",)  # attributes that mark a fake-quantized module of this project
 _QUANT_PREFIXES = ("Quant", "FakeQuant")  # class-name prefixes of fake-quantized modules (ModelOpt, torch.ao, ours)
@@ -50,7 +50,8 @@ def _layers_of(model: nn.Module, who: str) -> nn.Module:
     return seq
 
 
-def _check_indices(layers: Iterable[int], n: int, who: str) -> list[int]:
+def check_layer_indices(layers: Iterable[int], n: int, who: str) -> list[int]:
+    """``layers`` as ints in ``0..n-1`` (negative indices count from the end); ValueError naming ``who`` otherwise."""
     out = []
     for j in layers:
         try:
@@ -81,11 +82,11 @@ def default_layers(model: nn.Module) -> list[int]:
     return [head_index + j if j < 0 else j for j in f]  # -1 means "the layer before the head": make it absolute
 
 
-def is_quantized(model: nn.Module) -> bool:
+def has_quant_modules(model: nn.Module) -> bool:
     """True if ``model`` contains fake-quantized modules (attribute ``weight_quant`` or class 'Quant*'/'FakeQuant*').
 
     Examples:
-        >>> is_quantized(nn.Conv2d(3, 8, 3))
+        >>> has_quant_modules(nn.Conv2d(3, 8, 3))
         False
     """
     for m in model.modules():
@@ -146,7 +147,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
             f"{path} is not a readable Ultralytics checkpoint ({type(e).__name__}: {e}). "
             f"Pass teacher= a full-precision checkpoint saved by Ultralytics, or set ada=0"
         ) from e
-    if (isinstance(ckpt, dict) and ckpt.get("modelopt")) or is_quantized(model):
+    if (isinstance(ckpt, dict) and ckpt.get("modelopt")) or has_quant_modules(model):
         raise ValueError(
             f"teacher must be full precision: {path} contains a quantized model. Pass teacher= the FP checkpoint "
             f"the QAT run started from, or set ada=0"
@@ -220,8 +221,8 @@ def check_teacher(
     layers = list(layers)
     if not layers:
         raise ValueError("no supervision layers given")
-    _check_indices(layers, len(_layers_of(s, "student")), "student")
-    layers = _check_indices(layers, len(_layers_of(t, "teacher")), "teacher")
+    check_layer_indices(layers, len(_layers_of(s, "student")), "student")
+    layers = check_layer_indices(layers, len(_layers_of(t, "teacher")), "teacher")
     strides = [float(torch.as_tensor(getattr(m, "stride", 32.0)).max()) for m in (s, t)]
     g = int(max(max(strides), 1))
     size = int(math.ceil(max(int(imgsz), g) / g) * g)
