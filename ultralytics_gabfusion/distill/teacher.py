@@ -51,7 +51,7 @@ def _layers_of(model: nn.Module, who: str) -> nn.Module:
 
 
 def check_layer_indices(layers: Iterable[int], n: int, who: str) -> list[int]:
-    """``layers`` as ints in ``0..n-1`` (negative indices count from the end); ValueError naming ``who`` otherwise."""
+    """``layers`` as plain ints in ``0..n-1``; ValueError naming ``who`` (student, teacher, model) otherwise."""
     out = []
     for j in layers:
         try:
