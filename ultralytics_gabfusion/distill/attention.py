@@ -22,11 +22,11 @@ Numerics: every function here computes in float32 with autocast disabled (AMP sa
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
+from ..precision import autocast_off
 from ..settings import ADA_ATTNS
 
 __all__ = [
@@ -45,13 +45,6 @@ ATTN_KINDS = ADA_ATTNS  # the ada_attn choices of settings
 SIMAM_LAMBDA = 1e-4  # SimAM's regulariser lambda in E = (x-mu)^2 / (4 (var + lambda)) + 0.5
 QADA_K = 1e-4  # Q-ADA stabiliser k (paper gives no value; see module docstring)
 _TINY = 1e-12  # floor inside logs, square roots and denominators (shared with the divergences)
-
-
-@contextmanager
-def _fp32(device_type: str) -> Iterator[None]:
-    """Disable autocast locally: the ADA statistics (variances, logs of ratios) are unreliable in fp16."""
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield
 
 
 def _check_4d(x: torch.Tensor, name: str = "x") -> None:
@@ -85,7 +78,7 @@ def simam_scores(x: torch.Tensor) -> torch.Tensor:
         True
     """
     _check_4d(x)
-    with _fp32(x.device.type):
+    with autocast_off(x.device.type):
         x = x.float()
         mu, var = _channel_stats(x)
         return (x - mu).pow(2) / (4 * (var + SIMAM_LAMBDA)) + 0.5
@@ -177,7 +170,7 @@ def qada_scores(
         torch.Size([1, 2, 4, 4])
     """
     _check_4d(x)
-    with _fp32(x.device.type):
+    with autocast_off(x.device.type):
         x = x.float()
         mu, var = _channel_stats(x)
         # clamp before sqrt: a constant channel (var = 0) would otherwise give an infinite sqrt gradient
@@ -261,7 +254,7 @@ def attention_distribution(scores: torch.Tensor, temperature: float | None = Non
     _check_4d(scores, "scores")
     if temperature is not None and not (float(temperature) > 0 and math.isfinite(float(temperature))):
         raise ValueError(f"temperature must be a positive number or None, got {temperature!r}")
-    with _fp32(scores.device.type):
+    with autocast_off(scores.device.type):
         s = scores.float()
         b, c, h, w = s.shape
         if temperature is None:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ..precision import autocast_off
 from ..settings import ADA_DIVS
 from .attention import (
     _TINY,
@@ -40,7 +41,6 @@ from .attention import (
     QADA_K,
     _check_4d,
     _check_choice,
-    _fp32,
     attention_distribution,
     qada_scores,
     simam_scores,
@@ -74,7 +74,7 @@ def kl_div(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """
     _check_4d(p, "p")
     _check_4d(r, "r")
-    with _fp32(p.device.type):
+    with autocast_off(p.device.type):
         p, r = p.float(), r.float()
         return (p * (p.clamp_min(_TINY).log() - r.clamp_min(_TINY).log())).sum(dim=(2, 3))
 
@@ -89,7 +89,7 @@ def js_div(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """
     _check_4d(p, "p")
     _check_4d(r, "r")
-    with _fp32(p.device.type):
+    with autocast_off(p.device.type):
         p, r = p.float(), r.float()
         m = 0.5 * (p + r)
         return 0.5 * kl_div(p, m) + 0.5 * kl_div(r, m)
@@ -356,7 +356,7 @@ class ADALoss:
             )
         self._match_memory_format(m)
         tfeats = self.teacher_features(img)
-        with _fp32(img.device.type):
+        with autocast_off(img.device.type):
             total = None
             for j in self.layers:
                 fs, ft = feats[j], tfeats[j]

@@ -143,7 +143,7 @@ def _make_node(old: nn.Module, channels: list[int], mode: str, opts: dict, devic
     dim = getattr(old, "d", 1)
     node = GABFusion(dimension=dim, n_branches=len(channels), channels=sum(channels), mode=mode, **opts)
     if device is not None:
-        node.to(device)  # float32 whatever the model dtype (see _KeepFP32)
+        node.to(device)  # float32 whatever the model dtype (see precision.KeepFP32)
     node.i, node.f = old.i, old.f
     node.type = _type_name(GABFusion)
     node.np = sum(x.numel() for x in node.parameters())

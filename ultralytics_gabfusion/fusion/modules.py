@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..precision import KeepFP32, autocast_off
 from ..settings import GAB_MODES as FUSION_MODES  # the one list, validated there
 from ..settings import SETTINGS
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _UNSET = object()  # "leave unchanged" marker of GABFusion.configure
 LAM_MAX = 10.0  # |lam - mean(lam)| bound: alpha ratios up to e^20 stay > 0 in float32 (softmax cannot saturate to 0)
 
@@ -42,42 +42,7 @@ def _check_mode(mode) -> str:
     return m
 
 
-def _no_autocast(device_type: str):
-    """Context that disables autocast on ``device_type`` (a no-op context where autocast does not know the device)."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except (RuntimeError, ValueError):
-        return contextlib.nullcontext()
-
-
-class _KeepFP32:
-    """Mixin: ``.half()`` / ``.bfloat16()`` leave this module's own float32 tensors untouched.
-
-    Ultralytics pickles checkpoints after ``deepcopy(ema).half()``. Rounding ``lam`` or the LN affine to fp16 would
-    change alpha and the node's output after reload, so the tensors are restored bit-exactly from their fp32
-    originals (only the device change of ``fn`` is kept). Children handle their own tensors.
-    """
-
-    def _apply(self, fn, recurse=True):
-        # detach() now: nn.Module._apply may swap a Parameter's data in place, the alias keeps the fp32 storage.
-        keep = {("p", k): t.detach() for k, t in self._parameters.items() if t is not None and t.dtype == torch.float32}
-        keep.update({("b", k): t for k, t in self._buffers.items() if t is not None and t.dtype == torch.float32})
-        super()._apply(fn, recurse)
-        for (kind, k), old in keep.items():
-            new = self._parameters[k] if kind == "p" else self._buffers[k]
-            if new is None or new.dtype not in _LOW_PRECISION:
-                continue
-            restored = old.to(device=new.device)  # exact fp32 values, only the device move of `fn` is kept
-            if kind == "p":
-                new.data = restored
-                if new.grad is not None and new.grad.dtype in _LOW_PRECISION:
-                    new.grad = new.grad.float()
-            else:
-                self._buffers[k] = restored
-        return self
-
-
-class ChannelLayerNorm(_KeepFP32, nn.LayerNorm):
+class ChannelLayerNorm(KeepFP32, nn.LayerNorm):
     """LayerNorm over the channel dimension only, separately at every (sample, y, x) location (ConvNeXt style).
 
     Not ``GroupNorm(1, C)``, which also pools over space. Subclassing ``nn.LayerNorm`` puts ``weight`` in
@@ -104,7 +69,7 @@ class ChannelLayerNorm(_KeepFP32, nn.LayerNorm):
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Return the float32 normalised input (before the affine)."""
         d = self.dim % z.ndim
-        with _no_autocast(z.device.type):
+        with autocast_off(z.device.type):
             z = z.float()
             var, mu = torch.var_mean(z, dim=d, keepdim=True, correction=0)
             return (z - mu) * torch.rsqrt(var + self.eps)
@@ -113,7 +78,7 @@ class ChannelLayerNorm(_KeepFP32, nn.LayerNorm):
         """Apply the per-channel affine to a normalised float32 tensor."""
         shape = [1] * u.ndim
         shape[self.dim % u.ndim] = -1
-        with _no_autocast(u.device.type):
+        with autocast_off(u.device.type):
             return u * self.weight.float().view(shape) + self.bias.float().view(shape)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -121,7 +86,7 @@ class ChannelLayerNorm(_KeepFP32, nn.LayerNorm):
         return self.affine(self.normalize(z))
 
 
-class GABFusion(_KeepFP32, nn.Module):
+class GABFusion(KeepFP32, nn.Module):
     """Gradient-balanced fusion node: ``y = LN_c(concat(alpha_i * F_i))``, ``alpha = softmax(lam)``.
 
     Drop-in replacement for an Ultralytics neck ``Concat`` (same inputs, same output channel count).
@@ -307,7 +272,7 @@ class GABFusion(_KeepFP32, nn.Module):
     def scaled_concat(self, x: Sequence[torch.Tensor]) -> torch.Tensor:
         """Return ``concat(alpha_i * F_i)`` in float32 (autocast off)."""
         d = self.d % x[0].ndim
-        with _no_autocast(x[0].device.type):
+        with autocast_off(x[0].device.type):
             z = torch.cat([xi.float() for xi in x], d)
             alpha = self.alpha_t()
             scale = torch.cat([alpha[i].expand(xi.shape[d]) for i, xi in enumerate(x)])  # no host->device copy

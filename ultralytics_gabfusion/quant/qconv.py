@@ -21,13 +21,14 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from ..precision import KeepFP32
 from .registry import make_quantizer
 
 # Bumped when the pickled layout of these modules changes; checked when a checkpoint is unpickled.
 FORMAT_VERSION = 1
 
 
-class QuantConv2d(nn.Conv2d):
+class QuantConv2d(KeepFP32, nn.Conv2d):
     """``nn.Conv2d`` with a per-output-channel weight quantizer and a per-tensor input quantizer.
 
     Forward: ``y = conv2d(Qa(x) + input_shift, Qw(W), b)``. ``input_shift`` exists only for N2UQ activations, whose
@@ -44,6 +45,8 @@ class QuantConv2d(nn.Conv2d):
         a_offset (float): Fixed grid offset of an LSQ/PACT activation quantizer (see :func:`.grids.fixed_offset`).
         **kwargs: ``nn.Conv2d`` keyword arguments.
     """
+
+    fp32_names = ("input_shift",)  # the learnable N2UQ shift stays float32 when Ultralytics saves with .half()
 
     def __init__(self, *args, method=None, w_bits=None, a_bits=None, a_signed=True, a_offset=0.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -123,13 +126,6 @@ class QuantConv2d(nn.Conv2d):
         w = self.quantized_weight().to(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return self._conv_forward(x, w, b)
-
-    def _apply(self, fn, recurse=True):
-        # Keep the learnable N2UQ shift in fp32 when Ultralytics saves the model with .half().
-        super()._apply(fn, recurse)
-        if self.input_shift is not None and self.input_shift.dtype in (torch.float16, torch.bfloat16):
-            self.input_shift.data = self.input_shift.data.float()
-        return self
 
     def __setstate__(self, state):
         version = state.get("format_version", 0)

@@ -24,12 +24,12 @@ Conventions shared by all quantizers:
 from __future__ import annotations
 
 import numbers
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..precision import LOW_PRECISION, KeepFP32, autocast_off
 from ..settings import MAX_BITS, MIN_BITS, QUANT_METHODS
 
 __all__ = [
@@ -55,7 +55,6 @@ _ROLE_ALIASES = {"activation": "act", "activations": "act", "weights": "weight"}
 # Quantile inits look at most this many elements per row: kthvalue over a 100M-element activation
 # would cost time and memory for no gain in the estimate.
 _QUANTILE_MAX_ELEMS = 1 << 22
-_HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
     ``_QUANTILE_MAX_ELEMS`` evenly strided) elements of each row. Computed in float32 or wider.
     """
     x2d = x2d.detach()
-    if not x2d.is_floating_point() or x2d.dtype in _HALF_TYPES:
+    if not x2d.is_floating_point() or x2d.dtype in LOW_PRECISION:
         x2d = x2d.float()
     n = x2d.shape[1]
     if n > _QUANTILE_MAX_ELEMS:
@@ -115,17 +114,6 @@ def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
         n = x2d.shape[1]
     k = min(max(int(round(q * (n - 1))) + 1, 1), n)
     return x2d.kthvalue(k, dim=1).values
-
-
-def _autocast_off(device_type: str):
-    """Context that disables autocast on ``device_type`` (a no-op context where autocast does not exist)."""
-    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
-    if available is not None and not available(device_type):
-        return nullcontext()
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:
-        return nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,7 +185,7 @@ class QuantExportSpec:
 # ----------------------------------------------------------------------------------------------------------
 # Base class
 # ----------------------------------------------------------------------------------------------------------
-class FakeQuantizer(nn.Module):
+class FakeQuantizer(KeepFP32, nn.Module):
     """Base class of all fake quantizers (quantize-dequantize with a training surrogate gradient).
 
     Subclasses implement :meth:`init_from` (data-driven init of their state from a tensor),
@@ -281,24 +269,9 @@ class FakeQuantizer(nn.Module):
 
     # ---------------------------------------------------------------- dtype policy
     def _apply(self, fn, recurse=True):
-        """Apply ``fn`` (``.to()``, ``.cuda()``, ``.half()`` ...) but keep floating state in float32.
-
-        Ultralytics saves checkpoints with ``model.half()``; quantizer steps/offsets lose too much
-        precision in float16 (and gradients must accumulate in float32), so any own parameter, gradient
-        or buffer that became float16/bfloat16 is converted back. Device moves and float64 are untouched.
-        """
+        # float32 state under .half() (Ultralytics' checkpoint format): see precision.KeepFP32
         super()._apply(fn, recurse)
         self._wq_cache = None
-        for p in self._parameters.values():
-            if p is not None and p.dtype in _HALF_TYPES:
-                grad = p.grad
-                p.grad = None
-                p.data = p.data.float()
-                if grad is not None:
-                    p.grad = grad.float()
-        for name, b in self._buffers.items():
-            if b is not None and b.dtype in _HALF_TYPES:
-                self._buffers[name] = b.float()
         return self
 
     # ---------------------------------------------------------------- forward
@@ -338,7 +311,7 @@ class FakeQuantizer(nn.Module):
                     return cached  # nothing to differentiate: the cached output itself
                 if not self.replays_cached:
                     cached = None
-        with _autocast_off(x.device.type):
+        with autocast_off(x.device.type):
             y = self._quantize(x, cdtype) if cached is None else self._quantize(x, cdtype, cached=cached)
         y = y.to(x.dtype)
         if key is not None and cached is None:
