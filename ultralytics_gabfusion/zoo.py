@@ -22,6 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from ultralytics import YOLO
+from ultralytics.utils import YAML
+
+from .data.synth import make_synthetic_dataset
+from .provenance import cpu_name, epochs_run, git_commit
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -33,6 +40,12 @@ def names() -> list[str]:
 def path(name: str) -> Path:
     """The checkpoint of shipped model ``name``.
 
+    Args:
+        name (str): A name from :func:`names`.
+
+    Returns:
+        (Path): The ``.pt`` file in the package's assets.
+
     Raises:
         KeyError: ``name`` is not shipped (the message lists the names that are).
     """
@@ -43,7 +56,17 @@ def path(name: str) -> Path:
 
 
 def card(name: str) -> dict:
-    """The card of shipped model ``name``: command, data settings, seed, commit, sha256, metrics."""
+    """The card of shipped model ``name``: command, data settings, seed, commit, sha256, metrics.
+
+    Args:
+        name (str): A name from :func:`names`.
+
+    Returns:
+        (dict): The parsed ``<name>.json``.
+
+    Raises:
+        KeyError: ``name`` is not shipped.
+    """
     path(name)
     return json.loads((ASSETS / f"{name}.json").read_text())
 
@@ -60,7 +83,14 @@ def sha256(file: str | os.PathLike) -> str:
 def verify(name: str) -> Path:
     """Return the checkpoint of ``name`` after checking its bytes against the card's sha256.
 
+    Args:
+        name (str): A name from :func:`names`.
+
+    Returns:
+        (Path): The checked ``.pt`` file.
+
     Raises:
+        KeyError: ``name`` is not shipped.
         ValueError: The file was changed or truncated (reinstall the package, or republish the model).
     """
     p = path(name)
@@ -72,9 +102,16 @@ def verify(name: str) -> Path:
 
 
 def make_data(name: str, out: str | os.PathLike, workers: int | None = None) -> Path:
-    """Generate (or reuse) the validation/training set ``name`` was trained on; returns its data.yaml."""
-    from .data.synth import make_synthetic_dataset
+    """Generate (or reuse) the validation/training set ``name`` was trained on.
 
+    Args:
+        name (str): A name from :func:`names`.
+        out (str | os.PathLike): Directory of the generated set.
+        workers (int | None): Rendering processes (None: the generator's default).
+
+    Returns:
+        (Path): The set's data.yaml.
+    """
     return make_synthetic_dataset(out, workers=workers, **card(name)["data"])
 
 
@@ -94,10 +131,6 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, data: dict, max
     Returns:
         (Path): The shipped checkpoint.
     """
-    import torch
-    from ultralytics import YOLO
-    from ultralytics.utils import YAML
-
     run = Path(run_dir)
     best = run / "weights" / "best.pt"
     if not best.is_file():
@@ -118,16 +151,13 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, data: dict, max
     metrics = YOLO(str(dst)).val(data=args["data"], imgsz=args["imgsz"], batch=args["batch"], workers=0,
                                  plots=False, verbose=False, project=str(run / "publish-val"), exist_ok=True)
     rd = metrics.results_dict
-    from .bench.accuracy import _results_rows
-    from .bench.common import cpu_name, git_commit
-
     info = {
         "name": name,
         "architecture": Path(str(args["model"])).stem,
         "command": command,
         "data": data,
         "train": {k: args.get(k) for k in ("epochs", "imgsz", "batch", "optimizer", "lr0", "seed", "deterministic")},
-        "epochs_run": _results_rows(run),
+        "epochs_run": epochs_run(run),
         "val": {"imgsz": args["imgsz"], "batch": args["batch"], "split": "val"},
         "metrics": {"mAP50": round(float(rd["metrics/mAP50(B)"]), 5),
                     "mAP50_95": round(float(rd["metrics/mAP50-95(B)"]), 5)},

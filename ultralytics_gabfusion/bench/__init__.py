@@ -31,6 +31,7 @@ def bench_main(argv: list[str]) -> int:
     """
     argv = list(argv)
     try:
+        # Imported on use: each benchmark loads only its own modules (the accuracy one pulls in the trainer).
         if argv and argv[0] == "speed":
             from .speed import speed_main
 

@@ -8,11 +8,12 @@ back at FP; only where the PTQ arm ran and dropped). With several seeds a row sh
 
 from __future__ import annotations
 
+import csv
 import math
 import statistics
 from pathlib import Path
 
-from .accuracy import ARM_LABELS
+from .arms import ARM_LABELS
 
 METRICS = ("mAP50", "mAP50_95")
 METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50-95"}
@@ -205,7 +206,7 @@ def sweep_table(result: dict) -> list[str]:
 def plot_size(result: dict, path: Path) -> Path | None:
     """Accuracy vs model size: mAP50 and mAP50-95 (panels) against the size in KiB (log axis), one line per
     model/method/arm through its bit-widths (labelled), FP as a star. None when no run recorded a size."""
-    import matplotlib
+    import matplotlib  # slow to import: loaded only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -247,7 +248,7 @@ def plot_size(result: dict, path: Path) -> Path | None:
 
 def plot(result: dict, path: Path) -> Path:
     """Grouped bars of mAP50-95 per method/bit-width (one bar per arm, error bars over seeds) with the FP line."""
-    import matplotlib
+    import matplotlib  # slow to import: loaded only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -290,8 +291,6 @@ def plot(result: dict, path: Path) -> Path:
 
 def _epoch_curve(weights: str | None, column: str = "metrics/mAP50(B)") -> list[float]:
     """Per-epoch values of ``column`` from the results.csv of the run that wrote ``weights`` (empty if none)."""
-    import csv
-
     if not weights:
         return []
     f = Path(weights).parents[1] / "results.csv"
@@ -315,7 +314,7 @@ def plot_curves(result: dict, path: Path) -> Path | None:
     The FP value is a dashed line and the PTQ value a dotted one (epoch 0, before any training step).
     Returns None when no run left a results.csv (e.g. all results were reused from another machine).
     """
-    import matplotlib
+    import matplotlib  # slow to import: loaded only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -331,7 +330,7 @@ def plot_curves(result: dict, path: Path) -> Path | None:
                 curves.setdefault((r["model"], r["bits"], r["method"], r["arm"]), []).append(c)
     if not curves:
         return None
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # matplotlib loads only when a plot is drawn
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (mo, b, me) in zip(axes[0], panels):

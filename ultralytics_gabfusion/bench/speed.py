@@ -2,10 +2,11 @@
 
 What one step is: forward, detection loss (plus the ADA term), backward, gradient clipping and an SGD step, plus the
 GABFusion lambda update where GABFusion is on; exactly the work GABTrainer adds per iteration, without data loading,
-EMA or logging, which cost the same in every arm. The model is built directly (``DetectionModel(yaml)``, then
-``insert_gabfusion``, ``quantize_model`` + ``init_weight_quantizers`` + ``calibrate_activations``, ADA through
-``ADALoss``/``ADACriterion`` with an in-memory FP copy as the frozen teacher) and trained on one fixed synthetic
-batch (random image, 4 random boxes per image), so every arm does identical work apart from the method itself.
+EMA or logging, which cost the same in every arm. The model is built from its YAML (``DetectionModel``) and set up by
+the trainer's own path, :func:`~ultralytics_gabfusion.qat_setup.prepare_qat_model` (GABFusion, quantized convs,
+weight and activation quantizer init, ADA with an in-memory FP copy as the frozen teacher), then trained on one fixed
+synthetic batch (random image, 4 random boxes per image), so every arm does identical work apart from the method
+itself. The set-up runs on the CPU and the model then moves to the device; it is not timed.
 
 Timing: ``warmup`` steps are run and discarded, then the median of ``steps`` timed steps (CUDA synchronised
 before and after each step) is reported, with its ratio to the FP arm measured in the same invocation.
@@ -34,29 +35,44 @@ import gc
 import json
 import statistics
 import subprocess
+import sys
 import time
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-from .common import (
-    BenchError,
+import torch
+from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+from ultralytics.utils import LOGGER
+
+from ..fusion import update_fusion
+from ..provenance import environment
+from ..qat_setup import prepare_qat_model
+from ..quant.kernels import set_qat_kernel
+from ..settings import (
+    ADA_DIVS,
+    MAX_BITS,
+    MIN_BITS,
+    QAT_KERNELS,
+    QATConfig,
     as_bool,
     as_float,
     as_int,
     as_int_list,
     as_list,
     as_str_list,
-    child_env,
-    environment,
-    parse_tokens,
-    python,
-    resolve_device,
+    parse_key_values,
     unknown_key_error,
-    write_json,
 )
+from .arms import METHOD_DEFAULTS, METHODS
+from .common import BenchError, child_env, cli_value, python, resolve_device, torch_device, write_json
 
-METHODS = ("lsq", "lsqplus", "pact", "n2uq")
+try:
+    import resource  # peak RSS of the isolated CPU arms
+except ImportError:  # not on Windows
+    resource = None
+
 ARMS = ("fp", "fp+gab", "fp+ada", "q", "q+gab", "q+ada", "q+gab+ada")
 DEFAULTS: dict[str, Any] = {
     "models": ["yolov5s"],
@@ -106,15 +122,23 @@ def help_text() -> str:
     """The key table printed by ``yolo-gab bench speed help``."""
     w = max(len(k) for k in DEFAULTS) + 2
     lines = ["yolo-gab bench speed key=value ...   (training-step time and peak memory relative to FP)"]
-    from .accuracy import _cli_value
-
-    lines += [f"  {k:<{w}}{_cli_value(v):<24}{HELP[k]}" for k, v in DEFAULTS.items()]
+    lines += [f"  {k:<{w}}{cli_value(v):<24}{HELP[k]}" for k, v in DEFAULTS.items()]
     return "\n".join(lines)
 
 
 def resolve_settings(argv: list[str]) -> dict:
-    """Parse and check the speed-bench keys; device-dependent defaults are filled in here."""
-    user = parse_tokens(argv)
+    """Parse and check the speed-bench keys; device-dependent defaults are filled in here.
+
+    Args:
+        argv (list[str]): ``key=value`` tokens after ``yolo-gab bench speed``.
+
+    Returns:
+        (dict): The keys of ``DEFAULTS``, normalised (``device`` resolved, ``out`` absolute).
+
+    Raises:
+        BenchError: An unknown key or a bad value (exit status 2).
+    """
+    user = parse_key_values(argv)
     for k in user:
         if k not in DEFAULTS:
             raise unknown_key_error(k, DEFAULTS, "bench speed")
@@ -126,8 +150,6 @@ def resolve_settings(argv: list[str]) -> dict:
     s["models"] = list(dict.fromkeys(str(x).strip() for x in as_list("models", s["models"]) if str(x).strip()))
     if not s["models"]:
         raise BenchError("'models' is empty: give at least one model, e.g. models=[yolov5s].")
-    from ultralytics.nn.tasks import yaml_model_load
-
     for m in s["models"]:
         y = m if m.endswith((".yaml", ".yml")) else f"{m}.yaml"
         if m.endswith(".pt"):
@@ -138,10 +160,8 @@ def resolve_settings(argv: list[str]) -> dict:
         except Exception:
             raise BenchError(f"models: '{m}' is not a known model YAML ({y} not found).") from None
     s["methods"] = as_str_list("methods", s["methods"], METHODS)
-    s["bits"] = as_int_list("bits", s["bits"], 2, 8)
+    s["bits"] = as_int_list("bits", s["bits"], MIN_BITS, MAX_BITS)
     s["arms"] = as_str_list("arms", s["arms"], ARMS)
-    from ..quant.kernels import QAT_KERNELS
-
     s["kernels"] = list(dict.fromkeys(as_str_list("kernels", s["kernels"], QAT_KERNELS)))
     if "fp" not in s["arms"]:
         s["arms"] = ["fp", *s["arms"]]  # ratios are always to an FP step measured in the same run
@@ -164,7 +184,7 @@ def resolve_settings(argv: list[str]) -> dict:
     s["nc"] = as_int("nc", s["nc"], 1)
     s["ada"] = as_float("ada", s["ada"], 0.0, lo_open=True)
     if s["ada_div"] is not None:
-        s["ada_div"] = as_str_list("ada_div", s["ada_div"], ("kl", "js"))[0]
+        s["ada_div"] = as_str_list("ada_div", s["ada_div"], ADA_DIVS)[0]
     s["seed"] = as_int("seed", s["seed"], 0)
     out = Path(str(s["out"])).expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -186,7 +206,7 @@ def plan(s: dict) -> list[dict]:
             for bits in s["bits"]:
                 for arm in s["arms"]:
                     if arm.startswith("q"):
-                        div = s["ada_div"] or ("js" if method == "n2uq" else "kl")
+                        div = s["ada_div"] or METHOD_DEFAULTS[method]["ada_div"]
                         for kernel in s["kernels"]:
                             specs.append({**common, "model": model, "arm": arm, "method": method, "bits": bits,
                                           "ada_div": div, "kernel": kernel})
@@ -196,8 +216,6 @@ def plan(s: dict) -> list[dict]:
 # ================================================================================================ measuring
 def _synthetic_batch(batch: int, imgsz: int, nc: int, device, seed: int) -> dict:
     """A fixed detection batch: uniform image, 4 boxes per image (normalised xywh), random classes."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     n = 4 * batch
     wh = 0.05 + 0.3 * torch.rand(n, 2, generator=g)
@@ -210,50 +228,56 @@ def _synthetic_batch(batch: int, imgsz: int, nc: int, device, seed: int) -> dict
     }
 
 
-def build_arm(spec: dict, device):
-    """Build (model, ADALoss or None) for one arm, as GABTrainer would set it up (structure, init, calibration)."""
-    import torch
-    from ultralytics.cfg import get_cfg
-    from ultralytics.nn.tasks import DetectionModel
+def arm_config(spec: dict) -> QATConfig:
+    """The plugin settings of one arm, validated as the trainer validates a run's keys.
 
+    Args:
+        spec (dict): One entry of :func:`plan` (``arm``, ``method``, ``bits``, ``ada``, ``ada_div``, ``kernel``).
+
+    Returns:
+        (QATConfig): ``qat``/bits from the method (``none`` for FP arms), ``gab=balanced`` for ``+gab`` arms, the ADA
+            weight and divergence for ``+ada`` arms, one calibration batch.
+    """
+    arm = spec["arm"]
+    keys = {"qat": spec["method"] or "none", "gab": "balanced" if "gab" in arm else "off",
+            "ada": spec["ada"] if "ada" in arm else 0.0, "ada_div": spec["ada_div"],
+            "qat_calib": 1,  # the one synthetic batch
+            "qat_kernel": spec.get("kernel") or "auto"}
+    if spec["bits"] is not None:
+        keys.update(w_bits=spec["bits"], a_bits=spec["bits"])
+    return QATConfig.from_keys(keys)
+
+
+def build_arm(spec: dict, device: torch.device):
+    """Build one arm as GABTrainer sets up a run (structure, quantizer init, calibration, ADA).
+
+    Args:
+        spec (dict): One entry of :func:`plan`.
+        device (torch.device): Where the arm is trained.
+
+    Returns:
+        (tuple): ``(model, ADALoss or None, batch)``, all on ``device``.
+    """
     torch.manual_seed(spec["seed"])
     yaml = spec["model"] if spec["model"].endswith((".yaml", ".yml")) else f"{spec['model']}.yaml"
     model = DetectionModel(yaml, nc=spec["nc"], verbose=False)
     model.args = get_cfg()  # the loss reads box/cls/dfl gains from model.args, as after set_model_attributes
-    arm = spec["arm"]
-    teacher = deepcopy(model) if "ada" in arm else None  # FP copy: same weights, as the FP checkpoint would be
-    if "gab" in arm:
-        from ..fusion import insert_gabfusion
-
-        insert_gabfusion(model, "balanced")
+    cfg = arm_config(spec)
+    teacher = deepcopy(model) if cfg.ada > 0 else None  # FP copy: same weights, as the FP checkpoint would be
+    batch = _synthetic_batch(spec["batch"], spec["imgsz"], spec["nc"], "cpu", spec["seed"])
+    # Set up on the CPU, where the new quantizers are created, then move everything to the device.
+    model, ada = prepare_qat_model(model, cfg, [batch["img"]], teacher=teacher)
     model.to(device)
-    batch = _synthetic_batch(spec["batch"], spec["imgsz"], spec["nc"], device, spec["seed"])
-    if arm.startswith("q"):
-        from ..quant.convert import calibrate_activations, init_weight_quantizers, quantize_model
-
-        quantize_model(model, spec["method"], spec["bits"], spec["bits"])
-        model.to(device)
-        init_weight_quantizers(model)
-        calibrate_activations(model, [batch["img"]])
-    ada = None
-    if teacher is not None:
-        from ..distill import ADACriterion, ADALoss, default_layers
-
-        ada = ADALoss(teacher.to(device), default_layers(model), attn="simam", div=spec["ada_div"],
-                      weight=spec["ada"]).attach(model)
-        model.criterion = ADACriterion(model.init_criterion(), ada, model)
-    return model, ada, batch
+    if ada is not None:
+        teacher.to(device)
+        model.criterion.base = model.init_criterion()  # the detection loss keeps the device it was built on
+    return model, ada, {k: v.to(device) for k, v in batch.items()}
 
 
 class _ArmRunner:
     """One built arm (model, optimizer, batch) that runs and times single training steps."""
 
     def __init__(self, spec: dict):
-        import torch
-
-        from ..quant.kernels import set_qat_kernel
-        from .common import torch_device
-
         self.spec = spec
         self.device = torch_device(spec["device"])
         self.cuda = self.device.type == "cuda"
@@ -267,10 +291,6 @@ class _ArmRunner:
 
     def step(self) -> float:
         """One training step; returns its wall time in ms."""
-        import torch
-
-        from ..quant.kernels import set_qat_kernel
-
         set_qat_kernel(self.spec.get("kernel") or "auto")  # process-wide: set before every step (interleaved arms)
         model, scaler, opt = self.model, self.scaler, self.opt
         clock = time.process_time if self.spec.get("clock") == "cpu" else time.perf_counter
@@ -281,8 +301,6 @@ class _ArmRunner:
             loss, _ = model.loss(self.batch)
         scaler.scale(loss.sum()).backward()
         if "gab" in self.spec["arm"]:  # GABTrainer.optimizer_step: lambda update from the branch gradient norms
-            from ..fusion import update_fusion
-
             update_fusion(model, grad_scale=scaler.get_scale() if scaler.is_enabled() else None)
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(self.params, max_norm=10.0)  # as BaseTrainer.optimizer_step
@@ -302,10 +320,6 @@ class _ArmRunner:
 
 def measure(spec: dict) -> dict:
     """Time ``warmup + steps`` training steps of one arm; returns times (ms) and the CUDA peak (MiB)."""
-    import torch
-
-    from .common import torch_device
-
     device = torch_device(spec["device"])
     gc.collect()  # the previous arm's model/teacher sit in reference cycles (hooks, criterion) until collected
     if device.type == "cuda":
@@ -350,20 +364,18 @@ def measure_interleaved(specs: list[dict]) -> list[dict]:
 
 
 def _rss_mib() -> float:
-    import resource
-    import sys
-
+    if resource is None:
+        raise RuntimeError("peak RSS per arm needs the Unix 'resource' module; pass isolate=False on this system.")
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
 
 
 def _worker(spec_json: str) -> None:
-    """Child-process entry: measure one arm and print one JSON line (peak RSS of this fresh process added)."""
-    import torch  # noqa: F401  (imports counted in the base RSS, like in every arm)
-    import ultralytics  # noqa: F401
+    """Child-process entry: measure one arm and print one JSON line (peak RSS of this fresh process added).
 
-    from .. import fusion  # noqa: F401 - registers GABFusion for *-gab.yaml models
-
+    Torch, Ultralytics and the plugin (GABFusion registered for ``*-gab.yaml``) are imported with this module, so the
+    base RSS includes them, as in every arm.
+    """
     spec = json.loads(spec_json)
     base = _rss_mib()
     out = measure(spec)
@@ -430,8 +442,6 @@ def speed_markdown(result: dict) -> str:
 
 def run_speed(s: dict) -> int:
     """Measure every planned arm, compute ratios to FP, write ``speed.md``/``speed.json``; returns exit status."""
-    from ultralytics.utils import LOGGER
-
     t0 = time.perf_counter()
     env = environment(s["device"])
     specs = plan(s)
@@ -496,5 +506,5 @@ def speed_main(argv: list[str]) -> int:
     return run_speed(resolve_settings(argv))
 
 
-__all__ = ["DEFAULTS", "build_arm", "measure", "measure_interleaved", "plan", "resolve_settings", "run_speed",
+__all__ = ["DEFAULTS", "arm_config", "build_arm", "measure", "measure_interleaved", "plan", "resolve_settings", "run_speed",
            "speed_main"]
