@@ -218,7 +218,7 @@ def consumer_quantizer(model, layer: int):
 
 
 # ------------------------------------------------------------------------------------------------- all of it
-def prepare_qat_model(model, cfg: QATConfig, images: list, weights=None, teacher=None):
+def prepare_qat_model(model, cfg: QATConfig, images: list, weights=None, teacher=None, device=None):
     """Run the whole set-up on ``model`` in order: structure, weight load and init, calibration, ADA.
 
     Args:
@@ -227,17 +227,22 @@ def prepare_qat_model(model, cfg: QATConfig, images: list, weights=None, teacher
         images (list[Tensor]): Preprocessed image batches for calibration (``cfg.qat_calib`` of them are used).
         weights (nn.Module | None): Weights to load after the structure change.
         teacher (nn.Module | None): FP teacher; required when ``cfg.ada > 0``.
+        device (str | torch.device | None): Where the model is calibrated and trained (None: where it is), as the
+            trainer does: the structure is built first, then the model moves, then calibration runs there.
 
     Returns:
         (tuple): ``(model, ada)``; ``ada`` is None without ADA.
     """
     build_structure(model, cfg, weights)
+    if device is not None:
+        model.to(device)
+        images = [x.to(device) for x in images]
     if needs_calibration(model):
         calibrate_model(model, images[: cfg.qat_calib], init=cfg.qat_init)
     if cfg.ada > 0:
         if teacher is None:
             raise ValueError("ADA needs a full-precision teacher: pass teacher= or set ada=0.")
-        return model, attach_ada(model, teacher, cfg)
+        return model, attach_ada(model, teacher if device is None else teacher.to(device), cfg)
     return model, None
 
 

@@ -264,14 +264,9 @@ def build_arm(spec: dict, device: torch.device):
     model.args = get_cfg()  # the loss reads box/cls/dfl gains from model.args, as after set_model_attributes
     cfg = arm_config(spec)
     teacher = deepcopy(model) if cfg.ada > 0 else None  # FP copy: same weights, as the FP checkpoint would be
-    batch = _synthetic_batch(spec["batch"], spec["imgsz"], spec["nc"], "cpu", spec["seed"])
-    # Set up on the CPU, where the new quantizers are created, then move everything to the device.
-    model, ada = prepare_qat_model(model, cfg, [batch["img"]], teacher=teacher)
-    model.to(device)
-    if ada is not None:
-        teacher.to(device)
-        model.criterion.base = model.init_criterion()  # the detection loss keeps the device it was built on
-    return model, ada, {k: v.to(device) for k, v in batch.items()}
+    batch = _synthetic_batch(spec["batch"], spec["imgsz"], spec["nc"], device, spec["seed"])
+    model, ada = prepare_qat_model(model, cfg, [batch["img"]], teacher=teacher, device=device)
+    return model, ada, batch
 
 
 class _ArmRunner:
