@@ -467,8 +467,9 @@ def validate_settings(values: dict) -> dict:
 class QATConfig:
     """The plugin's keys for one run, validated once (each value normalised, cross-key rules checked).
 
-    Built from the user's keys by :meth:`from_keys`; the model set-up (:mod:`ultralytics_gabfusion.qat_setup`) and
-    the trainer read it by name. Field names are the plugin keys of :data:`SETTINGS`.
+    Built from the user's keys by :meth:`from_keys` (defaults from :data:`SETTINGS`, the one place they are written);
+    the model set-up (:mod:`ultralytics_gabfusion.qat_setup`) and the trainer read it by name. Field names are the
+    plugin keys of :data:`SETTINGS`.
 
     Examples:
         >>> cfg = QATConfig.from_keys({"qat": "LSQ", "w_bits": 3, "a_bits": 3, "gab": "balanced"})
@@ -476,32 +477,32 @@ class QATConfig:
         ('lsq', 3, 'balanced', True)
     """
 
-    qat: str = "none"
-    w_bits: int = 4
-    a_bits: int = 4
-    qat_first_bits: int = 8
-    qat_head_bits: int = 8
-    qat_skip: tuple | None = None
-    qat_layer_bits: Any = None
-    qat_bits_budget: Any = None
-    qat_calib: int = 4
-    qat_init: str = "mse"
-    qat_act_grid: str = "auto"
-    qat_lr: float = 1.0
-    qat_kernel: str = "auto"
-    gab: str = "off"
-    gab_beta: float = 0.1
-    gab_eta: float = 0.05
-    gab_eps: float = 1e-12
-    gab_tau: tuple | None = None
-    gab_rms: bool = False
-    gab_calib: bool = True
-    ada: float = 0.0
-    ada_attn: str = "simam"
-    ada_div: str = "kl"
-    ada_layers: tuple | None = None
-    ada_t: float | None = None
-    teacher: str | None = None
+    qat: str
+    w_bits: int
+    a_bits: int
+    qat_first_bits: int
+    qat_head_bits: int
+    qat_skip: tuple | None
+    qat_layer_bits: Any
+    qat_bits_budget: Any
+    qat_calib: int
+    qat_init: str
+    qat_act_grid: str
+    qat_lr: float
+    qat_kernel: str
+    gab: str
+    gab_beta: float
+    gab_eta: float
+    gab_eps: float
+    gab_tau: tuple | None
+    gab_rms: bool
+    gab_calib: bool
+    ada: float
+    ada_attn: str
+    ada_div: str
+    ada_layers: tuple | None
+    ada_t: float | None
+    teacher: str | None
 
     @classmethod
     def from_keys(cls, values) -> "QATConfig":
@@ -532,6 +533,9 @@ class QATConfig:
         """Keyword arguments of GABFusion's balanced update (``gab_*`` keys)."""
         return {"beta": self.gab_beta, "eta": self.gab_eta, "eps": self.gab_eps,
                 "tau": None if self.gab_tau is None else list(self.gab_tau), "rms": self.gab_rms}
+
+
+assert [f.name for f in fields(QATConfig)] == list(SETTINGS), "QATConfig fields must be the plugin keys, in order"
 
 
 def read_recipe(path) -> dict:
