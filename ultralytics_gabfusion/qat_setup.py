@@ -34,7 +34,7 @@ from .quant.convert import (
 )
 from .quant.mixed import average_bits, plan_size_bytes, resolve_layer_bits
 from .quant.qconv import QuantConv2d, quant_convs, quantizers_disabled
-from .settings import PLUGIN_KEYS, QATConfig
+from .settings import QATConfig
 from .version import __version__
 
 PREFIX = colorstr("gabfusion: ")
@@ -82,7 +82,7 @@ def build_structure(model, cfg: QATConfig, weights=None, verbose: bool = False, 
         model.gab_identity_pending = cfg.gab != "off" and cfg.gab_calib and not has_trained_gab
     if cfg.quantized:  # from the loaded weights, not the random init
         init_weight_quantizers(model, only_uninitialized=True, init=cfg.qat_init)
-    model.gabfusion = {"version": __version__, **{k: getattr(cfg, k) for k in sorted(PLUGIN_KEYS)}}
+    model.gabfusion = {"version": __version__, **dict(sorted(cfg.as_dict().items()))}  # saved in checkpoints
     return model
 
 
