@@ -229,6 +229,7 @@ def test_qat_run_checkpoint_roundtrip_fresh_process(method, tmp_path, tiny_data,
     code = (
         "import torch, ultralytics_gabfusion\n"
         "from ultralytics import YOLO\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"  # bit-identical needs the same conv reduction order
         f"m = YOLO(r'{best}').model.float().eval()\n"
         f"x = torch.load(r'{tmp_path / 'x.pt'}')\n"
         f"ref = torch.load(r'{tmp_path / 'ref.pt'}')\n"
