@@ -40,16 +40,7 @@ from .quantizers import FakeQuantizer
 LAYER_ATTRS = ("i", "f", "type", "np")
 
 
-def _conv_block_types():
-    return (Conv, DWConv)
-
-
-def _dfl_type():
-    return DFL
-
-
-def _detect_type():
-    return Detect
+CONV_BLOCKS = (Conv, DWConv)  # Ultralytics blocks whose .conv is swapped (BN and activation kept)
 
 
 def _layer_index(name: str) -> int | None:
@@ -81,7 +72,7 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
     if act_grid not in ACT_GRIDS:
         raise ValueError(f"qat_act_grid={act_grid!r} is not valid. Allowed values: {', '.join(ACT_GRIDS)}.")
     skip = set(skip or [])
-    block_types, dfl, detect = _conv_block_types(), _dfl_type(), _detect_type()
+    block_types, dfl, detect = CONV_BLOCKS, DFL, Detect
     rows, first_done = [], False
     in_dfl, in_block = set(), set()
     for name, m in model.named_modules():
@@ -150,7 +141,7 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
         raise ValueError("model is already quantized; build a fresh model (or load its checkpoint) instead of converting twice.")
     rows = plan_policy(model, w_bits, a_bits, first_bits, head_bits, skip, act_grid, layer_bits)
     by_name = {r["name"]: r for r in rows}
-    block_types = _conv_block_types()
+    block_types = CONV_BLOCKS
     for r in rows:
         r["method"] = method if (r["w_bits"] or r["a_bits"]) else "fp"
         lb = -math.inf if r["a_min"] is None else r["a_min"]
