@@ -77,6 +77,8 @@ def env(tmp_path_factory) -> dict:
     e["notckpt"].write_text("these are my notes\n")
     e["notes"] = root / "notes.txt"
     e["notes"].write_text("qat: lsq\n")
+    e["notsens"] = root / "results.csv"  # a CSV, but not the sensitivity.csv of 'yolo-gab sensitivity'
+    e["notsens"].write_text("epoch,train/box_loss\n1,0.5\n")
     e["listyaml"] = root / "list.yaml"
     e["listyaml"].write_text("- qat\n- lsq\n")
     e["broken"] = root / "broken.yaml"
@@ -155,6 +157,10 @@ CASES = [
     ("qat_skip out of range", "cli", TQ + " qat_skip=[99]", ["99", "out of range"]),
     ("ada_layers out of range", "cli", TQ + " ada=0.01 ada_layers=[99]", ["ada_layers", "99"]),
     ("imgsz not a stride multiple", "cli", TQ.replace("imgsz=64", "imgsz=100"), ["imgsz=100", "multiple", "96"]),
+    ("qat_layer_bits layer without conv", "cli", TQ + " qat_layer_bits={{99:8}}",
+     ["qat_layer_bits", "[99]", "layers that can be set"]),
+    ("qat_layer_bits CSV not a sensitivity file", "cli", TQ + " qat_layer_bits={notsens} qat_bits_budget=4.5",
+     ["qat_layer_bits={notsens}", "yolo-gab sensitivity", "columns layer, score"]),
     # ADA teacher
     ("ada without teacher", "cli", T + " model=yolov5n.yaml qat=lsq ada=0.01", ["teacher=", "ada=0"]),
     ("teacher without ada", "cli", TQ + " teacher={fp}", ["teacher", "ada=0.01"]),
@@ -194,6 +200,10 @@ CASES = [
     ("export opset without int4", "cli", "export model={q} opset=17", ["opset=17", "opset=21"]),
     ("export FP model as Q/DQ", "cli", "export model={fp} save_dir={tmp}/out", ["quantized", "save_dir"]),
     ("export truncated", "cli", "export model={truncated}", ["truncated.pt", "not a readable"]),
+    ("export imgsz=-1", "cli", "export model={q} format=onnx imgsz=-1 save_dir={tmp}/out",
+     ["imgsz=-1", "positive multiple", "imgsz=32"]),
+    ("export imgsz not a stride multiple", "cli", "export model={q} imgsz=100 save_dir={tmp}/out",
+     ["imgsz=100", "multiple", "96"]),
     # bench
     ("bench empty methods", "cli", "bench methods=[] out={tmp}/bench", ["methods", "empty"]),
     ("bench unknown arm", "cli", "bench arms=[baseline,fancy] out={tmp}/bench", ["fancy", "gab_ada"]),

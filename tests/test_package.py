@@ -25,6 +25,26 @@ def test_import_is_light_and_registration_happens_with_fusion():
     assert r.stdout.split()[-1] == "GABFusion"
 
 
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import ultralytics_gabfusion\nfrom ultralytics import YOLO\n",  # the package first: the import hook
+        "from ultralytics import YOLO\nbefore = YOLO('yolov5s.yaml')\nimport ultralytics_gabfusion\n",  # at once
+    ],
+    ids=["package-first", "ultralytics-first"],
+)
+def test_package_import_alone_builds_gab_yaml(imports):
+    """Issue 23.1: ``import ultralytics_gabfusion`` (no .fusion) is enough for the -gab YAMLs, in either order."""
+    r = run_python(
+        imports + "import sys\n"
+        "assert 'ultralytics_gabfusion.trainer' not in sys.modules\n"  # no public name was touched
+        "for yaml in ('cfg/models/yolov5s-gab.yaml', 'cfg/models/yolo11s-gab.yaml'):\n"
+        "    print(type(YOLO(yaml).model.model[12]).__name__)\n"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-2:] == ["GABFusion", "GABFusion"]
+
+
 def test_qat_config_validates_once_and_normalises():
     from ultralytics_gabfusion.settings import PLUGIN_DEFAULTS, QATConfig, SettingsError
 

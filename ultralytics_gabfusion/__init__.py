@@ -1,9 +1,9 @@
 """ultralytics-gabfusion: very-low-bit quantization-aware training for Ultralytics YOLO detection.
 
 Importing the package is light (no torch, no Ultralytics): the public names below load on first use.
-``GABFusion`` is registered with Ultralytics' model parser when :mod:`ultralytics_gabfusion.fusion` is imported,
-which the trainer, ``GABFusion`` and loading a GABFusion checkpoint all do, so ``*-gab.yaml`` models build (in DDP
-workers too).
+``import ultralytics_gabfusion`` is enough for ``*-gab.yaml`` models and GABFusion checkpoints to build: ``GABFusion``
+is registered with Ultralytics' model parser at once if Ultralytics is already imported, otherwise as soon as it
+is (see :mod:`ultralytics_gabfusion.register`).
 
 Examples:
     >>> from ultralytics import YOLO
@@ -11,6 +11,7 @@ Examples:
     >>> YOLO("fp.pt").train(trainer=GABTrainer, data="data.yaml", cfg="cfg/qat/w4a4-lsq.yaml")  # doctest: +SKIP
 """
 
+from .register import install as _install_registration
 from .version import __version__
 
 # Public name -> module that defines it, imported on first access (PEP 562).
@@ -36,3 +37,7 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted({*globals(), *_LAZY})
+
+
+# Last, so that the package is complete when Ultralytics is already loaded and this imports .fusion right away.
+_install_registration()

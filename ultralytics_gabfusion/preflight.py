@@ -1,10 +1,10 @@
 """Checks of a training configuration that run before anything is written, scanned or calibrated.
 
 Ultralytics creates the run folder (``args.yaml``, ``weights/``) before it reads the data YAML, and the plugin's
-model-dependent checks (teacher, ``ada_layers``, GABFusion's Concat nodes) would otherwise run after the dataset
-scan and calibration. :func:`preflight_train` does all of them first, on the model structure alone (a dummy forward
-at 64 px), so a mistake costs seconds and leaves no run folder behind. Every error names the key or file and says
-what to pass instead.
+model-dependent checks (teacher, ``ada_layers``, GABFusion's Concat nodes, ``qat_layer_bits``) would otherwise run
+after the dataset scan and calibration. :func:`preflight_train` does all of them first, on the model structure alone
+(a dummy forward at 64 px), so a mistake costs seconds and leaves no run folder behind. Every error names the key or
+file and says what to pass instead.
 
 Examples:
     >>> from ultralytics_gabfusion.preflight import preflight_train
@@ -26,7 +26,9 @@ from ultralytics.utils.patches import torch_load
 
 from .distill import check_layer_indices, check_teacher, default_layers, has_quant_modules, load_teacher
 from .fusion import GABFusion, insert_gabfusion
-from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, check_writable_dir, validate_settings
+from .qat_setup import resolve_mixed_precision
+from .quant.convert import plan_policy
+from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, QATConfig, check_writable_dir, validate_settings
 
 # Keys that only mean something with the feature on: set explicitly without it they would be silently ignored.
 # Recipes carry ada_div for runs with and without ada, so only keys no recipe sets alone are checked for ADA.
@@ -270,8 +272,37 @@ def preflight_train(merged: dict, overrides: dict) -> None:
                 insert_gabfusion(student, mode=merged["gab"])
             except ValueError as e:
                 raise ValueError(f"gab={merged['gab']}: {e} Use a model with a fusion neck (yolov5s.yaml, yolo11s.yaml) or gab=off.") from None
+    check_layer_bits(merged, student if net is None or not has_quant_modules(net) else None, cfg, nc)
     if merged.get("ada"):
         _check_teacher_matches(student, merged, nc, data)
+
+
+def check_layer_bits(merged: dict, model, cfg: dict, nc: int) -> None:
+    """Resolve ``qat_layer_bits`` as the trainer will (``qat_setup.resolve_mixed_precision``); plan the convs with it.
+
+    A mapping naming a layer without an ordinary conv, a CSV that is not a ``sensitivity.csv`` or a budget below the
+    uniform plan would otherwise only fail in ``get_model``, after Ultralytics made the run folder. The plan is the
+    conversion's own (``quant.convert.plan_policy``, which refuses such layers), minus its activation-bound probe.
+
+    Args:
+        merged (dict): Validated settings (``qat_layer_bits`` already parsed).
+        model (nn.Module | None): The float model (with any GABFusion nodes); None to build one from ``cfg``.
+        cfg (dict): The model YAML dict, for ``model=None``.
+        nc (int): Number of classes, for ``model=None``.
+
+    Raises:
+        ValueError | FileNotFoundError: From the resolution, naming ``qat_layer_bits`` and what can be set.
+    """
+    config = QATConfig.from_keys(merged)
+    if not config.quantized or config.qat_layer_bits is None:
+        return
+    if model is None:  # a quantized checkpoint: the trainer plans on a fresh float build of its YAML, so do the same
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            model = DetectionModel(cfg, nc=nc, verbose=False)
+    mapping = resolve_mixed_precision(model, config)  # sets model.gabfusion_layer_bits: only on this throwaway copy
+    plan_policy(model, config.w_bits, config.a_bits, config.qat_first_bits, config.qat_head_bits, config.qat_skip,
+                "signed", mapping)  # a fixed grid: bits only, no probe forward
 
 
 def _check_teacher_matches(student, merged: dict, nc: int, data: dict) -> None:
@@ -289,4 +320,5 @@ def _check_teacher_matches(student, merged: dict, nc: int, data: dict) -> None:
     check_teacher(student, teacher, layers)
 
 
-__all__ = ["check_data", "check_writable_dir", "check_explicit_keys", "check_imgsz", "check_resume", "load_model_file", "preflight_train"]
+__all__ = ["check_data", "check_writable_dir", "check_explicit_keys", "check_imgsz", "check_layer_bits", "check_resume",
+           "load_model_file", "preflight_train"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from ultralytics import YOLO
 from ultralytics.utils import LOGGER
 
-from ..preflight import check_writable_dir
+from ..preflight import check_imgsz, check_writable_dir
 from ..quant.qconv import is_quantized
 from ..settings import PLUGIN_KEYS
 from .inputs import load_quantized_model
@@ -55,9 +55,21 @@ def export_main(overrides: dict) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"model={model}: file not found (no weights are downloaded by yolo-gab export).")
         net = load_quantized_model(path, require_quantized=False)
+        _check_export_imgsz(net, ov.get("imgsz"))
     if net is None or not is_quantized(net):
         return _export_fp(model, ov)
     return _export_quantized(net, model, path, ov)
+
+
+def _check_export_imgsz(net, imgsz) -> None:
+    """Refuse an explicit ``imgsz`` that train refuses (<= 0, not a multiple of the model's largest stride).
+
+    Both exporters would otherwise write a model at another size than asked (each rounds up to a stride multiple:
+    ``imgsz=-1`` becomes 32, ``100`` becomes 128), and the Q/DQ graph is static. Checked for ``.pt`` models, whose
+    stride is known once loaded; other FP sources (YAML, ONNX) are left to Ultralytics.
+    """
+    if imgsz is not None:
+        check_imgsz(imgsz, int(max(net.stride)) if hasattr(net, "stride") else 32)
 
 
 def _drop_training_keys(ov: dict) -> None:
