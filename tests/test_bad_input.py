@@ -44,6 +44,7 @@ def env(tmp_path_factory) -> dict:
     from ultralytics.nn.tasks import DetectionModel
 
     from ultralytics_gabfusion.data import make_synthetic_dataset
+    from ultralytics_gabfusion.fusion import insert_gabfusion
     from ultralytics_gabfusion.quant.convert import init_weight_quantizers, quantize_model
     from ultralytics_gabfusion.quant.qconv import QuantConv2d
     from ultralytics_gabfusion.settings import PLUGIN_DEFAULTS
@@ -57,6 +58,9 @@ def env(tmp_path_factory) -> dict:
     e["fp"] = _save_ckpt(fp, root / "fp.pt")
     e["teacher20"] = _save_ckpt(DetectionModel("yolov5n.yaml", nc=20, verbose=False), root / "teacher20.pt")
     e["yolo11"] = _save_ckpt(DetectionModel("yolo11n.yaml", nc=16, verbose=False), root / "yolo11n-fp.pt")
+    gp = deepcopy(fp)
+    insert_gabfusion(gp, "balanced", form="paper")
+    e["gabpaper"] = _save_ckpt(gp, root / "fp-gab-paper.pt")  # a fine-tuned FP model with paper-form GABFusion
     q = deepcopy(fp)
     quantize_model(q, "lsq", 4, 4, 8, 8, None)
     init_weight_quantizers(q, init="paper")
@@ -172,6 +176,11 @@ CASES = [
     ("teacher other architecture", "cli", TQ + " ada=0.01 teacher={yolo11}", ["teacher does not match", "teacher="]),
     ("teacher quantized", "cli", TQ + " ada=0.01 teacher={q}", ["full precision", "teacher="]),
     # model
+    ("gab=learned with gab_form=grad", "cli", T + " model={fp} gab=learned gab_form=grad",
+     ["gab=learned", "gab_form=paper"]),
+    ("gab_form other than the checkpoint's", "cli", T + " model={gabpaper} gab=balanced gab_form=grad",
+     ["form paper", "gab_form=paper"]),
+    ("gab_form typo", "cli", T + " model={fp} gab=balanced gab_form=ln", ["gab_form=ln", "grad, paper"]),
     ("no fusion Concat for gab", "cli", T + " model={noconcat} gab=balanced", ["gab=balanced", "gab=off"]),
     ("classify model with gab", "cli", T + " model=yolo11n-cls.yaml gab=balanced", ["classify", "detection"]),
     ("classify model", "cli", T + " model=yolo11n-cls.yaml", ["classify", "detection"]),

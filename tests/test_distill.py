@@ -37,6 +37,7 @@ from ultralytics_gabfusion.distill import (  # noqa: E402
     check_teacher,
     default_layers,
     divergence,
+    gradient_share,
     is_quantized,
     js_div,
     kl_div,
@@ -291,6 +292,18 @@ def test_function_gradients_and_bad_kinds():
         simam_scores(torch.randn(3, 4))
 
 
+def test_gradient_share_matches_hand_computation():
+    torch.manual_seed(0)
+    f1 = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    f2 = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    ada = (f1.square().sum() + 3 * f2.sum())  # d/df1 = 2 f1, d/df2 = 3
+    det = (5 * f1).sum() + f2.pow(3).sum()  # d/df1 = 5, d/df2 = 3 f2^2
+    ref = torch.sqrt((2 * f1).square().sum() + 9 * f2.numel()) / torch.sqrt(25 * f1.numel() + (3 * f2**2).square().sum())
+    assert float(gradient_share(ada, det, [f1, f2])) == pytest.approx(float(ref), rel=1e-6)
+    assert f1.grad is None and f2.grad is None  # nothing accumulated: the training backward is unaffected
+    assert gradient_share(ada, det, [f1.detach()]) is None
+
+
 def test_autocast_is_disabled():
     x = torch.randn(1, 2, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -430,6 +443,20 @@ def test_adacriterion_appends_ada(tiny_pair, img):
     r = crit.pop_ratio()
     assert r == pytest.approx(bs * w_l.item() / det.sum().item(), rel=1e-4)
     assert crit.pop_ratio() is None  # reset
+    # gradient share: measured on the first training call, = ||d(bs w L)/dF|| / ||d det/dF|| at the supervised maps
+    share = crit.pop_grad_share()
+    assert crit.pop_grad_share() is None  # reset
+    feats = {}
+    hooks = [student.model[j].register_forward_hook(lambda m, i, o, j=j: feats.__setitem__(j, o)) for j in ada.layers]
+    det2, _ = base(student(img), batch)
+    w_l2, _ = ada(student, img)
+    for h in hooks:
+        h.remove()
+    fs = [feats[j] for j in ada.layers]
+    g_ada = torch.autograd.grad(bs * w_l2, fs, retain_graph=True)
+    g_det = torch.autograd.grad(det2.sum(), fs)
+    ref = sum(g.square().sum() for g in g_ada).sqrt() / sum(g.square().sum() for g in g_det).sqrt()
+    assert share == pytest.approx(float(ref), rel=1e-4) and share > 0
     loss.sum().backward()  # graph intact through the wrapper
     assert student.model[0].conv.weight.grad is not None
 

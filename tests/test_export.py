@@ -44,7 +44,7 @@ def build_quantized(cfg: str, method: str, bits: int, images: torch.Tensor, gab:
     if gab:
         from ultralytics_gabfusion.fusion import insert_gabfusion
 
-        insert_gabfusion(m, "balanced")
+        insert_gabfusion(m, "balanced", form="paper" if gab == "paper" else "grad")
     g = torch.Generator().manual_seed(seed)
     for mod in m.modules():
         if isinstance(mod, torch.nn.BatchNorm2d):
@@ -158,8 +158,8 @@ def test_lsq_w4a4_yolov5s(lsq_v5, lsq_v5_onnx, images):
         ("yolo11s.yaml", "n2uq", 4, {}),
         ("yolov5s.yaml", "n2uq", 3, {}),
         ("yolov5s.yaml", "pact", 4, {"weight_offset": "widen"}),
-        ("yolov5s.yaml", "lsqplus", 3, {"gab": True}),
-        ("yolov5s.yaml", "lsq", 4, {"gab": True}),
+        ("yolov5s.yaml", "lsqplus", 3, {"gab": "paper"}),
+        ("yolov5s.yaml", "lsq", 4, {"gab": "grad"}),
     ],
 )
 def test_export_parity(cfg, method, bits, opts, images, tmp_path):
@@ -198,9 +198,12 @@ def test_export_parity(cfg, method, bits, opts, images, tmp_path):
         if method in ("lsqplus", "pact"):  # float offsets -> explicit Sub before Q, Add after DQ
             assert ops["Sub"] >= len(low)
         if bits == 4 and method in ("lsq", "pact"):  # the containers follow qat_act_grid=auto
-            assert "UINT4" in types and (("INT4" in types) == gab)  # signed grids only after GABFusion's LayerNorm
-    if gab:
+            # signed grids only after the paper form's LayerNorm; the grad form feeds the next conv a plain concat
+            assert "UINT4" in types and (("INT4" in types) == (gab == "paper"))
+    if gab == "paper":
         assert ops.get("ReduceMean", 0) >= 8  # 4 channel LayerNorms, mean and variance each
+    elif gab == "grad":
+        assert ops.get("ReduceMean", 0) == 0  # exported as the plain Concat it computes
 
 
 def test_export_mixed_bit_widths(images, tmp_path):

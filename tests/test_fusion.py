@@ -102,7 +102,7 @@ def _centred_targets(c: int):
 # ------------------------------------------------------------------------------------------------ the node itself
 def test_forward_is_channel_layernorm_of_alpha_scaled_concat():
     torch.manual_seed(0)
-    node = GABFusion(n_branches=2, channels=24)
+    node = GABFusion(form="paper", n_branches=2, channels=24)
     with torch.no_grad():
         node.lam.copy_(torch.tensor([0.3, -0.2]))
         node.norm.weight.uniform_(0.5, 1.5)
@@ -118,8 +118,82 @@ def test_forward_is_channel_layernorm_of_alpha_scaled_concat():
     assert node([a.bfloat16(), b.bfloat16()]).dtype == torch.bfloat16
 
 
+def test_grad_form_forward_is_concat_and_backward_scales_each_branch_by_k_alpha():
+    node = GABFusion(n_branches=2, channels=24).train()  # the default form
+    assert node.form == "grad" and node.norm is None and not list(node.parameters())
+    with torch.no_grad():
+        node.lam.copy_(torch.tensor([0.7, -0.3]))
+    a = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 16, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 24, 5, 5, dtype=torch.float64)
+    y = node([a, b])
+    assert torch.equal(y, torch.cat([a, b], 1))  # bit-exact: nothing to fold, nothing changes at insertion
+    (y * w).sum().backward()
+    alpha = torch.softmax(torch.tensor([0.7, -0.3], dtype=torch.float64), 0)
+    assert torch.allclose(a.grad, 2 * float(alpha[0]) * w[:, :8].expand_as(a), rtol=1e-6)
+    assert torch.allclose(b.grad, 2 * float(alpha[1]) * w[:, 8:].expand_as(b), rtol=1e-6)
+    # the meter sees the gradient that reaches each branch (after the scaling), as in the paper form
+    g = node.update_lambda()
+    assert torch.allclose(g.double(), torch.stack([a.grad.norm(), b.grad.norm()]), rtol=1e-5)
+    # at alpha = 1/K the node is exactly a Concat in both passes
+    fresh = GABFusion(n_branches=2, channels=24).train()
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    (fresh([a2, b2]) * w).sum().backward()
+    assert torch.equal(a2.grad, w[:, :8].expand_as(a)) and torch.equal(b2.grad, w[:, 8:].expand_as(b))
+
+
+def test_grad_form_balances_gradient_norms():
+    torch.manual_seed(0)
+    c = 16
+    t1, t2 = _centred_targets(c)
+    node = GABFusion(n_branches=2, channels=2 * c).train()
+    f1, f2 = _toy_loss(node, c, t1, t2)
+    assert float(f2.grad.norm() / f1.grad.norm()) > 3.0
+    node.update_lambda()
+    for _ in range(150):
+        _toy_loss(node, c, t1, t2)
+        node.update_lambda()
+    assert 0.9 < float(node.grad_ema[1] / node.grad_ema[0]) < 1.1  # balanced by the backward scaling alone
+    assert abs(float(node.alpha[1] / node.alpha[0]) - 0.25) < 0.05
+
+
+def test_form_switches_and_learned_needs_the_paper_form():
+    node = GABFusion(n_branches=2, channels=6)
+    with pytest.raises(ValueError, match="form 'paper'"):
+        node.set_mode("learned")
+    with pytest.raises(ValueError, match="form 'paper'"):
+        GABFusion(n_branches=2, channels=6, mode="learned", form="grad")
+    with pytest.raises(ValueError, match="Allowed values: grad, paper"):
+        GABFusion(form="ln")
+    node.set_form("paper").set_mode("learned")
+    assert node.norm.normalized_shape == (6,) and isinstance(node.lam, nn.Parameter)
+    with pytest.raises(ValueError, match="form 'paper'"):
+        node.set_form("grad")
+    node.set_mode("balanced").set_form("grad")
+    assert node.norm is None and set(node.state_dict()) == {"lam", "grad_ema", "n_updates"}
+    # a node pickled before the grad form existed has no 'form' in its __dict__: it unpickles as the paper form
+    old = GABFusion(form="paper", n_branches=2, channels=6)
+    del old.__dict__["form"]
+    assert copy.deepcopy(old).form == "paper"
+
+
+def test_grad_form_insertion_leaves_the_model_unchanged_and_folds_to_identity():
+    torch.manual_seed(0)
+    model = _build("yolov5s.yaml")
+    x = torch.rand(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)[0]
+    insert_gabfusion(model)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], ref)
+    rep = fold_gabfusion(model, x)
+    assert rep["output_rel_change"] == 0.0
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.model if isinstance(m, FoldedFusion))
+
+
 def test_off_mode_is_plain_concat_and_still_measures():
-    node = GABFusion(n_branches=2, channels=8, mode="off").train()
+    node = GABFusion(form="paper", n_branches=2, channels=8, mode="off").train()
     a, b = torch.randn(1, 3, 2, 2, requires_grad=True), torch.randn(1, 5, 2, 2, requires_grad=True)
     y = node([a, b])
     assert torch.equal(y, torch.cat([a, b], 1))
@@ -133,7 +207,7 @@ def test_alpha_stays_on_simplex():
     c = 4
     t1, t2 = _centred_targets(c)
     for mode in ("balanced", "learned"):
-        node = GABFusion(n_branches=2, channels=2 * c, mode=mode, eta=5.0).train()  # huge steps on purpose
+        node = GABFusion(form="paper", n_branches=2, channels=2 * c, mode=mode, eta=5.0).train()  # huge steps on purpose
         opt = torch.optim.SGD(node.fusion_parameters() or [torch.zeros(1, requires_grad=True)], lr=50.0)
         for _ in range(30):
             _toy_loss(node, c, t1, t2, gain=100.0)
@@ -143,7 +217,7 @@ def test_alpha_stays_on_simplex():
             a = node.alpha
             assert torch.all(a > 0) and torch.isfinite(a).all()
             assert abs(float(a.sum()) - 1.0) < 1e-6
-    three = GABFusion(n_branches=3, channels=6)
+    three = GABFusion(form="paper", n_branches=3, channels=6)
     three.lam.copy_(torch.tensor([80.0, -80.0, 0.0]))
     assert abs(float(three.alpha.sum()) - 1) < 1e-6 and torch.all(three.alpha >= 0)
 
@@ -152,7 +226,7 @@ def test_balanced_drives_gradient_ratio_to_one():
     torch.manual_seed(0)
     c = 16
     t1, t2 = _centred_targets(c)
-    node = GABFusion(n_branches=2, channels=2 * c).train()  # paper defaults: beta 0.1, eta 0.05
+    node = GABFusion(form="paper", n_branches=2, channels=2 * c).train()  # paper defaults: beta 0.1, eta 0.05
     f1, f2 = _toy_loss(node, c, t1, t2)
     assert float(f2.grad.norm() / f1.grad.norm()) > 3.0  # the imbalance is there at the start
     node.update_lambda()
@@ -172,7 +246,7 @@ def test_balanced_drives_gradient_ratio_to_one():
 
 
 def test_gradient_measurement_accumulates_and_isolates_branch():
-    node = GABFusion(n_branches=2, channels=4, mode="balanced", eta=0.0).train()
+    node = GABFusion(form="paper", n_branches=2, channels=4, mode="balanced", eta=0.0).train()
     ref = copy.deepcopy(node).eval()  # same function, no meters
     assert node.update_lambda() is None  # nothing accumulated: no-op
     w = torch.arange(4.0).view(1, 4, 1, 1)
@@ -191,7 +265,7 @@ def test_gradient_measurement_accumulates_and_isolates_branch():
 
 
 def test_rms_norm_divides_by_sqrt_numel():
-    node = GABFusion(n_branches=2, channels=12, rms=True, mode="off").train()
+    node = GABFusion(form="paper", n_branches=2, channels=12, rms=True, mode="off").train()
     a, b = torch.randn(1, 4, 2, 2, requires_grad=True), torch.randn(1, 8, 2, 2, requires_grad=True)
     node([a, b]).sum().backward()
     g = node.update_lambda()
@@ -199,7 +273,7 @@ def test_rms_norm_divides_by_sqrt_numel():
 
 
 def test_nonfinite_step_is_skipped():
-    node = GABFusion(n_branches=2, channels=4).train()
+    node = GABFusion(form="paper", n_branches=2, channels=4).train()
     node._grad_sq.copy_(torch.tensor([float("inf"), 1.0]))
     node._pending, node._grad_numel = 2, [4, 4]  # an AMP overflow step
     assert node.update_lambda() is not None
@@ -207,7 +281,7 @@ def test_nonfinite_step_is_skipped():
 
 
 def test_frozen_branch_is_still_measured():
-    node = GABFusion(n_branches=2, channels=4).train()
+    node = GABFusion(form="paper", n_branches=2, channels=4).train()
     frozen = torch.randn(1, 2, 3, 3)  # e.g. from a frozen backbone layer: no requires_grad
     live = torch.randn(1, 2, 3, 3, requires_grad=True)
     (node([live, frozen]) * torch.arange(4.0).view(1, 4, 1, 1)).sum().backward()
@@ -218,10 +292,10 @@ def test_frozen_branch_is_still_measured():
 
 
 def test_learned_is_parameter_balanced_is_buffer():
-    learned = GABFusion(n_branches=2, channels=8, mode="learned")
+    learned = GABFusion(form="paper", n_branches=2, channels=8, mode="learned")
     assert isinstance(learned.lam, nn.Parameter)
     assert learned.fusion_parameters() == [learned.lam]
-    balanced = GABFusion(n_branches=2, channels=8)
+    balanced = GABFusion(form="paper", n_branches=2, channels=8)
     assert not isinstance(balanced.lam, nn.Parameter) and "lam" in dict(balanced.named_buffers())
     assert all(p is not balanced.lam for p in balanced.parameters()) and balanced.fusion_parameters() == []
     assert len(list(balanced.parameters())) == 2  # LN gamma, beta
@@ -229,7 +303,7 @@ def test_learned_is_parameter_balanced_is_buffer():
     balanced.lam.fill_(0.7)
     balanced.set_mode("learned")
     assert isinstance(balanced.lam, nn.Parameter) and float(balanced.lam.detach()[0]) == pytest.approx(0.7)
-    assert set(balanced.state_dict()) == set(GABFusion(n_branches=2, channels=8).state_dict())
+    assert set(balanced.state_dict()) == set(GABFusion(form="paper", n_branches=2, channels=8).state_dict())
 
 
 def test_bad_arguments_raise():
@@ -238,12 +312,12 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="beta"):
         GABFusion(beta=0.0)
     with pytest.raises(ValueError, match="tau"):
-        GABFusion(n_branches=2, tau=[0.0])
+        GABFusion(form="paper", n_branches=2, tau=[0.0])
     model = _build("yolov5s.yaml")
     with pytest.raises(ValueError, match="Allowed values"):
         insert_gabfusion(model, mode="on")
     with pytest.raises(ValueError, match="Unknown GABFusion option"):
-        insert_gabfusion(model, mode="balanced", gamma=1.0)
+        insert_gabfusion(model, form="paper", mode="balanced", gamma=1.0)
 
 
 def test_model_without_neck_concat_raises():
@@ -262,13 +336,13 @@ def test_model_without_neck_concat_raises():
 
 
 def test_lazy_channels_and_state_dict_load():
-    lazy = GABFusion(n_branches=2)
+    lazy = GABFusion(form="paper", n_branches=2)
     assert lazy.norm is None
     y = lazy([torch.randn(1, 3, 2, 2), torch.randn(1, 5, 2, 2)])
     assert y.shape[1] == 8 and lazy.norm.weight.shape == (8,)
-    src = GABFusion(n_branches=2, channels=8)
+    src = GABFusion(form="paper", n_branches=2, channels=8)
     src.norm.weight.data.fill_(2.0)
-    fresh = GABFusion(n_branches=2)
+    fresh = GABFusion(form="paper", n_branches=2)
     fresh.load_state_dict(src.state_dict())
     assert torch.equal(fresh.norm.weight, src.norm.weight)
 
@@ -278,7 +352,7 @@ def test_lazy_channels_and_state_dict_load():
 def test_insert_into_stock_models(name):
     stock = _build(name)
     model = _build(name)
-    idx = insert_gabfusion(model, mode="balanced")
+    idx = insert_gabfusion(model, form="paper", mode="balanced")
     assert idx == EXPECTED[name] == neck_concat_indices(model)
     nodes = [m for m in model.model if isinstance(m, GABFusion)]
     assert [n.i for n in nodes] == EXPECTED[name]
@@ -287,7 +361,7 @@ def test_insert_into_stock_models(name):
         assert (n.f, n.d, n.n_branches) == (old.f, old.d, 2)
         assert n.norm.normalized_shape == (sum(w),) and n.type.endswith("GABFusion") and n.np == 2 * sum(w)
     # idempotent: a second call only sets the mode
-    assert insert_gabfusion(model, mode="learned", beta=0.2) == idx
+    assert insert_gabfusion(model, form="paper", mode="learned", beta=0.2) == idx
     assert all(n.mode == "learned" and n.beta == 0.2 for n in nodes) and nodes[0] is model.model[idx[0]]
     set_fusion_mode(model, "balanced")
     # stock FP weights transfer completely
@@ -316,9 +390,11 @@ def test_gab_yaml_builds_s_scale(name):
     assert neck_concat_indices(net) == EXPECTED[name]
     assert [m.i for m in net.model if isinstance(m, GABFusion)] == EXPECTED[name]
     assert all(net.model[i].mode == "balanced" and net.model[i].type.endswith("GABFusion") for i in EXPECTED[name])
-    ln = 2 * sum(sum(w) for w in WIDTHS[name])
     n_stock = sum(p.numel() for p in stock.model.parameters())
-    assert sum(p.numel() for p in net.parameters()) == n_stock + ln
+    assert all(net.model[i].form == "grad" for i in EXPECTED[name])  # default form: no parameters of its own
+    assert sum(p.numel() for p in net.parameters()) == n_stock
+    set_fusion_mode(net, "balanced", form="paper")  # the paper form adds a LayerNorm affine per node
+    assert sum(p.numel() for p in net.parameters()) == n_stock + 2 * sum(sum(w) for w in WIDTHS[name])
     assert len(intersect_dicts(stock.model.state_dict(), net.state_dict())) == len(stock.model.state_dict())
 
 
@@ -343,14 +419,15 @@ def test_yaml_rows_take_mode_and_options_and_registration_is_idempotent():
     a, b = m.model[4], m.model[6]
     assert isinstance(a, GABFusion) and a.mode == "learned" and a.rms and a.beta == 0.3
     assert a.norm.normalized_shape == (64 + 32,) and isinstance(a.lam, nn.Parameter)
-    assert isinstance(b, GABFusion) and b.mode == "balanced" and b.norm.normalized_shape == (32 + 64,)
+    assert a.form == "paper"  # learned implies the paper form
+    assert isinstance(b, GABFusion) and b.mode == "balanced" and b.form == "grad" and b.norm is None
     assert m.model[-1].cv2[0][0].conv.in_channels == 96  # Detect saw the summed channel counts
     assert neck_concat_indices(m) == [4, 6]
 
 
 def test_half_keeps_fp32_state_and_pickle_roundtrip(tmp_path):
     model = _build("yolov5s.yaml")
-    insert_gabfusion(model, mode="balanced")
+    insert_gabfusion(model, form="paper", mode="balanced")
     nodes = gf.fusion_nodes(model)
     with torch.no_grad():
         for n in nodes:
@@ -380,7 +457,7 @@ def test_half_keeps_fp32_state_and_pickle_roundtrip(tmp_path):
 
 def test_update_fusion_and_ema_sync():
     model = _build("yolov5s.yaml")
-    insert_gabfusion(model, mode="balanced", eta=0.5)
+    insert_gabfusion(model, form="paper", mode="balanced", eta=0.5)
     ema = ModelEMA(model)
     model.train()
     x = torch.rand(2, 3, 64, 64)
@@ -407,7 +484,7 @@ def test_update_fusion_under_torch_distributed(tmp_path):
         pytest.skip("torch.distributed unavailable or already initialised")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        node = GABFusion(n_branches=2, channels=4).train()
+        node = GABFusion(form="paper", n_branches=2, channels=4).train()
         a, b = torch.randn(1, 2, 2, 2, requires_grad=True), torch.randn(1, 2, 2, 2, requires_grad=True)
         (node([a, b]) * torch.arange(4.0).view(1, 4, 1, 1)).sum().backward()
         assert update_fusion(node) == 1
@@ -421,7 +498,7 @@ def test_update_fusion_under_torch_distributed(tmp_path):
 def test_calibrate_identity_reduces_error():
     torch.manual_seed(0)
     model = _build("yolov5s.yaml")
-    insert_gabfusion(model)
+    insert_gabfusion(model, form="paper")
     x = torch.rand(8, 3, 64, 64)
     _lively(model, x)
     model.train()
@@ -436,7 +513,7 @@ def test_calibrate_identity_reduces_error():
 def test_fold_gabfusion_within_tolerance():
     torch.manual_seed(0)
     model = _build("yolo11s.yaml")
-    insert_gabfusion(model)
+    insert_gabfusion(model, form="paper")
     x = torch.rand(8, 3, 64, 64)
     _lively(model, x)
     calibrate_identity(model, x)
@@ -465,7 +542,7 @@ def test_fold_gabfusion_within_tolerance():
 # ------------------------------------------------------------------------------------------------ telemetry
 def test_telemetry_writes_csv_and_png(tmp_path):
     model = _build("yolov5s.yaml")
-    insert_gabfusion(model, mode="learned")  # grad norms are measured in every mode
+    insert_gabfusion(model, form="paper", mode="learned")  # grad norms are measured in every mode
     model.train()
     x = torch.rand(1, 3, 64, 64)
     tel = FusionTelemetry()

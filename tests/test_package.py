@@ -90,7 +90,7 @@ def test_quantizer_and_fusion_state_survive_half_bit_exactly():
     assert conv.weight.dtype == torch.float16  # the conv itself follows .half()
     assert conv.input_shift.dtype == torch.float32 and conv.input_shift.item() == torch.tensor(0.1234567).item()
 
-    g = GABFusion(1, n_branches=2, channels=8)
+    g = GABFusion(1, n_branches=2, channels=8, form="paper")
     with torch.no_grad():
         g.norm.weight.add_(1e-4)
     w = g.norm.weight.detach().clone()

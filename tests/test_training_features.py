@@ -22,14 +22,15 @@ def qat_train(fp, data, tmp_path, **kw):
 
 
 # ------------------------------------------------------------------------------------------------- GABFusion
-@pytest.mark.parametrize("qat", ["none", "lsq"])
-def test_gabfusion_training_with_and_without_quantization(qat, tmp_path, tiny_data, fp_ckpt):
+@pytest.mark.parametrize("qat,form", [("none", "paper"), ("lsq", None)])
+def test_gabfusion_training_with_and_without_quantization(qat, form, tmp_path, tiny_data, fp_ckpt):
     from ultralytics_gabfusion.fusion import GABFusion
 
-    model = qat_train(fp_ckpt["yolov5s"], tiny_data, tmp_path, qat=qat, gab="balanced", epochs=2)
+    model = qat_train(fp_ckpt["yolov5s"], tiny_data, tmp_path, qat=qat, gab="balanced", gab_form=form, epochs=2)
     run = Path(model.trainer.save_dir)
     nodes = [m for m in model.trainer.model.modules() if isinstance(m, GABFusion)]
-    assert [n.i for n in nodes] == [12, 16, 19, 22]
+    assert [n.i for n in nodes] == [12, 16, 19, 22] and all(n.form == (form or "grad") for n in nodes)
+    assert model.trainer.model.gabfusion["gab_form"] == (form or "grad")  # the form built is recorded
     rows = list(csv.DictReader(open(run / "gabfusion.csv")))
     assert {r["layer"] for r in rows} == {"12", "16", "19", "22"} and {r["epoch"] for r in rows} == {"1", "2"}
     # 2 batches/epoch with accumulate=4: the first optimizer step (and gradient measurement) is in epoch 2
@@ -97,7 +98,9 @@ def test_ada_run_logs_loss_and_never_saves_teacher(attn, div, qat, tmp_path, tin
     run = Path(model.trainer.save_dir)
     header = (run / "results.csv").read_text().splitlines()[0].split(",")
     assert "train/ada_loss" in header and "val/ada_loss" in header and "ada/ratio" in header
+    assert "ada/grad_ratio" in header
     row = list(csv.DictReader(open(run / "results.csv")))[0]
+    assert 0 < float(row["ada/grad_ratio"]) < 1e3  # measured: ADA's gradient / the detection gradient at the features
     # val/ada_loss is the same weighted term on the EMA model: positive (P != R) and logged with significant digits
     # (in eval mode both models use running BN statistics, so it is orders of magnitude below the training term,
     # where the student normalises with batch statistics and the teacher with running ones)

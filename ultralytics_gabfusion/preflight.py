@@ -26,7 +26,7 @@ from ultralytics.utils.patches import torch_load
 
 from .distill import check_layer_indices, check_teacher, default_layers, has_quant_modules, load_teacher
 from .fusion import GABFusion, insert_gabfusion
-from .qat_setup import resolve_mixed_precision
+from .qat_setup import fusion_form, resolve_mixed_precision
 from .quant.convert import plan_policy
 from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, QATConfig, check_writable_dir, validate_settings
 
@@ -267,6 +267,7 @@ def preflight_train(merged: dict, overrides: dict) -> None:
     if merged.get("qat_skip"):
         check_layer_indices(merged["qat_skip"], n_layers, "model")
     if merged.get("gab", "off") != "off":
+        fusion_form(QATConfig.from_keys(merged), net, merged.get("model"))  # a trained node of another form: refused
         if not any(isinstance(m, GABFusion) for m in student.modules()):
             try:
                 insert_gabfusion(student, mode=merged["gab"])

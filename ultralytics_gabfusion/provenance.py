@@ -13,6 +13,8 @@ Examples:
 
 from __future__ import annotations
 
+import csv
+
 import os
 import platform
 import subprocess
@@ -122,4 +124,28 @@ def epochs_run(run_dir: str | os.PathLike) -> int | None:
     return max(len([ln for ln in f.read_text().splitlines() if ln.strip()]) - 1, 0)
 
 
-__all__ = ["PKG_ROOT", "cpu_name", "environment", "epochs_run", "git_commit"]
+def epoch_columns(run_dir: str | os.PathLike, columns: dict[str, str]) -> dict[str, list[float]]:
+    """Per-epoch values of some ``results.csv`` columns of an Ultralytics run (absent columns are left out).
+
+    Args:
+        run_dir (str | os.PathLike): The run directory.
+        columns (dict[str, str]): ``{name in the result: results.csv column}``.
+
+    Returns:
+        (dict[str, list[float]]): ``{name: [value per epoch]}`` (empty without a ``results.csv``).
+    """
+    f = Path(run_dir) / "results.csv"
+    if not f.exists():
+        return {}
+    with open(f, newline="") as fh:
+        rows = [{k.strip(): v for k, v in r.items() if k} for r in csv.DictReader(fh)]
+    out = {}
+    for name, col in columns.items():
+        try:
+            out[name] = [float(r[col]) for r in rows]
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+__all__ = ["PKG_ROOT", "cpu_name", "environment", "epoch_columns", "epochs_run", "git_commit"]

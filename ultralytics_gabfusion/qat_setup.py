@@ -63,10 +63,11 @@ def build_structure(model, cfg: QATConfig, weights=None, verbose: bool = False, 
             f"GABTrainer trains detection models, but {source or 'this model'} ends in {type(head).__name__}, not Detect. Use a "
             f"detection YAML or checkpoint (e.g. yolov5s.yaml, yolo11s.yaml)."
         )
+    form = fusion_form(cfg, weights, source)
     if cfg.gab != "off":
-        nodes = insert_gabfusion(model, mode=cfg.gab, **cfg.fusion_options)
+        nodes = insert_gabfusion(model, mode=cfg.gab, form=form, **cfg.fusion_options)
         if verbose:
-            LOGGER.info(f"{PREFIX}GABFusion ({cfg.gab}) at layers {nodes}")
+            LOGGER.info(f"{PREFIX}GABFusion ({cfg.gab}, form {form}) at layers {nodes}")
     elif any(isinstance(m, GABFusion) for m in model.modules()):
         set_fusion_mode(model, "off")
     if cfg.quantized:
@@ -79,11 +80,31 @@ def build_structure(model, cfg: QATConfig, weights=None, verbose: bool = False, 
     if weights:
         model.load(weights, verbose=verbose)
         has_trained_gab = any(isinstance(m, GABFusion) for m in weights.modules())
-        model.gab_identity_pending = cfg.gab != "off" and cfg.gab_calib and not has_trained_gab
+        model.gab_identity_pending = cfg.gab != "off" and form == "paper" and cfg.gab_calib and not has_trained_gab
     if cfg.quantized:  # from the loaded weights, not the random init
         init_weight_quantizers(model, only_uninitialized=True, init=cfg.qat_init)
-    model.gabfusion = {"version": __version__, **dict(sorted(cfg.as_dict().items()))}  # saved in checkpoints
+    keys = {**cfg.as_dict(), "gab_form": form if cfg.gab != "off" else cfg.gab_form}  # the form actually built
+    model.gabfusion = {"version": __version__, **dict(sorted(keys.items()))}  # saved in checkpoints
     return model
+
+
+def fusion_form(cfg: QATConfig, weights=None, source: str | None = None) -> str:
+    """The GABFusion form of the run: ``gab_form``, else the form already in ``weights``, else grad (paper if learned).
+
+    Raises:
+        ValueError: ``weights`` holds trained GABFusion nodes of another form than ``gab_form`` (switching would
+            discard or invent the trained LayerNorm and change what the model computes).
+    """
+    have = sorted({n.form for n in (weights.modules() if weights is not None else ()) if isinstance(n, GABFusion)})
+    if cfg.gab_form is None:
+        return have[0] if len(have) == 1 else ("paper" if cfg.gab == "learned" else "grad")
+    if cfg.gab != "off" and have and have != [cfg.gab_form]:
+        raise ValueError(
+            f"{source or 'the starting checkpoint'} holds GABFusion nodes of form {'/'.join(have)}, but "
+            f"gab_form={cfg.gab_form}: pass gab_form={have[0]} (or omit it) to continue from it, or start from the FP "
+            f"checkpoint to train the other form."
+        )
+    return cfg.gab_form
 
 
 def resolve_mixed_precision(model, cfg: QATConfig, verbose: bool = False) -> dict | None:
@@ -246,5 +267,5 @@ def prepare_qat_model(model, cfg: QATConfig, images: list, weights=None, teacher
     return model, None
 
 
-__all__ = ["attach_ada", "build_structure", "calibrate_model", "consumer_quantizer", "gather_batches",
+__all__ = ["attach_ada", "build_structure", "calibrate_model", "consumer_quantizer", "fusion_form", "gather_batches",
            "needs_calibration", "prepare_qat_model", "qada_quantizers", "resolve_mixed_precision"]

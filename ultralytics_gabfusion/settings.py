@@ -31,6 +31,7 @@ QUANT_METHODS = ("lsq", "lsqplus", "pact", "n2uq")
 QAT_METHODS = ("none", *QUANT_METHODS)
 MIN_BITS, MAX_BITS = 2, 8
 GAB_MODES = ("balanced", "learned", "off")
+GAB_FORMS = ("grad", "paper")  # GABFusion: balancing in the backward pass only, or the paper's alpha + LayerNorm
 ADA_ATTNS = ("simam", "qada")
 ADA_DIVS = ("kl", "js")
 ACT_GRIDS = ("auto", "signed", "unsigned")  # activation grids of quant.grids
@@ -283,6 +284,15 @@ def _float_range(lo: float, hi: float | None = None, lo_open: bool = False) -> C
     return lambda key, v: as_float(key, v, lo, hi, lo_open)
 
 
+def _optional_choice(*allowed: str) -> Callable[[str, Any], Any]:
+    inner = _choice(*allowed)
+
+    def check(key, v):
+        return None if v in (None, "", "none", "None") else inner(key, v)
+
+    return check
+
+
 def _optional_float(lo: float) -> Callable[[str, Any], Any]:
     inner = _float_range(lo, lo_open=True)
 
@@ -428,6 +438,9 @@ SETTINGS: dict[str, Setting] = {
     "gab_eps": Setting(1e-12, "epsilon inside log(G + eps) (balanced)", _float_range(0.0, lo_open=True)),
     "gab_tau": Setting(None, "per-branch log-ratio targets tau_i (balanced; None = 0)", _float_list_or_none),
     "gab_rms": Setting(False, "use size-normalised gradient norms ||g||/sqrt(numel) (balanced)", as_bool),
+    "gab_form": Setting(None, "GABFusion form: grad (forward = the Concat, gradients rescaled; default), paper "
+                        "(alpha + LayerNorm in the forward); None = the form already in the model, else grad (paper "
+                        "for gab=learned)", _optional_choice(*GAB_FORMS)),
     "gab_calib": Setting(True, "fit the LayerNorm affine so a GABFusion node starts close to the Concat it replaced", as_bool),
     # ADA distillation
     "ada": Setting(0.0, "ADA loss weight (0 = off; paper: 0.01)", _float_range(0.0)),
@@ -496,6 +509,7 @@ class QATConfig:
     gab_eps: float
     gab_tau: tuple | None
     gab_rms: bool
+    gab_form: str | None
     gab_calib: bool
     ada: float
     ada_attn: str
@@ -584,6 +598,9 @@ def check_consistency(args) -> None:
     if budget is not None and not isinstance(layer_bits, str):
         raise SettingsError("'qat_bits_budget' applies to qat_layer_bits=<sensitivity.csv>; pass that CSV, or drop the "
                          "budget when giving a {layer: bits} mapping.")
+    if get("gab") == "learned" and get("gab_form") == "grad":
+        raise SettingsError("'gab=learned' trains alpha through the forward pass, which 'gab_form=grad' leaves untouched: "
+                            "use gab_form=paper with gab=learned, or gab=balanced.")
     if get("ada_attn") == "qada" and get("qat") == "none" and (get("ada") or 0) > 0:
         raise SettingsError("'ada_attn=qada' uses the student's quantizers: set qat=lsq|lsqplus|pact|n2uq or ada_attn=simam.")
 

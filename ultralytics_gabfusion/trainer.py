@@ -383,9 +383,15 @@ def _log_ada_ratio(trainer):
     if crit is None or not hasattr(crit, "pop_ratio"):
         return
     ratio = crit.pop_ratio()
+    share = crit.pop_grad_share() if hasattr(crit, "pop_grad_share") else None
     if ratio is not None:
         trainer.lr["ada/ratio"] = round(float(ratio), 6)  # saved with the lr columns of results.csv
-        LOGGER.info(f"{PREFIX}weighted ADA / detection loss = {ratio:.3g}")
+    if share is not None:
+        trainer.lr["ada/grad_ratio"] = round(float(share), 6)
+    if ratio is not None or share is not None:
+        LOGGER.info(f"{PREFIX}weighted ADA / detection loss = {ratio if ratio is not None else float('nan'):.3g}; "
+                    f"ADA / detection gradient norm at the supervised features = "
+                    f"{share if share is not None else float('nan'):.3g}")
 
 
 __all__ = ["GABTrainer", "plugin_cfg"]

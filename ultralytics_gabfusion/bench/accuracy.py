@@ -56,7 +56,7 @@ from .accuracy_settings import (
     resolve_settings,
     synth_settings,
 )
-from .arms import ARM_LABELS, ARM_SETTINGS, ARMS, METHOD_DEFAULTS, METHODS, PAPER_SCHEDULE
+from .arms import ARM_LABELS, ARM_SETTINGS, ARMS, METHOD_DEFAULTS, METHODS, PAPER_SCHEDULE, STEP0, is_step0
 from .common import fingerprint, write_json
 
 
@@ -88,7 +88,7 @@ def run_bench(s: dict) -> int:
             fp_rec = run_once(s, rec, fp_fp, train_fp(s, entry, data, seed, fp_id))
             records.append(fp_rec)
             qat_plan = [(m, b, a) for m in s["methods"] for b in s["bits"] for a in s["arms"]]
-            if fp_rec["status"] == "failed":
+            if fp_rec["status"] in ("failed", "missing"):
                 for m, b, a in qat_plan:
                     records.append({"id": f"{entry['label']}-s{seed}-{m}-w{b}a{b}-{a}", "model": entry["label"],
                                     "seed": seed, "kind": "qat", "method": m, "bits": b, "arm": a,
@@ -102,7 +102,7 @@ def run_bench(s: dict) -> int:
                 rec = {"id": run_id, "model": entry["label"], "seed": seed, "kind": "qat", "method": method,
                        "bits": bits, "arm": arm, "data": data, "train_args": args, "fp_weights": fp_weights}
                 LOGGER.info(f"bench: ---- {run_id} ----")
-                fn = (quantize_ptq(s, fp_weights, data, seed, run_id, method, bits) if arm == "ptq" else
+                fn = (quantize_ptq(s, fp_weights, data, seed, run_id, method, bits, arm) if is_step0(arm) else
                       train_qat(s, fp_weights, data, seed, run_id, method, bits, arm))
                 records.append(run_once(s, rec, fpr, fn))
     rows = report.aggregate(records, s)
@@ -119,7 +119,7 @@ def run_bench(s: dict) -> int:
         "rows": rows,
         "wall_s": round(time.perf_counter() - t_start, 2),
         "resumed": [r["id"] for r in records if r.get("cached")],
-        "failed": [r["id"] for r in records if r.get("status") in ("failed", "skipped")],
+        "failed": [r["id"] for r in records if r.get("status") in ("failed", "skipped", "missing")],
     }
     write_json(s["out"] / "bench.json", result)
     table = report.markdown(result)
@@ -160,7 +160,8 @@ def accuracy_main(argv: list[str]) -> int:
 # The accuracy benchmark's public names, most defined in .arms, .accuracy_settings and .accuracy_runs: all of them
 # import from here, as callers and scripts expect.
 __all__ = [
-    "ARMS", "ARM_LABELS", "ARM_SETTINGS", "DEFAULTS", "HELP", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE",
+    "ARMS", "ARM_LABELS", "ARM_SETTINGS", "DEFAULTS", "HELP", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "STEP0",
+    "is_step0",
     "PRESETS", "RESERVED", "SHARED_KEYS", "SYNTH_MAX_OBJECTS", "SYNTH_SEED", "accuracy_main", "fp_train_args",
     "help_text", "loadable_fp", "prepare_data", "qat_train_args", "quantize_ptq", "resolve_settings", "run_bench",
     "run_once", "stable_args", "synth_settings", "train_fp", "train_qat", "val_key", "validate_weights",

@@ -20,7 +20,7 @@ from ultralytics.utils import LOGGER
 from ultralytics.utils.checks import check_yolov5u_filename
 
 from ..data.synth import load_synth_info, make_synthetic_dataset
-from ..provenance import epochs_run
+from ..provenance import epoch_columns, epochs_run
 from ..ptq import post_training_quantize
 from ..quant.mixed import model_size_bytes
 from ..trainer import GABTrainer
@@ -28,6 +28,10 @@ from .accuracy_settings import synth_settings
 from .arms import ARM_SETTINGS, METHOD_DEFAULTS, PAPER_SCHEDULE
 from .common import write_json
 
+# results.csv columns kept per epoch in each run's record (bench.json): the EMA model's val mAP and ADA's size
+# relative to the detection loss (ada/ratio) and to its gradient at the supervised features (ada/grad_ratio).
+EPOCH_COLUMNS = {"mAP50": "metrics/mAP50(B)", "mAP50_95": "metrics/mAP50-95(B)", "ada_ratio": "ada/ratio",
+                 "ada_grad_ratio": "ada/grad_ratio"}
 # Ultralytics keys that also apply to the FP run (compute/data handling); every other extra key is QAT-only.
 SHARED_KEYS = {"amp", "cache", "fraction", "single_cls", "classes", "rect", "half", "deterministic", "verbose"}
 
@@ -77,7 +81,7 @@ def qat_train_args(s: dict, data: str, seed: int, name: str, method: str, bits: 
     Returns:
         (dict): Keyword arguments of ``YOLO(fp).train(trainer=GABTrainer, ...)`` (or of PTQ for the ``ptq`` arm).
     """
-    gab, use_ada = ARM_SETTINGS[arm]
+    gab, use_ada, form, _ = ARM_SETTINGS[arm]
     kw = {**PAPER_SCHEDULE, "qat_lr": METHOD_DEFAULTS[method]["qat_lr"]}
     kw.update(s["recipe_cfg"])
     kw.update(s["extra"])
@@ -86,6 +90,8 @@ def qat_train_args(s: dict, data: str, seed: int, name: str, method: str, bits: 
     if s["time"]:
         kw["time"] = s["time"]
     kw.update({"qat": method, "w_bits": bits, "a_bits": bits, "gab": gab, "ada": s["ada"] if use_ada else 0.0})
+    if form is not None:
+        kw["gab_form"] = form
     kw["ada_div"] = s["ada_div"] or s["recipe_cfg"].get("ada_div") or METHOD_DEFAULTS[method]["ada_div"]
     return kw
 
@@ -128,6 +134,11 @@ def run_once(s: dict, rec: dict, fp: str, train_fn: Callable[[], dict]) -> dict:
         (dict): The completed record, a stored one (``cached`` True), or one with ``status`` failed.
     """
     res_file = s["out"] / "results" / f"{rec['id']}.json"
+    if s.get("report_only"):  # the weights may be gone (copied from another machine): the stored record suffices
+        old = _stored_result(res_file, fp, need_weights=False) if res_file.exists() else None
+        if old is None:
+            return {**rec, "status": "missing", "error": "no stored result (report_only)"}
+        return {**old, "cached": True}
     if res_file.exists():
         old = _stored_result(res_file, fp)
         if old is not None:
@@ -155,14 +166,14 @@ def run_once(s: dict, rec: dict, fp: str, train_fn: Callable[[], dict]) -> dict:
     return rec
 
 
-def _stored_result(res_file: Path, fp: str) -> dict | None:
+def _stored_result(res_file: Path, fp: str, need_weights: bool = True) -> dict | None:
     """A stored result still valid for fingerprint ``fp`` (finished, its weights still there), else None."""
     try:
         old = json.loads(res_file.read_text())
     except (OSError, ValueError):
         return None
     if old and old.get("fingerprint") == fp and old.get("status") in ("trained", "given") and \
-            Path(old.get("weights", "")).is_file():
+            (not need_weights or Path(old.get("weights", "")).is_file()):
         return old
     return None
 
@@ -230,12 +241,12 @@ def train_qat(s: dict, fp_weights: str, data: str, seed: int, run_id: str, metho
 
 
 def quantize_ptq(s: dict, fp_weights: str, data: str, seed: int, run_id: str, method: str,
-                 bits: int) -> Callable[[], dict]:
-    """The PTQ arm: the FP checkpoint converted and calibrated, no training step."""
+                 bits: int, arm: str = "ptq") -> Callable[[], dict]:
+    """A step-0 arm (``ptq``, ``ptq_gab`` ...): the FP checkpoint converted and calibrated, no training step."""
     def fn():
         run_dir = s["out"] / "runs" / run_id
         shutil.rmtree(run_dir, ignore_errors=True)
-        args = qat_train_args(s, data, seed, run_id, method, bits, "ptq")
+        args = qat_train_args(s, data, seed, run_id, method, bits, arm)
         weights = post_training_quantize(fp_weights, **args)
         return {"status": "trained", "weights": str(weights), "epochs_run": 0, "train_metrics": None}
 
@@ -252,6 +263,7 @@ def _after_train(model, run_dir: Path) -> dict:
         "epochs_run": epochs_run(run_dir),
         "train_metrics": {"mAP50": float(m.get("metrics/mAP50(B)", float("nan"))),
                           "mAP50_95": float(m.get("metrics/mAP50-95(B)", float("nan")))},
+        "per_epoch": epoch_columns(run_dir, EPOCH_COLUMNS),
     }
 
 

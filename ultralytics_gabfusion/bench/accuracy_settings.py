@@ -28,6 +28,7 @@ from ..settings import (
     as_int,
     as_int_list,
     as_list,
+    as_bool,
     as_str_list,
     parse_key_values,
     unknown_key_error,
@@ -40,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "models": ["yolov5s"],
     "methods": ["lsq", "n2uq"],
     "bits": [4],
-    "arms": ["baseline", "gab", "gab_ada"],
+    "arms": ["ptq", "ptq_gab", "baseline", "gab", "gab_ada"],
     "data": None,
     "synth_train": 4000,
     "synth_val": 500,
@@ -53,17 +54,20 @@ DEFAULTS: dict[str, Any] = {
     "seeds": [0],
     "device": None,
     "out": "runs/gab-bench",
-    "ada": 0.01,
+    "ada": 0.1,
     "ada_div": None,
     "workers": None,
     "recipe": None,
     "preset": None,
+    "report_only": False,
 }
 HELP = {
     "models": "model names (-> <name>.yaml, trained from scratch) or FP .pt paths (taken as is)",
     "methods": "quantizers: lsq, lsqplus, pact, n2uq",
     "bits": "bit-widths 2..8, each run as WbAb",
-    "arms": "ptq (calibrated, no training), baseline (QAT), gab (+GABFusion), ada (+ADA), gab_ada (+GABFusion+ADA)",
+    "arms": "trained: baseline (QAT), gab (+GABFusion), ada (+ADA), gab_ada (+GABFusion+ADA), gab_paper / "
+            "gab_paper_ada (GABFusion in the paper's LayerNorm form); step 0 (calibrated, no training): ptq, ptq_gab, "
+            "ptq_gab_paper",
     "data": "data YAML (VOC.yaml, coco.yaml, ...); default: the generated set under out/data",
     "synth_train": "training images of the generated set",
     "synth_val": "validation images of the generated set",
@@ -76,12 +80,16 @@ HELP = {
     "seeds": "seeds; FP and every QAT arm are trained once per seed",
     "device": "cpu, 0, 0,1 ... (default: 0 when CUDA is available, else cpu)",
     "out": "output directory (made absolute)",
-    "ada": "ADA loss weight of the ada/gab_ada arms (paper 0.01)",
+    "ada": "ADA loss weight of the ada/gab_ada arms (0.1: ADA's gradient ~10 % of the detection gradient at the "
+           "supervised features on the shipped model; paper 0.01: ~1 %)",
     "ada_div": "ADA divergence kl|js (default per method: kl for lsq/lsqplus/pact, js for n2uq)",
     "workers": "dataloader workers (default: Ultralytics')",
     "recipe": "cfg/qat recipe YAML applied to every QAT run (its qat/bits/gab/ada keys are set per arm)",
-    "preset": "demo (shipped FP model, CPU minutes), demo-scratch (FP trained here), cpu-study (3 seeds, ~2 h "
-              "CPU) or paper-voc (VOC.yaml, 640 px, batch 64, early stopping)",
+    "report_only": "write the report from the stored results of an earlier (possibly interrupted or parallel) bench "
+                   "with the same settings; nothing is trained, missing runs are listed",
+    "preset": "demo (shipped FP model, CPU minutes), demo-scratch (FP trained here), cpu-study (3 seeds, 3 epochs, "
+              "~2 h CPU), study-long (3 seeds, 10 epochs, step-0 rows, both GABFusion forms; ~3.5 h CPU) or paper-voc "
+              "(VOC.yaml, 640 px, batch 64, early stopping)",
 }
 PRESETS: dict[str, dict] = {
     # The README's main command: from the shipped FP YOLOv5n (zoo), W4A4 LSQ PTQ, then baseline QAT and
@@ -103,6 +111,13 @@ PRESETS: dict[str, dict] = {
                   "warmup_epochs": 0, "methods": ["lsq", "n2uq"], "bits": [4, 3],
                   "arms": ["ptq", "baseline", "gab", "gab_ada"],
                   "seeds": [0, 1, 2]},
+    # The longer study (docs/RESULTS.md): W4A4 and W3A3 LSQ from the shipped FP model, 10 QAT epochs, 3 seeds, every
+    # arm's step-0 model, GABFusion in its default (function-preserving) form with and without ADA and in the paper's
+    # LayerNorm form. ~3.5 h on 2 CPU cores (run it in the background: it resumes), minutes on a GPU.
+    "study-long": {"models": ["yolov5n-synth160"], "imgsz": 160, "batch": 16, "epochs": 10, "fraction": 0.5,
+                   "warmup_epochs": 0, "methods": ["lsq"], "bits": [4, 3],
+                   "arms": ["ptq", "ptq_gab", "ptq_gab_paper", "baseline", "gab", "gab_ada", "gab_paper"],
+                   "seeds": [0, 1, 2]},
     # The paper's protocol: VOC, YOLOv5 hyp.VOC optimiser, batch 64, QAT with early stopping (patience is our
     # choice; the paper does not give it). FP from scratch needs ~300 epochs; pass models=fp.pt to skip it.
     "paper-voc": {"data": "VOC.yaml", "imgsz": 640, "batch": 64, "fp_epochs": 300, "epochs": 100, "patience": 20,
@@ -162,6 +177,7 @@ def resolve_settings(argv: list[str]) -> dict:
     _check_grid(s)
     _check_schedule(s)
     _check_ada(s)
+    s["report_only"] = as_bool("report_only", s["report_only"])
     if s["workers"] is not None:
         s["workers"] = as_int("workers", s["workers"], 0)
     s["device"] = resolve_device("device", s["device"])

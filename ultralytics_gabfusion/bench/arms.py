@@ -9,16 +9,33 @@ from __future__ import annotations
 from ..settings import QUANT_METHODS
 
 METHODS = QUANT_METHODS
-ARMS = ("ptq", "baseline", "gab", "ada", "gab_ada")
-ARM_SETTINGS = {  # arm -> (gab mode, uses ADA)
-    "ptq": ("off", False),  # converted + calibrated, no training step: the drop QAT has to recover
-    "baseline": ("off", False),
-    "gab": ("balanced", False),
-    "ada": ("off", True),
-    "gab_ada": ("balanced", True),
+# arm -> (gab mode, uses ADA, GABFusion form or None for the default, trained). Every trained arm has a step-0 arm
+# (STEP0): the same conversion, calibration and GABFusion insertion with no training step, so a table shows where each
+# arm starts and what training added.
+ARM_SETTINGS = {
+    "ptq": ("off", False, None, False),  # converted + calibrated, no training step: the drop QAT has to recover
+    "ptq_gab": ("balanced", False, None, False),  # step 0 of gab / gab_ada (default, function-preserving form)
+    "ptq_gab_paper": ("balanced", False, "paper", False),  # step 0 of gab_paper (LayerNorm fitted to the Concat)
+    "baseline": ("off", False, None, True),
+    "gab": ("balanced", False, None, True),
+    "ada": ("off", True, None, True),
+    "gab_ada": ("balanced", True, None, True),
+    "gab_paper": ("balanced", False, "paper", True),
+    "gab_paper_ada": ("balanced", True, "paper", True),
 }
-ARM_LABELS = {"ptq": "PTQ (no training)", "baseline": "baseline QAT", "gab": "+GABFusion", "ada": "+ADA",
-              "gab_ada": "+GABFusion+ADA"}
+ARMS = tuple(ARM_SETTINGS)
+STEP0 = {"baseline": "ptq", "ada": "ptq", "gab": "ptq_gab", "gab_ada": "ptq_gab", "gab_paper": "ptq_gab_paper",
+         "gab_paper_ada": "ptq_gab_paper"}
+ARM_LABELS = {"ptq": "PTQ (no training)", "ptq_gab": "PTQ+GABFusion (step 0)",
+              "ptq_gab_paper": "PTQ+GABFusion paper (step 0)", "baseline": "baseline QAT", "gab": "+GABFusion",
+              "ada": "+ADA", "gab_ada": "+GABFusion+ADA", "gab_paper": "+GABFusion (paper form)",
+              "gab_paper_ada": "+GABFusion (paper form)+ADA"}
+
+
+def is_step0(arm: str) -> bool:
+    """Whether ``arm`` is a step-0 (no training) arm."""
+    return not ARM_SETTINGS[arm][3]
+
 
 # The paper's QAT protocol = YOLOv5 hyp.VOC.yaml, every key Ultralytics has, as in the cfg/qat recipes (their
 # comment table says why box/cls keep Ultralytics' gains).
@@ -36,4 +53,4 @@ METHOD_DEFAULTS = {
     "n2uq": {"qat_lr": 0.1, "ada_div": "js"},
 }
 
-__all__ = ["ARMS", "ARM_LABELS", "ARM_SETTINGS", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE"]
+__all__ = ["ARMS", "ARM_LABELS", "ARM_SETTINGS", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "STEP0", "is_step0"]

@@ -13,7 +13,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .arms import ARM_LABELS
+from .arms import ARM_LABELS, is_step0
 
 METRICS = ("mAP50", "mAP50_95")
 METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50-95"}
@@ -69,11 +69,12 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
                     for m in METRICS:
                         row[m] = summarize([qat[k][m] for k in have])
                         row[f"gap_{m}"] = summarize([qat[k][m] - fp[(model, k[1])][m] for k in have])
-                        base = [(k, (model, k[1], method, bits, "baseline")) for k in have]
+                        ref = "ptq" if is_step0(arm) else "baseline"  # a step-0 arm is compared with plain PTQ
+                        base = [(k, (model, k[1], method, bits, ref)) for k in have]
                         base = [(k, b) for k, b in base if b in qat]
                         row[f"gain_{m}"] = summarize([qat[k][m] - qat[b][m] for k, b in base]) if \
-                            "baseline" in s["arms"] else None
-                        row[f"recovered_{m}"] = _recovered(qat, fp, have, m) if arm != "ptq" else None
+                            ref in s["arms"] and arm != ref else None
+                        row[f"recovered_{m}"] = _recovered(qat, fp, have, m) if not is_step0(arm) else None
                     row["epochs_run"] = [qat[k].get("epochs_run") for k in have]
                     row["size_bytes"] = _size([qat[k] for k in have])
                     rows.append(row)
@@ -160,6 +161,8 @@ def markdown(result: dict) -> str:
         gap = "—" if r["arm"] == "fp" else _fmt(r["gap_mAP50_95"], signed=True)
         gain50 = "—" if r["arm"] in ("fp", "baseline", "ptq") else _fmt(r["gain_mAP50"], signed=True)
         gain = "—" if r["arm"] in ("fp", "baseline", "ptq") else _fmt(r["gain_mAP50_95"], signed=True)
+        if r["arm"] not in ("fp", "baseline", "ptq") and is_step0(r["arm"]) and gain50 != "—":
+            gain50, gain = f"{gain50} (vs PTQ)", f"{gain} (vs PTQ)"
         rec = r.get("recovered_mAP50_95")
         rec_txt = "—" if not rec or rec.get("mean") is None else _fmt(rec, scale=100.0) + " %"
         note = f" (failed seeds {r['failed_seeds']})" if r["failed_seeds"] else ""
@@ -324,7 +327,7 @@ def plot_curves(result: dict, path: Path) -> Path | None:
     panels = [(mo, b, me) for mo in s["models"] for b in s["bits"] for me in s["methods"]]
     curves = {}
     for r in runs:
-        if r["kind"] == "qat" and r["arm"] != "ptq":
+        if r["kind"] == "qat" and not is_step0(r["arm"]):
             c = _epoch_curve(r.get("weights"))
             if c:
                 curves.setdefault((r["model"], r["bits"], r["method"], r["arm"]), []).append(c)

@@ -49,6 +49,7 @@ from .loss import (
     _inert_hook,  # noqa: F401 (pickled by this name in checkpoints of attached models)
     _make_inert_hook,  # noqa: F401 (idem)
     divergence,
+    gradient_share,
     js_div,
     kl_div,
     reduce_point,
@@ -76,6 +77,7 @@ __all__ = [
     "check_teacher",
     "default_layers",
     "divergence",
+    "gradient_share",
     "has_quant_modules",
     "is_quantized",
     "js_div",

@@ -47,7 +47,10 @@ from .attention import (
 )
 from .teacher import _layers_of, _param_like, _unwrap, check_layer_indices, has_quant_modules
 
-__all__ = ["DIV_KINDS", "ADACriterion", "ADALoss", "divergence", "js_div", "kl_div", "reduce_point"]
+__all__ = ["DIV_KINDS", "GRAD_SHARE_EVERY", "ADACriterion", "ADALoss", "divergence", "gradient_share", "js_div", "kl_div",
+           "reduce_point"]
+
+GRAD_SHARE_EVERY = 10  # ADA's gradient share is measured on the first training batch of an epoch and every 10th after
 
 DIV_KINDS = ADA_DIVS  # the ada_div choices of settings
 
@@ -119,6 +122,42 @@ def reduce_point(d: torch.Tensor) -> torch.Tensor:
     if d.dim() != 2:
         raise ValueError(f"expected (B, C) divergences, got shape {tuple(d.shape)}")
     return d.sum(dim=1).mean(dim=0)
+
+
+def gradient_share(ada_term: torch.Tensor, det_term: torch.Tensor, features: list) -> torch.Tensor | None:
+    """``||dL_ada/dF|| / ||dL_det/dF||`` at the supervised feature maps F (all points together), or None.
+
+    Both gradients are full derivatives (also through later neck layers that read F), computed with
+    ``torch.autograd.grad`` on the retained graph: nothing accumulates into parameter ``.grad``, and the training
+    backward that follows is unchanged.
+
+    Args:
+        ada_term (torch.Tensor): The weighted ADA term as it enters the training loss.
+        det_term (torch.Tensor): The detection loss as it enters the training loss.
+        features (list[torch.Tensor]): Student feature maps (with graph).
+
+    Returns:
+        (torch.Tensor | None): Float32 scalar on the features' device (no host sync), or None when no feature
+            requires grad.
+
+    Examples:
+        >>> f = torch.ones(1, 1, 2, 2, requires_grad=True)
+        >>> float(gradient_share((0.5 * f).sum(), (2 * f).sum(), [f]))
+        0.25
+    """
+    fs = [f for f in features if isinstance(f, torch.Tensor) and f.requires_grad]
+    if not fs:
+        return None
+
+    def norm(term):
+        if not term.requires_grad:
+            return torch.zeros((), device=fs[0].device)
+        gs = torch.autograd.grad(term, fs, retain_graph=True, allow_unused=True)
+        return torch.sqrt(sum((g.float().square().sum() for g in gs if g is not None),
+                              torch.zeros((), device=fs[0].device)))
+
+    with autocast_off(fs[0].device.type):
+        return norm(ada_term) / norm(det_term).clamp_min(_TINY)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -327,7 +366,7 @@ class ADALoss:
             return simam_scores(x)
         return qada_scores(x, quantizer=quantizer, k=self.k, gamma=self.gamma)
 
-    def __call__(self, student: nn.Module, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, student: nn.Module, img: torch.Tensor, return_features: bool = False) -> tuple:
         """ADA loss for the student's last forward on ``img``.
 
         The student's captured features are consumed (so a stale forward can never be reused and the memory is
@@ -337,8 +376,12 @@ class ADALoss:
             student (nn.Module): An attached student whose forward on ``img`` has just run.
             img (torch.Tensor): The input batch (B, 3, H, W) that forward saw.
 
+            return_features (bool): Also return the student's supervised feature maps (with their graph), in
+                ``self.layers`` order, e.g. to measure gradients at them.
+
         Returns:
-            (tuple[torch.Tensor, torch.Tensor]): (weight * L, L), float32 scalars; L carries the student's graph.
+            (tuple): (weight * L, L), float32 scalars; L carries the student's graph; plus the feature list when
+                ``return_features``.
 
         Raises:
             RuntimeError: Hooks not attached, student forward not run, or feature shapes that do not match.
@@ -373,6 +416,8 @@ class ADALoss:
                 r = attention_distribution(self._scores(fs, self.quantizers.get(j)), self.temperature)
                 d = reduce_point(divergence(p, r, self.div))
                 total = d if total is None else total + d
+        if return_features:
+            return self.weight * total, total, [feats[j] for j in self.layers]
         return self.weight * total, total
 
     def __repr__(self) -> str:
@@ -389,6 +434,10 @@ class ADACriterion:
     ``items`` = {"box_loss", "cls_loss", "dfl_loss"} (``v8DetectionLoss`` in ultralytics 8.4.190). This wrapper
     returns ``cat(loss_vec * batch_size, [batch_size * weight * L_ADA])`` (so ``loss.sum()`` = det + bs * w * L)
     and ``items`` with an extra detached ``"ada_loss"`` = w * L. Unknown attributes are read from ``base``.
+
+    In training it also measures ADA's share of the gradient at the supervised features (:func:`gradient_share`,
+    on the first batch after each :meth:`pop_grad_share` and every ``GRAD_SHARE_EVERY``-th batch after it: two
+    partial backward passes each time), read per epoch with :meth:`pop_grad_share`.
 
     Args:
         base (callable): The detection criterion (e.g. ``model.init_criterion()``).
@@ -407,6 +456,9 @@ class ADACriterion:
         self.student = _unwrap(student)
         self._ratio_sum: torch.Tensor | None = None
         self._ratio_n = 0
+        self._share_sum: torch.Tensor | None = None
+        self._share_n = 0
+        self._train_calls = 0  # training calls since the last pop_grad_share (decides which batches are measured)
         self.weighted_sum, self.calls = 0.0, 0  # unrounded mean of the weighted term (Ultralytics logs 5 decimals)
 
     def __deepcopy__(self, memo: dict) -> None:
@@ -434,13 +486,21 @@ class ADACriterion:
         loss, items = self.base(preds, batch)
         img = batch["img"]
         bs = img.shape[0]
+        det = loss.reshape(-1)
         if self.ada.weight == 0:
             self.ada.clear(self.student)  # consume the features like a real call would, skip the teacher forward
             weighted = torch.zeros((), device=loss.device, dtype=torch.float32)
         else:
-            weighted, _ = self.ada(self.student, img)
+            weighted, _, feats = self.ada(self.student, img, return_features=True)
+            if self.student.training and torch.is_grad_enabled():
+                if self._train_calls % GRAD_SHARE_EVERY == 0:
+                    share = gradient_share(weighted * bs, det.sum(), feats)
+                    if share is not None:
+                        share = share.detach()
+                        self._share_sum = share if self._share_sum is None else self._share_sum + share
+                        self._share_n += 1
+                self._train_calls += 1
         ada_total = (weighted * bs).to(device=loss.device, dtype=loss.dtype).reshape(1)
-        det = loss.reshape(-1)
         ratio = ada_total.detach()[0] / det.detach().sum().abs().clamp_min(_TINY)
         self._ratio_sum = ratio if self._ratio_sum is None else self._ratio_sum + ratio  # no host sync per step
         self._ratio_n += 1
@@ -459,6 +519,15 @@ class ADACriterion:
             return None
         value = float(self._ratio_sum) / self._ratio_n
         self._ratio_sum, self._ratio_n = None, 0
+        return value
+
+    def pop_grad_share(self) -> float | None:
+        """Mean gradient share ``||dL_ada/dF|| / ||dL_det/dF||`` over the measured batches since the last pop.
+
+        None if none was measured; resets the mean and the batch counter (the next batch is measured).
+        """
+        value = None if self._share_n == 0 or self._share_sum is None else float(self._share_sum) / self._share_n
+        self._share_sum, self._share_n, self._train_calls = None, 0, 0
         return value
 
     def __repr__(self) -> str:

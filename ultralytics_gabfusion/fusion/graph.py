@@ -4,7 +4,7 @@ Two ways in:
 
 - model YAMLs: after ``register_gabfusion()`` (run on import of ``ultralytics_gabfusion.fusion``) a head row
   ``[[-1, 6], 1, GABFusion, [1]]`` builds a GABFusion with the summed channel count and ``n_branches=len(f)``;
-  optional args ``[1, mode]`` or ``[1, mode, {beta: 0.1, eta: 0.05, rms: true}]``.
+  optional args ``[1, mode]`` or ``[1, mode, {beta: 0.1, eta: 0.05, rms: true, form: paper}]``.
 - stock models: ``insert_gabfusion(model)`` swaps every neck ``Concat`` in place (before FP weights load).
 
 Examples:
@@ -32,7 +32,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from .modules import FoldedFusion, GABFusion, _check_mode
 
-_OPT_KEYS = ("beta", "eta", "eps", "tau", "rms")
+_OPT_KEYS = ("beta", "eta", "eps", "tau", "rms", "form")
 
 
 def _type_name(cls) -> str:
@@ -141,6 +141,8 @@ def _input_channels(model) -> int:
 def _make_node(old: nn.Module, channels: list[int], mode: str, opts: dict, device=None) -> GABFusion:
     """Build a GABFusion for the Concat ``old`` (same dimension, inputs, .i .f .type .np bookkeeping)."""
     dim = getattr(old, "d", 1)
+    if mode == "learned" and "form" not in opts:
+        opts = {**opts, "form": "paper"}  # learned alpha exists only in the paper form's forward pass
     node = GABFusion(dimension=dim, n_branches=len(channels), channels=sum(channels), mode=mode, **opts)
     if device is not None:
         node.to(device)  # float32 whatever the model dtype (see precision.KeepFP32)
@@ -179,7 +181,7 @@ def insert_gabfusion(model, mode: str = "balanced", **opts) -> list[int]:
     Args:
         model: Ultralytics DetectionModel (or YOLO wrapper).
         mode (str): "balanced", "learned" or "off".
-        **opts: GABFusion options ``beta, eta, eps, tau, rms``.
+        **opts: GABFusion options ``beta, eta, eps, tau, rms, form`` (form: "grad", the default, or "paper").
 
     Returns:
         (list[int]): The fusion layer indices.
@@ -207,7 +209,7 @@ def insert_gabfusion(model, mode: str = "balanced", **opts) -> list[int]:
 
 
 def set_fusion_mode(model, mode: str, **opts) -> list[int]:
-    """Set the mode (and options ``beta, eta, eps, tau, rms``) of every GABFusion in ``model``.
+    """Set the mode (and options ``beta, eta, eps, tau, rms, form``) of every GABFusion in ``model``.
 
     For models built from the ``-gab`` YAMLs. Call before the optimizer and the EMA are created (learned mode
     turns ``lam`` into a Parameter).
@@ -216,10 +218,16 @@ def set_fusion_mode(model, mode: str, **opts) -> list[int]:
         (list[int]): Layer indices of the nodes changed (``-1`` for a node without an ``.i``).
     """
     mode = _check_mode(mode)
-    _check_opts(opts)
+    opts = dict(_check_opts(opts))
+    form = opts.pop("form", None)
     out = []
     for node in fusion_nodes(model):
+        # learned needs the paper form first; leaving learned must happen before a switch to the grad form
+        if form is not None and mode == "learned":
+            node.set_form(form)
         node.set_mode(mode)
+        if form is not None:
+            node.set_form(form)
         node.configure(**opts)
         node.np = sum(x.numel() for x in node.parameters())
         out.append(int(getattr(node, "i", -1)))

@@ -1,16 +1,26 @@
 """GABFusion modules: the node that replaces a neck ``Concat`` and its folded deployment form.
 
-``GABFusion`` computes ``y = LN_c(concat(alpha_1*F_1, ..., alpha_K*F_K))`` with ``alpha = softmax(lam)`` and a
-channels-first LayerNorm (statistics over C only, at every sample and pixel; per-channel affine). ``lam`` is driven
-either by the closed-loop gradient balancer (``mode="balanced"``, lam is a buffer) or by backprop
-(``mode="learned"``, lam is an ``nn.Parameter``); ``mode="off"`` makes the node a plain ``Concat`` that still
-measures per-branch gradient norms (a baseline run's diagnostic).
+Two forms of the node, both with ``alpha = softmax(lam)``:
+
+- ``form="grad"`` (the default): the forward is exactly the ``Concat`` it replaces; in training, the gradient that
+  reaches branch ``i`` is multiplied by ``K * alpha_i`` (1 at the start). Inserting it into a trained model changes
+  nothing at step 0, and there is nothing to fold for deployment.
+- ``form="paper"``: the paper's ``y = LN_c(concat(alpha_1*F_1, ..., alpha_K*F_K))`` with a channels-first LayerNorm
+  (statistics over C only, at every sample and pixel; per-channel affine). Inserted into a trained network it
+  changes the network's function (docs/RESULTS.md measures by how much).
+
+``lam`` is driven either by the closed-loop gradient balancer (``mode="balanced"``, lam is a buffer) or, in the
+paper form, by backprop (``mode="learned"``, lam is an ``nn.Parameter``); ``mode="off"`` makes the node a plain
+``Concat`` that still measures per-branch gradient norms (a baseline run's diagnostic).
 
 Examples:
     >>> import torch
     >>> from ultralytics_gabfusion.fusion import GABFusion
     >>> node = GABFusion(n_branches=2, channels=24)
-    >>> node([torch.randn(2, 8, 4, 4), torch.randn(2, 16, 4, 4)]).shape
+    >>> x = [torch.randn(2, 8, 4, 4), torch.randn(2, 16, 4, 4)]
+    >>> torch.equal(node(x), torch.cat(x, 1))
+    True
+    >>> GABFusion(n_branches=2, channels=24, form="paper")(x).shape
     torch.Size([2, 24, 4, 4])
     >>> node.alpha.tolist()
     [0.5, 0.5]
@@ -27,7 +37,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..precision import KeepFP32, autocast_off
-from ..settings import GAB_MODES as FUSION_MODES  # the one list, validated there
+from ..settings import GAB_FORMS as FUSION_FORMS  # the one lists, validated there
+from ..settings import GAB_MODES as FUSION_MODES
 from ..settings import SETTINGS
 
 _UNSET = object()  # "leave unchanged" marker of GABFusion.configure
@@ -40,6 +51,28 @@ def _check_mode(mode) -> str:
     if m not in FUSION_MODES:
         raise ValueError(f"GABFusion mode '{mode}' is not valid. Allowed values: {', '.join(FUSION_MODES)}.")
     return m
+
+
+def _check_form(form) -> str:
+    """Return ``form`` normalised, or raise ValueError naming the allowed values."""
+    f = str(form).lower()
+    if f not in FUSION_FORMS:
+        raise ValueError(f"GABFusion form '{form}' is not valid. Allowed values: {', '.join(FUSION_FORMS)}.")
+    return f
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; the backward pass multiplies the incoming gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (scale,) = ctx.saved_tensors
+        return g * scale.to(g.dtype), None
 
 
 class ChannelLayerNorm(KeepFP32, nn.LayerNorm):
@@ -87,9 +120,14 @@ class ChannelLayerNorm(KeepFP32, nn.LayerNorm):
 
 
 class GABFusion(KeepFP32, nn.Module):
-    """Gradient-balanced fusion node: ``y = LN_c(concat(alpha_i * F_i))``, ``alpha = softmax(lam)``.
+    """Gradient-balanced fusion node, ``alpha = softmax(lam)``; forward ``concat(F_i)`` (form "grad") or
+    ``LN_c(concat(alpha_i * F_i))`` (form "paper").
 
-    Drop-in replacement for an Ultralytics neck ``Concat`` (same inputs, same output channel count).
+    Drop-in replacement for an Ultralytics neck ``Concat`` (same inputs, same output channel count). In the "grad"
+    form the forward is the plain concat and, in training, the gradient reaching branch ``i`` is scaled by
+    ``K * alpha_i``: the closed loop below then drives the same per-branch gradient norms as the paper form's alpha,
+    without changing what the network computes (at ``alpha_i = 1/K`` the node is exactly the Concat, forward and
+    backward).
 
     Gradient measurement: in training mode with grad enabled, each branch input passes through an identity view
     (a detached leaf for inputs from frozen layers) with a tensor hook that adds ``||dL/dF_i||^2`` (the gradient
@@ -106,21 +144,24 @@ class GABFusion(KeepFP32, nn.Module):
         channels (int | None): Total output channels C; None creates the LayerNorm lazily at the first forward
             (or from a loaded state_dict). Pass it when known: lazily created parameters miss an optimizer built
             before the first forward.
-        mode (str): "balanced" (default), "learned" or "off".
+        mode (str): "balanced" (default), "learned" (paper form only) or "off".
         beta (float): EMA factor of the gradient norms, in (0, 1].
         eta (float): Step size of the lambda update (balanced), >= 0.
         eps (float): Epsilon inside log(G + eps), > 0.
         tau (float | Sequence[float] | None): Per-branch log-ratio targets (None = 0).
         rms (bool): Use size-normalised norms ``||g|| / sqrt(numel)`` (nodes joining unequal widths, YOLO11).
+        form (str): "grad" (default: function-preserving, balancing in the backward pass) or "paper" (alpha and
+            LayerNorm in the forward pass).
 
     Attributes:
         lam (torch.Tensor): float32 logits (buffer in balanced/off, ``nn.Parameter`` in learned).
         grad_ema (torch.Tensor): float32 EMA of the per-branch gradient norms (0 until the first update).
         n_updates (torch.Tensor): int64 count of EMA updates (not averaged by Ultralytics' ModelEMA).
-        norm (ChannelLayerNorm | None): The LayerNorm (gamma=1, beta=0 at init, eps 1e-5).
+        norm (ChannelLayerNorm | None): The LayerNorm of the paper form (gamma=1, beta=0 at init, eps 1e-5); None
+            in the "grad" form.
 
     Examples:
-        >>> node = GABFusion(n_branches=2, channels=8, mode="learned")
+        >>> node = GABFusion(n_branches=2, channels=8, mode="learned", form="paper")
         >>> [p is node.lam for p in node.fusion_parameters()]
         [True]
         >>> GABFusion(mode="fast")
@@ -128,6 +169,8 @@ class GABFusion(KeepFP32, nn.Module):
         ...
         ValueError: GABFusion mode 'fast' is not valid. Allowed values: balanced, learned, off.
     """
+
+    form = "paper"  # nodes pickled before the "grad" form existed unpickle without __init__: they are paper form
 
     def __init__(
         self,
@@ -140,6 +183,7 @@ class GABFusion(KeepFP32, nn.Module):
         eps=1e-12,
         tau=None,
         rms=False,
+        form="grad",
     ):
         super().__init__()
         if isinstance(dimension, bool) or not isinstance(dimension, int):
@@ -153,7 +197,9 @@ class GABFusion(KeepFP32, nn.Module):
         self.mode = _check_mode(mode)
         self.tau = (0.0,) * n_branches
         self.configure(beta=beta, eta=eta, eps=eps, tau=tau, rms=rms)
-        self.norm = ChannelLayerNorm(int(channels), dim=dimension) if channels is not None else None
+        self.channels = None if channels is None else int(channels)
+        self.norm = None
+        self.form = "grad"
         self.register_buffer("lam", torch.zeros(n_branches, dtype=torch.float32))
         self.register_buffer("grad_ema", torch.zeros(n_branches, dtype=torch.float32))
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.int64))
@@ -162,6 +208,7 @@ class GABFusion(KeepFP32, nn.Module):
         self._grad_numel = [0] * n_branches
         self._pending = 0  # backward passes accumulated since the last update (python int: no device sync)
         self._bypass = False  # calibration: behave exactly as the Concat this node replaced
+        self.set_form(form)
         self.set_mode(self.mode)
 
     # ------------------------------------------------------------------ configuration
@@ -191,13 +238,45 @@ class GABFusion(KeepFP32, nn.Module):
             self.rms = bool(rms)
         return self
 
+    def set_form(self, form: str) -> GABFusion:
+        """Switch between the "grad" and "paper" forms (before weights load and before the optimizer is built).
+
+        To "paper": a fresh identity LayerNorm is created (when the channel count is known, else lazily). To "grad":
+        the LayerNorm is dropped (its parameters would be unused). ``lam`` and the gradient EMA are kept.
+
+        Raises:
+            ValueError: Unknown form, or "grad" while the node is in learned mode (nothing in the forward pass would
+                give ``lam`` a gradient).
+        """
+        form = _check_form(form)
+        if form == "grad" and getattr(self, "mode", None) == "learned":
+            raise ValueError("GABFusion mode 'learned' trains alpha through the forward pass: it needs form 'paper' "
+                             "(gab_form=paper), or use mode 'balanced'.")
+        if form == self.form and (form == "grad" or self.norm is not None):
+            return self
+        if form == "paper":
+            ch = getattr(self, "channels", None)
+            self.norm = ChannelLayerNorm(ch, dim=self.d).to(self.lam.device) if ch is not None else None
+        else:
+            if self.norm is not None and getattr(self, "channels", None) is None:
+                self.channels = int(self.norm.normalized_shape[0])
+            self.norm = None
+        self.form = form
+        return self
+
     def set_mode(self, mode: str) -> GABFusion:
         """Switch between balanced / learned / off; ``lam`` keeps its values and its state_dict key.
 
         In learned mode ``lam`` becomes an ``nn.Parameter`` (give it to the optimizer without weight decay, see
         ``fusion_parameters``); otherwise it is a buffer, invisible to ``model.parameters()``. Switch before the
         optimizer and Ultralytics' ModelEMA are built: both keep references to the tensors.
+
+        Raises:
+            ValueError: Unknown mode, or "learned" in the "grad" form.
         """
+        if _check_mode(mode) == "learned" and self.form == "grad":
+            raise ValueError("GABFusion mode 'learned' trains alpha through the forward pass: it needs form 'paper' "
+                             "(gab_form=paper), or use mode 'balanced'.")
         self.mode = _check_mode(mode)
         lam = self.lam.detach().clone().float()
         is_param = "lam" in self._parameters
@@ -229,7 +308,7 @@ class GABFusion(KeepFP32, nn.Module):
 
     def extra_repr(self) -> str:
         """Summary shown by ``print(model)``."""
-        return f"dimension={self.d}, n_branches={self.n_branches}, mode={self.mode}, rms={self.rms}"
+        return f"dimension={self.d}, n_branches={self.n_branches}, mode={self.mode}, form={self.form}, rms={self.rms}"
 
     # ------------------------------------------------------------------ forward
     def _ensure_norm(self, channels: int, device):
@@ -262,7 +341,8 @@ class GABFusion(KeepFP32, nn.Module):
     def _make_hook(self, i: int):
         def hook(g):
             # one fused pass in fp32 over the gradient (no fp32 copy or squared temporary, also under AMP)
-            self._grad_sq[i] += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).square()
+            dt = None if g.dtype == torch.float64 else torch.float32  # float64 cannot be narrowed inside the norm
+            self._grad_sq[i] += torch.linalg.vector_norm(g.detach(), dtype=dt).float().square()
             self._grad_numel[i] += g.numel()
             self._pending += 1
             return None
@@ -287,6 +367,11 @@ class GABFusion(KeepFP32, nn.Module):
             raise RuntimeError(f"GABFusion (layer {i}) expects {self.n_branches} inputs, got {len(x)}.")
         x = self._probe(list(x))
         if self.mode == "off" or self._bypass:
+            return torch.cat(x, self.d)
+        if self.form == "grad":
+            if self.training and torch.is_grad_enabled():
+                scale = self.alpha_t().detach() * self.n_branches  # mean 1: the total gradient keeps its size
+                x = [_ScaleGrad.apply(xi, scale[i]) if xi.requires_grad else xi for i, xi in enumerate(x)]
             return torch.cat(x, self.d)
         self._ensure_norm(sum(xi.shape[self.d] for xi in x), x[0].device)
         return self.norm(self.scaled_concat(x)).to(x[0].dtype)
@@ -388,7 +473,7 @@ class GABFusion(KeepFP32, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Lazily built node: create the LayerNorm from the checkpoint's shape so the load succeeds.
         w = state_dict.get(prefix + "norm.weight")
-        if self.norm is None and w is not None:
+        if self.norm is None and w is not None and self.form == "paper":
             self.norm = ChannelLayerNorm(w.shape[0], dim=self.d).to(self.lam.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
