@@ -11,8 +11,8 @@ import pytest
 from conftest import IMGSZ, run_cli
 
 TINY = ("synth_train=16", "synth_val=8", f"imgsz={IMGSZ}", "fp_epochs=1", "epochs=1", "methods=[lsq]", "bits=[4]",
-        "models=[yolov5s]", "batch=8", "workers=0", "device=cpu", "seeds=[0]", "arms=[ptq,baseline,gab,gab_ada]")
-ARMS = ("ptq", "baseline", "gab", "gab_ada")
+        "models=[yolov5s]", "batch=8", "workers=0", "device=cpu", "seeds=[0]", "arms=[ptq,ptq_gab,baseline,gab,gab_ada]")
+ARMS = ("ptq", "ptq_gab", "baseline", "gab", "gab_ada")
 
 
 def _num(x) -> bool:
@@ -32,7 +32,7 @@ def test_bench_cli_tiny_table_and_resume(tmp_path):
     md = (out / "bench.md").read_text()
     assert "| model | bits | method | arm | mAP50 | mAP50-95 | gap mAP50 | gap mAP50-95 | gain mAP50 |" in md
     assert "| yolov5s | FP | — | FP (reference) |" in md
-    for label in ("PTQ (no training)", "baseline QAT", "+GABFusion", "+GABFusion+ADA"):
+    for label in ("PTQ (no training)", "PTQ+GABFusion (step 0)", "baseline QAT", "+GABFusion", "+GABFusion+ADA"):
         assert f"| yolov5s | W4A4 | lsq | {label} |" in md, label
     assert "| yolov5s | W4A4 | lsq | baseline QAT |" in r.stdout, "the table is printed at the end"
 
@@ -53,12 +53,15 @@ def test_bench_cli_tiny_table_and_resume(tmp_path):
     assert fp["kind"] == "fp" and fp["status"] == "trained" and Path(fp["weights"]).is_file()
     for arm in ARMS:
         q = runs[f"yolov5s-s0-lsq-w4a4-{arm}"]
-        assert q["status"] == "trained" and q["kind"] == "qat" and q["epochs_run"] == (0 if arm == "ptq" else 1)
+        assert q["status"] == "trained" and q["kind"] == "qat" and q["epochs_run"] == (0 if "ptq" in arm else 1)
         assert q["fp_weights"] == fp["weights"], "every arm starts from the same FP checkpoint"
         a = q["train_args"]
         assert (a["qat"], a["w_bits"], a["a_bits"], a["seed"]) == ("lsq", 4, 4, 0)
         assert a["gab"] == ("off" if arm in ("ptq", "baseline") else "balanced")
-        assert a["ada"] == (0.01 if arm == "gab_ada" else 0.0) and a["ada_div"] == "kl"
+        assert a["ada"] == (0.1 if arm == "gab_ada" else 0.0) and a["ada_div"] == "kl"
+        if arm == "gab_ada":  # per-epoch curves of the run, ADA's share of the gradient included
+            assert set(q["per_epoch"]) == {"mAP50", "mAP50_95", "ada_ratio", "ada_grad_ratio"}
+            assert q["per_epoch"]["ada_grad_ratio"][0] > 0
         assert (a["optimizer"], a["lr0"], a["lrf"], a["momentum"], a["weight_decay"]) == \
             ("SGD", 0.00334, 0.15135, 0.74832, 0.00025), "the paper's optimiser"
     for r_ in runs.values():
@@ -67,7 +70,7 @@ def test_bench_cli_tiny_table_and_resume(tmp_path):
         assert 0.0 <= r_["mAP50_95"] <= r_["mAP50"] <= 1.0
     # every run's args differ only where its arm differs (identical schedule and seed)
     base = runs["yolov5s-s0-lsq-w4a4-baseline"]["train_args"]
-    for arm in ("ptq", "gab", "gab_ada"):
+    for arm in ("ptq", "ptq_gab", "gab", "gab_ada"):
         other = runs[f"yolov5s-s0-lsq-w4a4-{arm}"]["train_args"]
         diff = {k for k in set(base) | set(other) if base.get(k) != other.get(k)}
         assert diff <= {"gab", "ada", "name"}, diff
@@ -80,11 +83,13 @@ def test_bench_cli_tiny_table_and_resume(tmp_path):
             run = fp if key[2] == "fp" else runs[f"yolov5s-s0-lsq-w4a4-{key[2]}"]
             assert row[m]["mean"] == pytest.approx(run[m])
             assert row[f"gap_{m}"]["mean"] == pytest.approx(run[m] - fp[m]), "gap = arm - FP"
-            if key[2] not in ("fp",):
+            p = runs["yolov5s-s0-lsq-w4a4-ptq"][m]
+            if key[2] == "ptq_gab":  # a step-0 arm is compared with plain PTQ: the grad form changes nothing
+                assert row[f"gain_{m}"]["mean"] == 0.0 and run[m] == p
+            elif key[2] not in ("fp", "ptq"):
                 b = runs["yolov5s-s0-lsq-w4a4-baseline"][m]
                 assert row[f"gain_{m}"]["mean"] == pytest.approx(run[m] - b), "gain = arm - baseline"
-            p = runs["yolov5s-s0-lsq-w4a4-ptq"][m]
-            if key[2] not in ("fp", "ptq") and fp[m] - p > 1e-4:
+            if key[2] not in ("fp", "ptq", "ptq_gab") and fp[m] - p > 1e-4:
                 want = (run[m] - p) / (fp[m] - p)
                 assert row[f"recovered_{m}"]["mean"] == pytest.approx(want), "recovered = (arm-ptq)/(fp-ptq)"
 
@@ -100,6 +105,11 @@ def test_bench_cli_tiny_table_and_resume(tmp_path):
     # a bench that died before its last run: only the missing run is trained again
     (out / "results" / "yolov5s-s0-lsq-w4a4-gab_ada.json").unlink()
     (out / "bench.json").unlink()
+    rr = run_cli("bench", *TINY, "report_only=True", f"out={out}")  # the report of what is there; nothing trained
+    res_r = json.loads((out / "bench.json").read_text())
+    assert rr.returncode == 1 and res_r["failed"] == ["yolov5s-s0-lsq-w4a4-gab_ada"], res_r["failed"]
+    assert not (out / "results" / "yolov5s-s0-lsq-w4a4-gab_ada.json").exists()
+    assert "| yolov5s | W4A4 | lsq | +GABFusion+ADA (failed seeds [0]) |" in (out / "bench.md").read_text()
     r3 = run_cli("bench", *TINY, f"out={out}")
     assert r3.returncode == 0, r3.stderr[-3000:]
     res3 = json.loads((out / "bench.json").read_text())

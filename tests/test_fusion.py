@@ -177,9 +177,10 @@ def test_form_switches_and_learned_needs_the_paper_form():
     assert copy.deepcopy(old).form == "paper"
 
 
-def test_grad_form_insertion_leaves_the_model_unchanged_and_folds_to_identity():
+@pytest.mark.parametrize("name", ["yolov5s.yaml", "yolo11n.yaml"])
+def test_grad_form_insertion_leaves_the_model_unchanged_and_folds_to_identity(name):
     torch.manual_seed(0)
-    model = _build("yolov5s.yaml")
+    model = _build(name)
     x = torch.rand(2, 3, 64, 64)
     model.eval()
     with torch.no_grad():
