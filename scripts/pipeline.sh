@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command on a fresh machine: its own virtual environment, the offline set-up, then the demo
 # benchmark: from the shipped FP YOLOv5n (ultralytics_gabfusion/assets/), regenerate its 160 px data set, W4A4 LSQ
-# PTQ, W4A4 LSQ QAT (baseline) and W4A4 LSQ + GABFusion + ADA, re-validate every arm like the FP model and print
+# PTQ (and its step-0 twin with GABFusion), W4A4 LSQ QAT (baseline) and W4A4 LSQ + GABFusion + ADA, re-validate every arm like the FP model and print
 # the table (runs/demo/bench.md, .json, .png, curves.png). A few minutes on 2 CPU cores once the environment exists;
 # a GPU is used when present. preset=demo-scratch trains the FP model here instead.
 # Usage: bash scripts/pipeline.sh [bench keys, e.g. models=[yolov5s] epochs=10 out=runs/my-demo]
