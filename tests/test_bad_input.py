@@ -83,6 +83,8 @@ def env(tmp_path_factory) -> dict:
     e["notes"].write_text("qat: lsq\n")
     e["notsens"] = root / "results.csv"  # a CSV, but not the sensitivity.csv of 'yolo-gab sensitivity'
     e["notsens"].write_text("epoch,train/box_loss\n1,0.5\n")
+    e["sens"] = root / "sensitivity.csv"  # a valid ranking, for budget cases
+    e["sens"].write_text("rank,layer,score\n1,4,0.9\n2,17,0.5\n")
     e["listyaml"] = root / "list.yaml"
     e["listyaml"].write_text("- qat\n- lsq\n")
     e["broken"] = root / "broken.yaml"
@@ -165,6 +167,10 @@ CASES = [
      ["qat_layer_bits", "[99]", "layers that can be set"]),
     ("qat_layer_bits CSV not a sensitivity file", "cli", TQ + " qat_layer_bits={notsens} qat_bits_budget=4.5",
      ["qat_layer_bits={notsens}", "yolo-gab sensitivity", "columns layer, score"]),
+    ("qat_bits_budget not a BOPs unit", "cli", TQ + " qat_layer_bits={sens} qat_bits_budget=2GFLOPs",
+     ["qat_bits_budget=2GFLOPs", "GBOPs", "%BOPs"]),
+    ("qat_bits_budget BOPs below the uniform plan", "cli", TQ + " qat_layer_bits={sens} qat_bits_budget=1MBOPs@64",
+     ["qat_bits_budget=0.1 GBOPs at 640 px", "is below the uniform plan's", "% of FP)", "lower w_bits/a_bits"]),
     # ADA teacher
     ("ada without teacher", "cli", T + " model=yolov5n.yaml qat=lsq ada=0.01", ["teacher=", "ada=0"]),
     ("teacher without ada", "cli", TQ + " teacher={fp}", ["teacher", "ada=0.01"]),

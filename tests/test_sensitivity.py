@@ -161,6 +161,9 @@ def test_sensitivity_cli_tiny(tmp_path, tiny_data, fp_ckpt):
         assert float(r_["drop_wa"]) == pytest.approx(info["reference"]["fp"]["mAP50"] - float(r_["mAP50_wa"]), abs=1e-5)
         assert float(r_["kl_wa"]) >= 0 and float(r_["mse_wa"]) >= 0
     assert info["images"] == 6 and set(info["spearman"]) == {"kl", "mse"}
+    # the compute side: each layer's MACs, the uniform plan's bits and GBOPs against FP
+    assert all(int(r_["macs"]) > 0 for r_ in rows) and 0 < info["compute"]["gbops"] < info["compute"]["fp_gbops"]
+    assert info["compute"]["imgsz"] == IMGSZ and "Uniform W4A4 plan at 64 px: average weight bits" in r.stdout + r.stderr
     assert read_sensitivity(out / "sensitivity.csv")[int(rows[0]["layer"])] == pytest.approx(scores[0], abs=1e-5)
 
 
@@ -281,3 +284,232 @@ def test_ptq_with_sensitivity_csv_and_budget(tmp_path, tiny_data, fp_ckpt):
     assert model.gabfusion_layer_bits[17] == 8 and bits[17] == {(8, 8)}, "the most sensitive layer at 8 bits"
     assert bits[10] == {(4, 4)} and bits[0] == {(8, 8)}
     assert average_bits(model, [{"name": n, "w_bits": m.w_bits} for n, m in quant_convs(model)]) <= 4.2
+
+
+# ------------------------------------------------------------------------------------ compute: MACs and BOPs
+class _Tiny(torch.nn.Module):
+    """Three convs whose MACs are easy to count by hand: strided 3x3, grouped 1x3, and a 1x1."""
+
+    def __init__(self, pad_c=0):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)  # 16 px -> 8 px
+        self.b = torch.nn.Conv2d(4, 8, (1, 3), padding=(0, 1), groups=2, bias=False)
+        self.c = torch.nn.Conv2d(8, 2, 1 + 2 * pad_c)  # pad_c=1: a 3x3 'valid' conv (maps not proportional)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def test_conv_costs_and_bops_exact_by_hand():
+    """MACs = out elements x in/groups x kH x kW; BOPs = MACs x W bits x A bits (FP and unplanned convs at 32)."""
+    from ultralytics_gabfusion.quant.mixed import (
+        average_act_bits,
+        conv_costs,
+        fp_bops,
+        model_bops,
+        plan_bops,
+    )
+
+    m = _Tiny()
+    costs = conv_costs(m, 16, probe=None)
+    # a: 4x8x8 outputs x 3*3*3; b: 8x8x8 x (4/2)*1*3; c: 2x8x8 x 8; act = each conv's input elements
+    assert costs == {"a": {"macs": 256 * 27, "act": 3 * 16 * 16}, "b": {"macs": 512 * 6, "act": 4 * 8 * 8},
+                     "c": {"macs": 128 * 8, "act": 8 * 8 * 8}}
+    rows = [{"name": "a", "w_bits": 8, "a_bits": 8}, {"name": "b", "w_bits": 4, "a_bits": 3},
+            {"name": "c", "w_bits": None, "a_bits": None}]
+    assert plan_bops(rows, costs) == 6912.0 * 64 + 3072 * 12 + 1024 * 1024 == 1527808.0
+    assert plan_bops(rows[:2], costs) == 1527808.0, "a conv missing from the plan (e.g. DFL) counts 32 x 32 bits"
+    assert fp_bops(costs) == (6912 + 3072 + 1024) * 1024.0
+    assert average_act_bits(rows, costs) == (768 * 8 + 256 * 3) / (768 + 256) == 6.75, "weighted by input elements"
+    assert math.isnan(average_act_bits(rows[2:], costs))
+    # the probe path (two small passes, scaled exactly) gives the numbers of a pass at imgsz
+    assert conv_costs(m, 32) == conv_costs(m, 32, probe=None) and conv_costs(m, 32)["a"]["macs"] == 1024 * 27
+    valid = _Tiny(pad_c=1)  # a 'valid' 3x3 conv: not proportional to the input side, so measured at imgsz itself
+    assert conv_costs(valid, 32)["c"] == {"macs": 2 * 14 * 14 * 8 * 9, "act": 8 * 16 * 16}
+    # a converted model: each conv at its own bits (first conv 8/8, the rest 4/4), quantizers left untouched
+    q = copy.deepcopy(m)
+    quantize_model(q, "lsq", 4, 4)
+    q.train()
+    assert model_bops(q, 16) == 6912.0 * 64 + 3072 * 16 + 1024 * 16
+    assert q.training and q.b.training and not bool(q.b.act_quant.initialized), "flags restored, nothing initialised"
+    assert model_bops(m, 16) == fp_bops(costs)
+
+
+def test_conv_costs_yolov5n_probe_matches_full_pass(fp_v5n):
+    from ultralytics_gabfusion.quant.mixed import conv_costs
+
+    fast, full = conv_costs(fp_v5n, 160), conv_costs(fp_v5n, 160, probe=None)
+    assert fast == full and len(full) == sum(isinstance(x, torch.nn.Conv2d) for x in fp_v5n.modules())
+    assert fp_v5n.training is False
+
+
+@pytest.mark.parametrize("value, want", [
+    ("2.5GBOPs@160", ("bops", 2.5e9 * 16)), ("40GBOPs", ("bops", 40e9)), ("40 gbops", ("bops", 40e9)),
+    ("800MBOPs@320", ("bops", 800e6 * 4)), ("1.5TBOPs", ("bops", 1.5e12)), ("7e5KBOPs", ("bops", 7e8)),
+    ("2%BOPs", ("bops_fraction", 0.02)), ("100%BOPs", ("bops_fraction", 1.0)), (4.5, ("avg_bits", 4.5)),
+    ("600KB", ("bytes", 600e3)),
+])
+def test_bits_budget_parses_bops(value, want):
+    from ultralytics_gabfusion.settings import parse_bits_budget, validate_settings
+
+    kind, x = parse_bits_budget(value)
+    assert kind == want[0] and x == pytest.approx(want[1], rel=1e-15)
+    assert validate_settings({"qat_bits_budget": value})["qat_bits_budget"] == (
+        value if isinstance(value, float) else value.replace(" ", ""))
+
+
+@pytest.mark.parametrize("value, msg", [
+    ("2.5GFLOPs", "or a compute budget in bit-operations: 40GBOPs"),
+    ("0GBOPs", "a BOPs budget is a positive number with a unit BOPs, KBOPs"),
+    ("-1GBOPs", "a BOPs budget is a positive number"),
+    ("xGBOPs", "a BOPs budget is a positive number"),
+    ("2.5GBOPs@100", "must be a positive multiple of 32"),
+    ("2.5GBOPs@big", "must be a positive multiple of 32"),
+    ("0%BOPs", r"a percentage in \(0, 100\]"),
+    ("150%BOPs", r"a percentage in \(0, 100\]"),
+    ("2%BOPs@160", "without @imgsz"),
+    (9, "qat_bits_budget=2.5GBOPs@160"),
+])
+def test_bits_budget_bad_bops_values_refused(value, msg):
+    from ultralytics_gabfusion.settings import SettingsError, validate_settings
+
+    with pytest.raises(SettingsError, match=msg):
+        validate_settings({"qat_bits_budget": value})
+
+
+def test_allocate_bits_under_bops_budget(fp_v5n, tmp_path):
+    """Equal compute: from a W3A3 base, raise the most sensitive layers while the BOPs stay within uniform W4A4's."""
+    from ultralytics_gabfusion.quant.mixed import BOPS_IMGSZ, conv_costs, fp_bops, plan_bops
+
+    fp = fp_v5n
+
+    def plan(base):
+        return lambda lb: plan_policy(fp, base, base, act_grid="signed", layer_bits=lb)
+
+    costs = conv_costs(fp, BOPS_IMGSZ)
+    w4a4 = plan_bops(plan(4)({}), costs)
+    scores = {layer: float(layer) for layer in range(1, 25)}
+    scores[2] = 100.0
+    mapping = allocate_bits(fp, scores, ("bops", w4a4), plan(3), costs)
+    assert mapping[2] == 8, "the most sensitive layer first, at the highest bits that fit"
+    assert plan_bops(plan(3)(mapping), costs) <= w4a4 * (1 + 1e-9)
+    for layer in {r["layer"] for r in plan(3)({}) if r["role"] == "conv"} - set(mapping):  # greedy: nothing more fits
+        assert plan_bops(plan(3)({**mapping, layer: 4}), costs) > w4a4
+    # the same budget as a share of FP, as a string at 640 px and at 160 px (x16 fewer BOPs): the same plan
+    assert allocate_bits(fp, scores, ("bops_fraction", w4a4 / fp_bops(costs)), plan(3)) == mapping
+    csv_file = tmp_path / "sensitivity.csv"
+    csv_file.write_text("layer,score\n" + "".join(f"{k},{v}\n" for k, v in scores.items()))
+    for budget in (f"{w4a4!r}BOPs", f"{w4a4 / 16!r}BOPs@160", f"{100 * w4a4 / fp_bops(costs)!r}%BOPs"):
+        assert resolve_layer_bits(fp, str(csv_file), budget, plan(3)) == mapping, budget
+    msg = (r"qat_bits_budget=\S+ GBOPs at 640 px \(\S+ % of FP\) is below the uniform plan's \S+ GBOPs at 640 px "
+           r"\(1.869 % of FP\)")
+    with pytest.raises(ValueError, match=msg):
+        allocate_bits(fp, scores, ("bops", w4a4 * 0.99), plan(4), costs)
+
+
+def test_precision_table_shows_activation_bits_and_bops(fp_v5n, tmp_path):
+    """The precision table (and the mixed-precision line) prints avg W / A bits and GBOPs of plan, uniform and FP."""
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    from ultralytics_gabfusion.qat_setup import build_structure, precision_summary
+    from ultralytics_gabfusion.quant.mixed import conv_costs, fp_totals, plan_totals
+    from ultralytics_gabfusion.settings import QATConfig
+
+    f = tmp_path / "sensitivity.csv"
+    f.write_text("layer,score\n4,0.9\n17,0.5\n9,0.1\n")
+    cfg = QATConfig.from_keys({"qat": "lsq", "w_bits": 4, "a_bits": 4, "qat_layer_bits": str(f),
+                               "qat_bits_budget": "2.3%BOPs"})
+    fp = copy.deepcopy(fp_v5n)
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: records.append(rec.getMessage())
+    LOGGER.addHandler(handler)
+    try:
+        build_structure(fp, cfg, verbose=True)
+    finally:
+        LOGGER.removeHandler(handler)
+    log = "\n".join(records)
+    mapping = fp.gabfusion_layer_bits
+    assert mapping and set(mapping) <= {4, 17, 9}
+    costs = conv_costs(fp_v5n, 640)
+    plan = plan_totals(fp_v5n, plan_policy(fp_v5n, 4, 4, act_grid="signed", layer_bits=mapping), costs)
+    uni = plan_totals(fp_v5n, plan_policy(fp_v5n, 4, 4, act_grid="signed"), costs)
+    full = fp_totals(fp_v5n, costs)
+    assert plan["bops"] <= 0.023 * full["bops"] and plan["a_bits"] > uni["a_bits"] > 4 and plan["bops"] > uni["bops"]
+    table = log[log.index("precision policy:"):]
+    assert "  avg W bits  avg A bits      GBOPs   % of FP   size KiB" in table
+    assert "(BOPs = MACs x W bits x A bits, 640 px input)" in table
+    for label, t in (("this plan", plan), ("uniform W4A4", uni), ("FP32", full)):
+        line = next(x for x in table.splitlines() if x.startswith(label))
+        assert f"{t['w_bits']:.3f}" in line and f"{t['a_bits']:.3f}" in line and f"{t['bops'] / 1e9:.3f}" in line, line
+    assert "100.00%" in table and f"{100 * uni['bops'] / full['bops']:.2f}%" in table
+    mixed_line = next(x for x in records if "mixed precision from" in x)
+    assert (f"average activation bits {plan['a_bits']:.3f} (uniform {uni['a_bits']:.3f})" in mixed_line
+            and f"{plan['bops'] / 1e9:.3f} GBOPs at 640 px" in mixed_line), mixed_line
+    uniform_only = precision_summary(fp_v5n, QATConfig.from_keys({"qat": "lsq", "w_bits": 3, "a_bits": 3}))
+    assert uniform_only.splitlines()[1].startswith("this plan (uniform)") and "uniform W3A3" in uniform_only
+
+
+def test_sensitivity_compute_columns(fp_v5n):
+    """sensitivity rows carry each layer's MACs; the JSON/table the uniform plan's avg bits and GBOPs vs FP."""
+    from ultralytics_gabfusion.quant.mixed import average_bits, conv_costs, model_bops, model_rows
+    from ultralytics_gabfusion.quant.qconv import quant_convs
+    from ultralytics_gabfusion.sensitivity import _rank_rows, compute_summary, format_table, quantized_layers
+
+    q = _quantized(fp_v5n)
+    costs = conv_costs(q, IMGSZ)
+    c = compute_summary(q, costs, IMGSZ)
+    assert c["gbops"] == model_bops(q, IMGSZ) / 1e9 and c["w_bits"] == average_bits(q, model_rows(q))
+    assert c["fp_gbops"] == pytest.approx(1024 * sum(v["macs"] for v in costs.values()) / 1e9, rel=1e-15)
+    layers = quantized_layers(q)
+    res = {(la, mo): {"kl": 1.0 / (la + 1), "mse": 0.0} for la in layers for mo in ("w", "a", "wa")}
+    rows = _rank_rows(q, layers, layer_roles(q), res, "kl", costs)
+    by = {r["layer"]: r for r in rows}
+    assert by[2]["macs"] == sum(v["macs"] for n, v in costs.items() if n.startswith("model.2."))
+    assert sum(r["macs"] for r in rows) == sum(costs[n]["macs"] for n, _ in quant_convs(q))
+    info = {"w_bits": 4, "a_bits": 4, "qat": "lsq", "metric": "kl", "images": 2, "rows": rows,
+            "reference": {"all": {"kl": 0.1, "mse": 0.1}}, "compute": c}
+    txt = format_table(info)
+    assert "MMACs" in txt and f"{by[2]['macs'] / 1e6:.2f}" in txt
+    assert f"Uniform W4A4 plan at {IMGSZ} px: average weight bits {c['w_bits']:.3f}, average activation bits" in txt
+
+
+def test_sweep_table_and_size_plot_gain_gbops(tmp_path, fp_v5n):
+    """With the runs' checkpoints at hand the sweep gains a GBOPs column and size.png a row of panels vs GBOPs."""
+    from PIL import Image
+
+    from ultralytics_gabfusion.bench.report import aggregate, markdown, plot_size
+    from ultralytics_gabfusion.quant.mixed import model_bops
+
+    ckpts, gb = {}, {}
+    for bits in (None, 8, 4):
+        m = copy.deepcopy(fp_v5n)
+        if bits:
+            quantize_model(m, "lsq", bits, bits)
+        ckpts[bits] = tmp_path / f"w{bits}.pt"
+        torch.save({"model": None, "ema": m.half()} if bits else {"model": m.half()}, ckpts[bits])
+        gb[bits] = model_bops(m.float(), IMGSZ) / 1e9
+
+    def rec(arm, bits, m50, kind="qat"):
+        return {"id": f"{arm}{bits}", "model": "yolov5n", "seed": 0, "kind": kind, "method": None if kind == "fp"
+                else "lsq", "bits": bits, "arm": arm, "status": "trained", "mAP50": m50, "mAP50_95": m50 / 2,
+                "epochs_run": 0, "size_bytes": 1024.0 * (bits or 32), "weights": str(ckpts[bits])}
+
+    recs = [rec("fp", None, 0.9, "fp"), rec("ptq", 8, 0.89), rec("ptq", 4, 0.8), rec("baseline", 8, 0.9),
+            rec("baseline", 4, 0.85)]
+    s = {"models": ["yolov5n"], "seeds": [0], "bits": [8, 4], "methods": ["lsq"], "arms": ["ptq", "baseline"]}
+    result = {"settings": {**s, "imgsz": IMGSZ, "batch": 8, "fp_epochs": 1, "epochs": 1, "ada": 0.01},
+              "environment": {"hardware": "cpu", "torch": "t", "ultralytics": "u", "ultralytics_gabfusion": "p",
+                              "git_commit": None},
+              "data": {"generated": True, "n_train": 16, "n_val": 8, "imgsz": IMGSZ}, "rows": aggregate(recs, s),
+              "runs": recs, "wall_s": 1.0}
+    md = markdown(result)
+    assert "| model | method | bits | size (KiB) | GBOPs | PTQ (no training) | baseline QAT |" in md
+    assert f"| yolov5n | — | FP32 | 32 | {gb[None]:,.3f} | 90.00 / 45.00 (FP) | — |" in md
+    assert f"| yolov5n | lsq | W4A4 | 4 | {gb[4]:,.3f} | 80.00 / 40.00 | 85.00 / 42.50 |" in md
+    assert gb[None] > gb[8] > gb[4] > 0 and f"one {IMGSZ} px image" in md
+    assert Image.open(plot_size(result, tmp_path / "size.png")).size[1] > 1.8 * Image.open(
+        plot_size({**result, "runs": []}, tmp_path / "size1.png")).size[1], "a second row of panels (vs GBOPs)"
+    assert "GBOPs" not in markdown({**result, "runs": []}), "no checkpoints: the table as before"

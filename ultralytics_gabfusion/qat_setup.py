@@ -32,7 +32,7 @@ from .quant.convert import (
     plan_policy,
     quantize_model,
 )
-from .quant.mixed import average_bits, plan_size_bytes, resolve_layer_bits
+from .quant.mixed import BOPS_IMGSZ, conv_costs, format_totals, fp_totals, plan_totals, resolve_layer_bits
 from .quant.qconv import QuantConv2d, quant_convs, quantizers_disabled
 from .settings import QATConfig
 from .version import __version__
@@ -71,11 +71,14 @@ def build_structure(model, cfg: QATConfig, weights=None, verbose: bool = False, 
     elif any(isinstance(m, GABFusion) for m in model.modules()):
         set_fusion_mode(model, "off")
     if cfg.quantized:
-        layer_bits = resolve_mixed_precision(model, cfg, verbose)
+        costs = conv_costs(model, BOPS_IMGSZ) if verbose else None  # float model, before the swap
+        layer_bits = resolve_mixed_precision(model, cfg, verbose, costs)
+        summary = precision_summary(model, cfg, layer_bits, costs) if verbose else ""
         rows = quantize_model(model, cfg.qat, cfg.w_bits, cfg.a_bits, cfg.qat_first_bits, cfg.qat_head_bits,
                               cfg.qat_skip, cfg.qat_act_grid, layer_bits)
         if verbose:
-            LOGGER.info(f"{PREFIX}W{cfg.w_bits}A{cfg.a_bits} {cfg.qat} precision policy:\n{format_policy(rows)}")
+            LOGGER.info(f"{PREFIX}W{cfg.w_bits}A{cfg.a_bits} {cfg.qat} precision policy:\n{format_policy(rows)}\n"
+                        f"{summary}")
             LOGGER.info(f"{PREFIX}fake-quant kernels: qat_kernel={cfg.qat_kernel}")
     if weights:
         model.load(weights, verbose=verbose)
@@ -107,26 +110,70 @@ def fusion_form(cfg: QATConfig, weights=None, source: str | None = None) -> str:
     return cfg.gab_form
 
 
-def resolve_mixed_precision(model, cfg: QATConfig, verbose: bool = False) -> dict | None:
-    """Resolve ``qat_layer_bits`` (mapping, or sensitivity CSV + ``qat_bits_budget``) on the float model; log it."""
-    if cfg.qat_layer_bits is None:
-        return None
-
+def _plan_fn(model, cfg: QATConfig):
     def plan(lb):  # bits only: a fixed grid skips the activation-bound probe (a forward pass per call)
         return plan_policy(model, cfg.w_bits, cfg.a_bits, cfg.qat_first_bits, cfg.qat_head_bits, cfg.qat_skip,
                            "signed", lb)
 
-    mapping = resolve_layer_bits(model, cfg.qat_layer_bits, cfg.qat_bits_budget, plan)
+    return plan
+
+
+def resolve_mixed_precision(model, cfg: QATConfig, verbose: bool = False, costs: dict | None = None) -> dict | None:
+    """Resolve ``qat_layer_bits`` (mapping, or sensitivity CSV + ``qat_bits_budget``) on the float model; log it.
+
+    Args:
+        model (DetectionModel): The float model about to be converted.
+        cfg (QATConfig): The run's settings.
+        verbose (bool): Log the mapping with the plan's average W / A bits, GBOPs and size against uniform.
+        costs (dict | None): ``quant.mixed.conv_costs(model, BOPS_IMGSZ)`` if already measured.
+    """
+    if cfg.qat_layer_bits is None:
+        return None
+    plan = _plan_fn(model, cfg)
+    if costs is None and (verbose or "bops" in str(cfg.qat_bits_budget).lower()):
+        costs = conv_costs(model, BOPS_IMGSZ)
+    mapping = resolve_layer_bits(model, cfg.qat_layer_bits, cfg.qat_bits_budget, plan, costs)
     if verbose:
-        uni, mixed = plan({}), plan(mapping)
+        uni, mixed = plan_totals(model, plan({}), costs), plan_totals(model, plan(mapping), costs)
+        fp = fp_totals(model, costs)["bops"]
         src = f" from {cfg.qat_layer_bits} under budget {cfg.qat_bits_budget}" if isinstance(cfg.qat_layer_bits, str) else ""
         LOGGER.info(
             f"{PREFIX}mixed precision{src}: layer bits {mapping or '{} (nothing fits)'}; average weight bits "
-            f"{average_bits(model, mixed):.3f} (uniform {average_bits(model, uni):.3f}), size "
-            f"{plan_size_bytes(model, mixed) / 1024:.1f} KiB (uniform {plan_size_bytes(model, uni) / 1024:.1f} KiB)"
+            f"{mixed['w_bits']:.3f} (uniform {uni['w_bits']:.3f}), average activation bits {mixed['a_bits']:.3f} "
+            f"(uniform {uni['a_bits']:.3f}), {mixed['bops'] / 1e9:.3f} GBOPs at {BOPS_IMGSZ} px = "
+            f"{100 * mixed['bops'] / fp:.2f} % of FP (uniform {uni['bops'] / 1e9:.3f} GBOPs = "
+            f"{100 * uni['bops'] / fp:.2f} %), size {mixed['size_bytes'] / 1024:.1f} KiB (uniform "
+            f"{uni['size_bytes'] / 1024:.1f} KiB)"
         )
     model.gabfusion_layer_bits = mapping  # the resolved mapping, kept with the model (and its checkpoints)
     return mapping
+
+
+def precision_summary(model, cfg: QATConfig, layer_bits: dict | None = None, costs: dict | None = None,
+                      imgsz: int = BOPS_IMGSZ) -> str:
+    """The footer of the precision table: this plan, uniform ``W{w_bits}A{a_bits}`` and FP32 side by side.
+
+    Average weight bits, average activation bits, GBOPs, share of the FP BOPs and size (``quant.mixed``'s size and
+    compute models), planned on the float ``model`` before the swap.
+
+    Args:
+        model (DetectionModel): The float model (with any GABFusion nodes) about to be converted.
+        cfg (QATConfig): The run's settings.
+        layer_bits (dict | None): The resolved mixed-precision mapping (None: uniform).
+        costs (dict | None): ``conv_costs(model, imgsz)`` if already measured.
+        imgsz (int): Input side the BOPs are counted at.
+
+    Examples:
+        >>> from ultralytics.nn.tasks import DetectionModel
+        >>> cfg = QATConfig.from_keys({"qat": "lsq", "w_bits": 4, "a_bits": 4})
+        >>> print(precision_summary(DetectionModel("yolov5n.yaml", nc=16, verbose=False), cfg))  # doctest: +SKIP
+    """
+    plan = _plan_fn(model, cfg)
+    costs = costs if costs is not None else conv_costs(model, imgsz)
+    entries = [("this plan" + ("" if layer_bits else " (uniform)"), plan_totals(model, plan(layer_bits or {}), costs)),
+               (f"uniform W{cfg.w_bits}A{cfg.a_bits}", plan_totals(model, plan({}), costs)),
+               ("FP32", fp_totals(model, costs))]
+    return format_totals(entries, imgsz)
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -268,4 +315,4 @@ def prepare_qat_model(model, cfg: QATConfig, images: list, weights=None, teacher
 
 
 __all__ = ["attach_ada", "build_structure", "calibrate_model", "consumer_quantizer", "fusion_form", "gather_batches",
-           "needs_calibration", "prepare_qat_model", "qada_quantizers", "resolve_mixed_precision"]
+           "needs_calibration", "precision_summary", "prepare_qat_model", "qada_quantizers", "resolve_mixed_precision"]

@@ -22,6 +22,11 @@ Outputs in the run directory (``project``/``name``, default ``runs/detect/sensit
 ``sensitivity.csv`` (input of ``qat_layer_bits=`` with ``qat_bits_budget=``), ``sensitivity.json`` (settings,
 reference values, Spearman correlations) and ``sensitivity.png`` (layer index vs drop, coloured by role).
 
+The compute side (:mod:`.quant.mixed`'s BOPs model, at the run's ``imgsz``): each row carries ``macs``, the MACs of
+the layer's quantized convs for one image (raising a layer from ``b`` to ``r`` bits adds ``macs * (r*r - b*b)``
+bit-operations), and ``compute`` in the JSON holds the uniform plan's average weight / activation bits and GBOPs
+next to the FP model's GBOPs (also printed under the table).
+
 Examples:
     >>> from ultralytics_gabfusion.sensitivity import layer_sensitivity
     >>> res = layer_sensitivity("fp.pt", data="data.yaml", qat="lsq", w_bits=4, a_bits=4)  # doctest: +SKIP
@@ -49,6 +54,7 @@ from ultralytics.utils import LOGGER, TQDM
 from . import zoo
 from .fusion import GABFusion
 from .quant.convert import _layer_index
+from .quant.mixed import average_act_bits, average_bits, conv_costs, fp_bops, model_rows, plan_bops
 from .quant.qconv import quant_convs
 from .settings import SettingsError, parse_command, parse_key_values
 from .trainer import GABTrainer
@@ -280,7 +286,9 @@ def layer_sensitivity(model: str | os.PathLike, metric: str = "kl", images: int 
         if metric == "map":
             r["drop"] = fp_map - r["mAP50"]
         results[(layer, mode)] = r
-    rows = _rank_rows(qmodel, layers, roles, results, metric)
+    imgsz = int(args.imgsz if isinstance(args.imgsz, int) else max(args.imgsz))
+    costs = conv_costs(qmodel, imgsz)
+    rows = _rank_rows(qmodel, layers, roles, results, metric, costs)
     corr = {}
     if metric == "map":
         drops = [results[c]["drop"] for c in configs]
@@ -292,7 +300,8 @@ def layer_sensitivity(model: str | os.PathLike, metric: str = "kl", images: int 
         "model": str(model), "data": str(args.data), "qat": args.qat, "w_bits": args.w_bits, "a_bits": args.a_bits,
         "qat_first_bits": args.qat_first_bits, "qat_head_bits": args.qat_head_bits, "qat_act_grid": args.qat_act_grid,
         "gab": args.gab, "imgsz": args.imgsz, "metric": metric, "images": n_img, "seed": args.seed,
-        "reference": reference, "spearman": corr, "wall_s": round(time.perf_counter() - t0, 1), "rows": rows,
+        "reference": reference, "spearman": corr, "compute": compute_summary(qmodel, costs, imgsz),
+        "wall_s": round(time.perf_counter() - t0, 1), "rows": rows,
     }
     save_dir = Path(trainer.save_dir)
     paths = write_reports(info, save_dir)
@@ -302,14 +311,30 @@ def layer_sensitivity(model: str | os.PathLike, metric: str = "kl", images: int 
     return {**info, "save_dir": save_dir, **paths}
 
 
-def _rank_rows(model, layers, roles, results, metric) -> list[dict]:
+def compute_summary(qmodel, costs: dict, imgsz: int) -> dict:
+    """The uniform plan's average weight / activation bits and GBOPs, and the FP model's GBOPs, at ``imgsz``.
+
+    Args:
+        qmodel (nn.Module): The converted model (its convs' own bits).
+        costs (dict): ``quant.mixed.conv_costs(qmodel, imgsz)``.
+        imgsz (int): The input side the costs were measured at.
+    """
+    rows = model_rows(qmodel)
+    gbops, fp = plan_bops(rows, costs) / 1e9, fp_bops(costs) / 1e9
+    return {"imgsz": imgsz, "w_bits": average_bits(qmodel, rows), "a_bits": average_act_bits(rows, costs),
+            "gbops": gbops, "fp_gbops": fp, "fraction_of_fp": gbops / fp if fp else float("nan")}
+
+
+def _rank_rows(model, layers, roles, results, metric, costs: dict | None = None) -> list[dict]:
     key = "drop" if metric == "map" else metric
     rows = []
+    qnames = [n for n, _ in quant_convs(model)]
     for layer in layers:
         m = model.model[layer]
         kind = str(getattr(m, "type", type(m).__name__)).rsplit(".", 1)[-1]  # Ultralytics' name (Conv, C3, ...)
         row = {"layer": layer, "role": roles.get(layer, "neck"), "type": kind,
                "params": sum(p.numel() for n, p in m.named_parameters() if n.endswith("weight") and p.dim() == 4),
+               "macs": sum(costs[n]["macs"] for n in qnames if _layer_index(n) == layer and n in costs) if costs else None,
                "score": results[(layer, "wa")][key]}
         for p in ("kl", "mse") + (("mAP50", "drop") if metric == "map" else ()):
             for mode in MODES:
@@ -326,7 +351,7 @@ def format_table(info: dict) -> str:
     """The ranked table printed at the end of a run."""
     metric = info["metric"]
     unit = "mAP50 drop (pts)" if metric == "map" else metric
-    head = f"{'rank':>4} {'layer':>5}  {'role':<8} {'type':<10}{'conv params':>12}  " + "".join(
+    head = f"{'rank':>4} {'layer':>5}  {'role':<8} {'type':<10}{'conv params':>12}{'MMACs':>9}  " + "".join(
         f"{MODE_LABELS[m] if m != 'wa' else 'both':>14}" for m in MODES)
     lines = [f"Layer sensitivity, W{info['w_bits']}A{info['a_bits']} {info['qat']}, one layer quantized at a time, "
              f"{unit} vs FP on {info['images']} val images (score = both):", head]
@@ -334,7 +359,8 @@ def format_table(info: dict) -> str:
     scale = 100.0 if metric == "map" else 1.0
     for r in info["rows"]:
         vals = "".join(f"{scale * r[f'{key}_{m}']:>14.4g}" for m in MODES)
-        lines.append(f"{r['rank']:>4} {r['layer']:>5}  {r['role']:<8} {r['type']:<10}{r['params']:>12}  {vals}")
+        macs = "" if r.get("macs") is None else f"{r['macs'] / 1e6:.2f}"
+        lines.append(f"{r['rank']:>4} {r['layer']:>5}  {r['role']:<8} {r['type']:<10}{r['params']:>12}{macs:>9}  {vals}")
     ref = info["reference"]
     if metric == "map":
         lines.append(f"FP mAP50 {ref['fp']['mAP50']:.4f}; all layers quantized {ref['all']['mAP50']:.4f}")
@@ -342,6 +368,12 @@ def format_table(info: dict) -> str:
             lines.append(f"Spearman({p} proxy, mAP50 drop): {c['wa']:+.3f} over layers (both), {c['all']:+.3f} over all "
                          f"{len(info['rows']) * len(MODES)} configurations")
     lines.append(f"All layers quantized: kl {ref['all']['kl']:.4g}, mse {ref['all']['mse']:.4g}")
+    c = info.get("compute")
+    if c:
+        lines.append(f"Uniform W{info['w_bits']}A{info['a_bits']} plan at {c['imgsz']} px: average weight bits "
+                     f"{c['w_bits']:.3f}, average activation bits {c['a_bits']:.3f}, {c['gbops']:.4g} GBOPs = "
+                     f"{100 * c['fraction_of_fp']:.2f} % of FP ({c['fp_gbops']:.4g} GBOPs); raising a layer from b to r "
+                     f"bits adds MMACs x (r*r - b*b) MBOPs")
     return "\n".join(lines)
 
 
@@ -357,8 +389,8 @@ def write_reports(info: dict, save_dir: Path) -> dict:
     """Write ``sensitivity.csv``, ``sensitivity.json`` and ``sensitivity.png`` atomically; returns their paths."""
     rows = info["rows"]
     buf = io.StringIO()
-    fields = ["rank", "layer", "role", "type", "params", "score"] + [k for k in rows[0] if k not in
-                                                                       ("rank", "layer", "role", "type", "params", "score")]
+    first = ("rank", "layer", "role", "type", "params", "macs", "score")
+    fields = [k for k in first if k in rows[0]] + [k for k in rows[0] if k not in first]
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
@@ -426,5 +458,5 @@ def sensitivity_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["OutputDivergence", "layer_roles", "layer_sensitivity", "only_quantized", "quantized_layers", "spearman",
+__all__ = ["OutputDivergence", "compute_summary", "layer_roles", "layer_sensitivity", "only_quantized", "quantized_layers", "spearman",
            "sensitivity_main"]

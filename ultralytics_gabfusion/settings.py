@@ -376,23 +376,80 @@ SIZE_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1e3, "mb": 1e6,
 
 
 def parse_bits_budget(value) -> tuple[str, float]:
-    """``qat_bits_budget`` as ``("avg_bits", x)`` (a number in 2..8) or ``("bytes", n)`` (``'600KB'``, ``'1.2MiB'``).
+    """``qat_bits_budget`` as ``(kind, limit)``: average weight bits, a model size, or a compute budget in BOPs.
+
+    Forms (case-insensitive, spaces ignored):
+
+    - a number in 2..8: ``("avg_bits", x)``, the weight bits averaged over the quantized conv weights;
+    - a size with a unit (``600KB``, ``1.2MiB``, ``650000B``): ``("bytes", n)``;
+    - bit-operations (BOPs = MACs x weight bits x activation bits, summed over the convs) with a unit ``BOPs``,
+      ``KBOPs``, ``MBOPs``, ``GBOPs`` or ``TBOPs`` (powers of 1000): ``("bops", n)`` with ``n`` the BOPs of one
+      640 x 640 image (Ultralytics' GFLOPs convention). ``@<imgsz>`` states another input side (``2.5GBOPs@160``,
+      a positive multiple of 32); it is converted to 640 px by ``(640 / imgsz) ** 2``, exact for a convolutional
+      model whose largest stride divides ``imgsz`` (every feature map scales with the input side);
+    - a percentage of the FP model's BOPs (32-bit weights and activations everywhere), independent of the input
+      size: ``1.8%BOPs`` -> ``("bops_fraction", 0.018)``.
 
     Examples:
         >>> parse_bits_budget(4.5)
         ('avg_bits', 4.5)
         >>> parse_bits_budget("1.5KiB")
         ('bytes', 1536.0)
+        >>> parse_bits_budget("2.5GBOPs@160")
+        ('bops', 40000000000.0)
+        >>> parse_bits_budget("2%BOPs")
+        ('bops_fraction', 0.02)
+
+    Raises:
+        SettingsError: Any other value, with the forms it accepts.
     """
+    ref_imgsz = 640  # BOPs budgets are stated at this input side (= quant.mixed.BOPS_IMGSZ)
+    bops_units = {"tbops": 1e12, "gbops": 1e9, "mbops": 1e6, "kbops": 1e3, "bops": 1.0}  # longest first
+    forms = ("give an average bit-width (e.g. 4.5), a model size with a unit (e.g. 600KB, 1.2MB, 900KiB, 650000B), "
+             "or a compute budget in bit-operations: 40GBOPs (at a 640 px input), 2.5GBOPs@160 (at 160 px) or "
+             "1.8%BOPs (a share of the FP model's BOPs)")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)
         if not 2 <= v <= 8:
             raise SettingsError(f"'qat_bits_budget={value}' is out of range: an average bit-width must be in 2..8; give a "
-                             f"model size with a unit instead, e.g. qat_bits_budget=600KB.")
+                             f"model size with a unit instead, e.g. qat_bits_budget=600KB, or a compute budget, e.g. "
+                             f"qat_bits_budget=2.5GBOPs@160.")
         return "avg_bits", v
     s = str(value).strip().replace(" ", "")
+    low = s.lower()
+    if "bops" in low:
+        head, _, at = low.partition("@")
+        num = None
+        if head.endswith("%bops"):
+            try:
+                num = float(head[: -len("%bops")])
+            except ValueError:
+                num = None
+            if at or num is None or not 0 < num <= 100 or num != num:
+                raise SettingsError(f"'qat_bits_budget={value}' is not valid: a share of the FP model's BOPs is a "
+                                    f"percentage in (0, 100] without @imgsz, e.g. qat_bits_budget=1.8%BOPs.")
+            return "bops_fraction", num / 100
+        unit = next((u for u in bops_units if head.endswith(u)), None)
+        try:
+            num = float(head[: -len(unit)]) * bops_units[unit] if unit else None
+        except ValueError:
+            num = None
+        imgsz = ref_imgsz
+        if at:
+            try:
+                imgsz = int(at)
+            except ValueError:
+                imgsz = 0
+            if imgsz <= 0 or imgsz % 32:
+                raise SettingsError(f"'qat_bits_budget={value}': the input size after @ must be a positive multiple of "
+                                    f"32 (the image side the BOPs are counted at), e.g. qat_bits_budget=2.5GBOPs@160.")
+        if num is None or not num > 0 or num == float("inf"):
+            raise SettingsError(f"'qat_bits_budget={value}' is not valid: a BOPs budget is a positive number with a unit "
+                                f"BOPs, KBOPs, MBOPs, GBOPs or TBOPs, optionally @imgsz, e.g. qat_bits_budget=40GBOPs "
+                                f"(640 px) or 2.5GBOPs@160, or a share of FP such as 1.8%BOPs.")
+        return "bops", num * (ref_imgsz / imgsz) ** 2
     for unit, mult in SIZE_UNITS.items():
-        if s.lower().endswith(unit):
+        if low.endswith(unit):
             try:
                 n = float(s[: -len(unit)]) * mult
             except ValueError:
@@ -400,8 +457,7 @@ def parse_bits_budget(value) -> tuple[str, float]:
             if n > 0:
                 return "bytes", n
             break
-    raise SettingsError(f"'qat_bits_budget={value}' is not valid: give an average bit-width (e.g. 4.5) or a model size "
-                     f"with a unit (e.g. 600KB, 1.2MB, 900KiB, 650000B).")
+    raise SettingsError(f"'qat_bits_budget={value}' is not valid: {forms}.")
 
 
 def _bits_budget(key, v):
@@ -423,7 +479,8 @@ SETTINGS: dict[str, Setting] = {
     "qat_skip": Setting(None, "layer indices left in full precision, e.g. [0,23]", _int_list_or_none),
     "qat_layer_bits": Setting(None, "mixed precision: {layer: bits} of ordinary convs, or a sensitivity.csv (with "
                               "qat_bits_budget)", _layer_bits),
-    "qat_bits_budget": Setting(None, "budget for qat_layer_bits=<csv>: average weight bits (e.g. 4.5) or a size (600KB)",
+    "qat_bits_budget": Setting(None, "budget for qat_layer_bits=<csv>: average weight bits (e.g. 4.5), a size (600KB) or "
+                               "bit-operations (40GBOPs at 640 px, 2.5GBOPs@160, or 1.8%BOPs of FP)",
                                _bits_budget),
     "qat_calib": Setting(4, "training batches used to initialise activation quantizers before training", _int_range(1, 1000)),
     "qat_init": Setting("mse", "quantizer init: mse (published init, range refined by an MSE search) or paper (published inits)", _choice("mse", "paper")),

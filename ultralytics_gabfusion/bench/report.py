@@ -181,34 +181,83 @@ def _kib(size: float | None) -> str:
     return "—" if size is None else f"{size / 1024:,.0f}"
 
 
+_GBOPS: dict = {}  # (checkpoint, mtime, imgsz) -> GBOPs: a report renders the table and the plot from the same runs
+
+
+def _weights_gbops(weights, imgsz: int) -> float | None:
+    """GBOPs of a checkpoint's model for one ``imgsz`` image, each conv at its own bits (None when unreadable)."""
+    try:
+        f = Path(weights)
+        key = (str(f.resolve()), f.stat().st_mtime_ns, int(imgsz))
+    except (OSError, TypeError, ValueError):
+        return None
+    if key not in _GBOPS:
+        import torch  # heavy: loaded only when a sweep is reported
+
+        from ..quant.mixed import model_bops
+
+        try:
+            ckpt = torch.load(f, map_location="cpu", weights_only=False)
+            _GBOPS[key] = model_bops((ckpt.get("ema") or ckpt["model"]).float(), int(imgsz)) / 1e9
+        except Exception:  # noqa: BLE001 -- a checkpoint that cannot be read must not hide the table
+            _GBOPS[key] = None
+    return _GBOPS[key]
+
+
+def _sweep_gbops(result: dict) -> dict:
+    """``{(model, bits, method): GBOPs}`` of the sweep (FP: ``(model, None, None)``), from each one's first finished
+    run whose checkpoint is still on disk (the arms of a bit-width share its precision plan), at the bench's imgsz."""
+    imgsz, out = result["settings"].get("imgsz"), {}
+    for r in result.get("runs") or []:
+        qat = r.get("kind") == "qat"
+        key = (r.get("model"), r.get("bits") if qat else None, r.get("method") if qat else None)
+        if key in out or not _ok(r) or not r.get("weights") or not imgsz:
+            continue
+        g = _weights_gbops(r["weights"], imgsz)
+        if g is not None:
+            out[key] = g
+    return out
+
+
 def sweep_table(result: dict) -> list[str]:
-    """Markdown lines of the bit-width sweep: per model and method, one row per bit-width (plus FP), model size and
-    mAP50 / mAP50-95 of each arm."""
+    """Markdown lines of the bit-width sweep: per model and method, one row per bit-width (plus FP), model size,
+    GBOPs (when the runs' checkpoints are at hand) and mAP50 / mAP50-95 of each arm."""
     s, rows = result["settings"], result["rows"]
     arms = s["arms"]
+    gbops = _sweep_gbops(result)
+    g_head, g_sep = (" GBOPs |", "---|") if gbops else ("", "")
+
+    def g_cell(key):
+        return (f" {gbops[key]:,.3f} |" if key in gbops else " — |") if gbops else ""
+
     lines = ["## Bit-width sweep", "",
              "Model size: conv weights at their bit-width, other parameters at 32 bits (FP: everything at 32 bits); "
-             "mAP50 / mAP50-95 in percentage points.", "",
-             "| model | method | bits | size (KiB) | " + " | ".join(ARM_LABELS[a] for a in arms) + " |",
-             "|---|---|---|---|" + "---|" * len(arms)]
+             + (f"GBOPs: bit-operations for one {s.get('imgsz')} px image, MACs x weight bits x activation bits summed "
+                "over the convs (unquantized convs at 32 x 32); " if gbops else "")
+             + "mAP50 / mAP50-95 in percentage points.", "",
+             "| model | method | bits | size (KiB) |" + g_head + " " + " | ".join(ARM_LABELS[a] for a in arms) + " |",
+             "|---|---|---|---|" + g_sep + "---|" * len(arms)]
     for model in s["models"]:
         by = {(r["bits"], r["method"], r["arm"]): r for r in rows if r["model"] == model}
         fp = by.get((None, None, "fp"))
         if fp:
             val = f"{_fmt(fp['mAP50'])} / {_fmt(fp['mAP50_95'])} (FP)"
-            lines.append(f"| {model} | — | FP32 | {_kib(fp.get('size_bytes'))} | " + " | ".join([val] + ["—"] * (len(arms) - 1)) + " |")
+            lines.append(f"| {model} | — | FP32 | {_kib(fp.get('size_bytes'))} |{g_cell((model, None, None))} "
+                         + " | ".join([val] + ["—"] * (len(arms) - 1)) + " |")
         for method in s["methods"]:
             for b in sorted(s["bits"], reverse=True):
                 cells = [by.get((b, method, a)) for a in arms]
                 size = next((c.get("size_bytes") for c in cells if c and c.get("size_bytes") is not None), None)
                 vals = [f"{_fmt(c['mAP50'])} / {_fmt(c['mAP50_95'])}" if c else "—" for c in cells]
-                lines.append(f"| {model} | {method} | W{b}A{b} | {_kib(size)} | " + " | ".join(vals) + " |")
+                lines.append(f"| {model} | {method} | W{b}A{b} | {_kib(size)} |{g_cell((model, b, method))} "
+                             + " | ".join(vals) + " |")
     return lines
 
 
 def plot_size(result: dict, path: Path) -> Path | None:
     """Accuracy vs model size: mAP50 and mAP50-95 (panels) against the size in KiB (log axis), one line per
-    model/method/arm through its bit-widths (labelled), FP as a star. None when no run recorded a size."""
+    model/method/arm through its bit-widths (labelled), FP as a star; a second row of panels against GBOPs (one
+    image at the bench's imgsz, log axis) when the runs' checkpoints are at hand. None when no run recorded a size."""
     import matplotlib  # slow to import: loaded only when a plot is drawn
 
     matplotlib.use("Agg")
@@ -218,31 +267,37 @@ def plot_size(result: dict, path: Path) -> Path | None:
     if not rows:
         return None
     s = result["settings"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
-    for ax, m in zip(axes[0], ("mAP50", "mAP50_95")):
-        for model in s["models"]:
-            fp = next((r for r in rows if r["model"] == model and r["arm"] == "fp"), None)
-            if fp and fp[m]["mean"] is not None:
-                ax.scatter([fp["size_bytes"] / 1024], [100 * fp[m]["mean"]], marker="*", s=140, color="k", zorder=4,
-                           label=f"FP32{' ' + model if len(s['models']) > 1 else ''}")
-            for method in s["methods"]:
-                for arm in s["arms"]:
-                    pts = sorted(((r["size_bytes"] / 1024, 100 * r[m]["mean"], r["bits"]) for r in rows
-                                  if (r["model"], r["method"], r["arm"]) == (model, method, arm)
-                                  and r[m]["mean"] is not None))
-                    if not pts:
-                        continue
-                    label = f"{ARM_LABELS[arm]}, {method}{', ' + model if len(s['models']) > 1 else ''}"
-                    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=label)
-                    for x, y, b in pts:
-                        ax.annotate(f"W{b}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7,
-                                    color=line.get_color())
-        ax.set_xscale("log")
-        ax.set_xlabel("model size (KiB; conv weights at their bit-width)")
-        ax.set_ylabel(f"val {METRIC_LABELS[m]} (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("accuracy vs model size", fontsize=10)
+    gbops = _sweep_gbops(result)
+    xaxes = [(lambda r: r["size_bytes"] / 1024, "model size (KiB; conv weights at their bit-width)")]
+    if gbops:
+        xaxes.append((lambda r: gbops.get((r["model"], r["bits"], r["method"])),
+                      f"GBOPs (one {s.get('imgsz')} px image; MACs x W bits x A bits)"))
+    fig, axes = plt.subplots(len(xaxes), 2, figsize=(11, 4.2 * len(xaxes)), squeeze=False)
+    for ax_row, (xf, xlabel) in zip(axes, xaxes):
+        for ax, m in zip(ax_row, ("mAP50", "mAP50_95")):
+            for model in s["models"]:
+                fp = next((r for r in rows if r["model"] == model and r["arm"] == "fp"), None)
+                if fp and fp[m]["mean"] is not None and xf(fp) is not None:
+                    ax.scatter([xf(fp)], [100 * fp[m]["mean"]], marker="*", s=140, color="k", zorder=4,
+                               label=f"FP32{' ' + model if len(s['models']) > 1 else ''}")
+                for method in s["methods"]:
+                    for arm in s["arms"]:
+                        pts = sorted((xf(r), 100 * r[m]["mean"], r["bits"]) for r in rows
+                                     if (r["model"], r["method"], r["arm"]) == (model, method, arm)
+                                     and r[m]["mean"] is not None and xf(r) is not None)
+                        if not pts:
+                            continue
+                        label = f"{ARM_LABELS[arm]}, {method}{', ' + model if len(s['models']) > 1 else ''}"
+                        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=label)
+                        for x, y, b in pts:
+                            ax.annotate(f"W{b}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7,
+                                        color=line.get_color())
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"val {METRIC_LABELS[m]} (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("accuracy vs model size" + (" and vs compute (BOPs)" if gbops else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
