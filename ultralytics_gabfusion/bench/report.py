@@ -73,7 +73,7 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
                         base = [(k, (model, k[1], method, bits, ref)) for k in have]
                         base = [(k, b) for k, b in base if b in qat]
                         row[f"gain_{m}"] = summarize([qat[k][m] - qat[b][m] for k, b in base]) if \
-                            ref in s["arms"] and arm != ref else None
+                            ref in s["arms"] else None
                         row[f"recovered_{m}"] = _recovered(qat, fp, have, m) if not is_step0(arm) else None
                     row["epochs_run"] = [qat[k].get("epochs_run") for k in have]
                     row["size_bytes"] = _size([qat[k] for k in have])
