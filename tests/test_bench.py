@@ -272,7 +272,9 @@ def test_qat_args_precedence(tmp_path):
     s = resolve_settings([*TINY, "methods=[lsq,n2uq]", f"recipe={recipe}", "momentum=0.9", "fp_lr0=0.02",
                           f"out={tmp_path / 'o'}"])
     a = qat_train_args(s, "d.yaml", 0, "x", "n2uq", 3, "gab_ada")
-    assert (a["qat"], a["w_bits"], a["gab"], a["ada"], a["ada_div"]) == ("n2uq", 3, "balanced", 0.01, "js")
+    assert (a["qat"], a["w_bits"], a["gab"], a["ada"], a["ada_div"]) == ("n2uq", 3, "balanced", 0.1, "js")
+    assert "gab_form" not in a  # the default form (grad); the paper arms name theirs
+    assert qat_train_args(s, "d.yaml", 0, "x", "lsq", 4, "gab_paper_ada")["gab_form"] == "paper"
     assert (a["lr0"], a["qat_lr"], a["momentum"], a["epochs"], a["optimizer"]) == (0.001, 0.5, 0.9, 1, "SGD")
     f = fp_train_args(s, "d.yaml", 0, "fp")
     assert f["lr0"] == 0.02 and "momentum" not in f and "qat" not in f
