@@ -294,9 +294,11 @@ def test_grid_analysis_follows_what_feeds_each_conv():
     assert b11["model.10.m.0.attn.qkv.conv"] == pytest.approx(SILU_MIN)
     assert b11["model.10.m.0.attn.pe.conv"] == -float("inf")  # v of qkv: a conv without activation
     assert b11["model.10.m.0.ffn.0.conv"] == -float("inf")  # x + attention(x): signed
-    insert_gabfusion(v5)
+    insert_gabfusion(v5)  # the default grad form outputs the plain concat: its readers keep unsigned grids
+    assert not any(r["a_signed"] for r in plan_policy(v5, 4, 4) if r["name"].startswith("model.13.cv"))
+    insert_gabfusion(v5, form="paper")
     rows = {r["name"]: r for r in plan_policy(v5, 4, 4)}
-    assert rows["model.13.cv1.conv"]["a_signed"] and rows["model.13.cv2.conv"]["a_signed"]  # GABFusion output
+    assert rows["model.13.cv1.conv"]["a_signed"] and rows["model.13.cv2.conv"]["a_signed"]  # LayerNorm output
     assert not rows["model.13.cv3.conv"]["a_signed"] and not rows["model.0.conv"]["a_signed"]
     assert sum(r["a_signed"] for r in rows.values()) == 8  # exactly the 4 nodes x (C3 cv1, cv2)
     forced = plan_policy(v5, 4, 4, act_grid="signed")
@@ -306,7 +308,7 @@ def test_grid_analysis_follows_what_feeds_each_conv():
         plan_policy(v5, 4, 4, act_grid="uint")
     for method, offset in (("lsq", SILU_MIN), ("pact", SILU_MIN), ("lsqplus", 0.0), ("n2uq", 0.0)):
         m = build("yolov5s")
-        insert_gabfusion(m)
+        insert_gabfusion(m, form="paper")
         rows = {r["name"]: r for r in quantize_model(m, method, 4, 4)}
         q = dict(m.named_modules())["model.13.cv3.conv"].act_quant
         assert (q.signed, getattr(q, "fixed_offset", 0.0)) == (False, offset), method

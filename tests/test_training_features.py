@@ -164,7 +164,7 @@ def test_resume_restores_quantizers_fusion_and_keys(tmp_path, tiny_data, fp_ckpt
     model.add_callback("on_fit_epoch_end", stop_after_first_epoch)
     with pytest.raises(Interrupt):
         model.train(trainer=GABTrainer, data=str(tiny_data), qat="n2uq", w_bits=3, a_bits=3, gab="balanced",
-                    qat_calib=1, qat_lr=0.1, **train_kwargs(tmp_path, epochs=2))
+                    gab_form="paper", qat_calib=1, qat_lr=0.1, **train_kwargs(tmp_path, epochs=2))
     last = tmp_path / "run" / "weights" / "last.pt"
     saved = torch.load(last, weights_only=False)
     assert saved["epoch"] == 0 and saved["optimizer"] is not None
