@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..settings import ACT_GRIDS  # the one list, validated there
+from .probe import conv_hooks, probe_image
 
 __all__ = ["ACT_GRIDS", "SILU_MIN", "GELU_MIN", "input_lower_bounds", "grid_signed", "fixed_offset"]
 OFFSET_METHODS = ("lsq", "pact")  # methods without a learnable offset: their unsigned grid gets a fixed one
@@ -146,10 +147,6 @@ def input_lower_bounds(model: nn.Module, imgsz: int = 64) -> dict[str, float]:
         (dict[str, float]): ``{conv module name: lower bound}``; ``-inf`` for signed (unbounded) inputs. Convs that
         did not run in the probe are absent.
     """
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    ch = int(getattr(model, "yaml", {}).get("channels", 3) or 3) if isinstance(getattr(model, "yaml", None), dict) else 3
     tracker = _BoundTracker()
     found: dict[str, float] = {}
 
@@ -159,19 +156,11 @@ def input_lower_bounds(model: nn.Module, imgsz: int = 64) -> dict[str, float]:
 
         return hook
 
-    handles = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        img = torch.full((1, ch, imgsz, imgsz), 0.5, device=device, dtype=dtype)
+    with conv_hooks(model, record, pre=True):
+        img = probe_image(model, imgsz, 0.5)
         with tracker:
             tracker.set(img, 0.0)
             model(img)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, f in flags.items():
-            m.training = f
     return found
 
 

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from ..settings import parse_bits_budget
+from .probe import conv_hooks, probe_image
 from .qconv import quant_convs, quantizers_disabled
 from .quantizers import FakeQuantizer
 
@@ -111,11 +112,6 @@ def average_bits(model: nn.Module, rows: list[dict]) -> float:
 @torch.no_grad()
 def _measure_costs(model: nn.Module, imgsz: int) -> dict[str, dict[str, int]]:
     """:func:`conv_costs` by one forward pass at ``imgsz`` (eval mode, quantizers off, flags restored)."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    yml = getattr(model, "yaml", None)
-    ch = int(yml.get("channels", 3) or 3) if isinstance(yml, dict) else 3
     costs: dict[str, dict[str, int]] = {}
 
     def record(name):
@@ -127,18 +123,8 @@ def _measure_costs(model: nn.Module, imgsz: int) -> dict[str, dict[str, int]]:
 
         return hook
 
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    handles = [m.register_forward_hook(record(n)) for n, m in convs]
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with quantizers_disabled(model):
-            model(torch.zeros(1, ch, imgsz, imgsz, device=device, dtype=dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, f in flags.items():
-            m.training = f
+    with conv_hooks(model, record), quantizers_disabled(model):
+        model(probe_image(model, imgsz))
     return costs
 
 
