@@ -56,7 +56,7 @@ from .accuracy_settings import (
     resolve_settings,
     synth_settings,
 )
-from .arms import ARM_LABELS, ARM_SETTINGS, ARMS, METHOD_DEFAULTS, METHODS, PAPER_SCHEDULE, STEP0, is_step0
+from .arms import ARM_LABELS, ARM_SETTINGS, ARMS, METHOD_DEFAULTS, METHODS, PAPER_SCHEDULE, is_step0
 from .common import fingerprint, write_json
 
 
@@ -160,8 +160,7 @@ def accuracy_main(argv: list[str]) -> int:
 # The accuracy benchmark's public names, most defined in .arms, .accuracy_settings and .accuracy_runs: all of them
 # import from here, as callers and scripts expect.
 __all__ = [
-    "ARMS", "ARM_LABELS", "ARM_SETTINGS", "DEFAULTS", "HELP", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "STEP0",
-    "is_step0",
+    "ARMS", "ARM_LABELS", "ARM_SETTINGS", "DEFAULTS", "HELP", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "is_step0",
     "PRESETS", "RESERVED", "SHARED_KEYS", "SYNTH_MAX_OBJECTS", "SYNTH_SEED", "accuracy_main", "fp_train_args",
     "help_text", "loadable_fp", "prepare_data", "qat_train_args", "quantize_ptq", "resolve_settings", "run_bench",
     "run_once", "stable_args", "synth_settings", "train_fp", "train_qat", "val_key", "validate_weights",

@@ -10,8 +10,9 @@ from ..settings import QUANT_METHODS
 
 METHODS = QUANT_METHODS
 # arm -> (gab mode, uses ADA, GABFusion form or None for the default, trained). Every trained arm has a step-0 arm
-# (STEP0): the same conversion, calibration and GABFusion insertion with no training step, so a table shows where each
-# arm starts and what training added.
+# (ptq for baseline / ada, ptq_gab for gab / gab_ada, ptq_gab_paper for the paper-form arms): the same conversion,
+# calibration and GABFusion insertion with no training step, so a table shows where each arm starts and what training
+# added.
 ARM_SETTINGS = {
     "ptq": ("off", False, None, False),  # converted + calibrated, no training step: the drop QAT has to recover
     "ptq_gab": ("balanced", False, None, False),  # step 0 of gab / gab_ada (default, function-preserving form)
@@ -24,8 +25,6 @@ ARM_SETTINGS = {
     "gab_paper_ada": ("balanced", True, "paper", True),
 }
 ARMS = tuple(ARM_SETTINGS)
-STEP0 = {"baseline": "ptq", "ada": "ptq", "gab": "ptq_gab", "gab_ada": "ptq_gab", "gab_paper": "ptq_gab_paper",
-         "gab_paper_ada": "ptq_gab_paper"}
 ARM_LABELS = {"ptq": "PTQ (no training)", "ptq_gab": "PTQ+GABFusion (step 0)",
               "ptq_gab_paper": "PTQ+GABFusion paper (step 0)", "baseline": "baseline QAT", "gab": "+GABFusion",
               "ada": "+ADA", "gab_ada": "+GABFusion+ADA", "gab_paper": "+GABFusion (paper form)",
@@ -53,4 +52,4 @@ METHOD_DEFAULTS = {
     "n2uq": {"qat_lr": 0.1, "ada_div": "js"},
 }
 
-__all__ = ["ARMS", "ARM_LABELS", "ARM_SETTINGS", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "STEP0", "is_step0"]
+__all__ = ["ARMS", "ARM_LABELS", "ARM_SETTINGS", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "is_step0"]

@@ -42,6 +42,8 @@ from ..settings import GAB_MODES as FUSION_MODES
 from ..settings import SETTINGS
 
 _UNSET = object()  # "leave unchanged" marker of GABFusion.configure
+_LEARNED_NEEDS_PAPER = ("GABFusion mode 'learned' trains alpha through the forward pass: it needs form 'paper' "
+                        "(gab_form=paper), or use mode 'balanced'.")
 LAM_MAX = 10.0  # |lam - mean(lam)| bound: alpha ratios up to e^20 stay > 0 in float32 (softmax cannot saturate to 0)
 
 
@@ -250,8 +252,7 @@ class GABFusion(KeepFP32, nn.Module):
         """
         form = _check_form(form)
         if form == "grad" and getattr(self, "mode", None) == "learned":
-            raise ValueError("GABFusion mode 'learned' trains alpha through the forward pass: it needs form 'paper' "
-                             "(gab_form=paper), or use mode 'balanced'.")
+            raise ValueError(_LEARNED_NEEDS_PAPER)
         if form == self.form and (form == "grad" or self.norm is not None):
             return self
         if form == "paper":
@@ -275,8 +276,7 @@ class GABFusion(KeepFP32, nn.Module):
             ValueError: Unknown mode, or "learned" in the "grad" form.
         """
         if _check_mode(mode) == "learned" and self.form == "grad":
-            raise ValueError("GABFusion mode 'learned' trains alpha through the forward pass: it needs form 'paper' "
-                             "(gab_form=paper), or use mode 'balanced'.")
+            raise ValueError(_LEARNED_NEEDS_PAPER)
         self.mode = _check_mode(mode)
         lam = self.lam.detach().clone().float()
         is_param = "lam" in self._parameters
