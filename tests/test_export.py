@@ -19,6 +19,8 @@ import torch
 from conftest import IMGSZ
 from onnx import numpy_helper
 
+from ultralytics_gabfusion.quant.grids import SILU_MIN
+
 from ultralytics_gabfusion.export import (
     ParityError,
     check_parity,
@@ -116,6 +118,21 @@ def lsq_v5_onnx(lsq_v5, images, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------ export + parity
+def test_zero_point_exact_keeps_trained_offsets(lsq_v5, images, tmp_path):
+    """zero_point=exact: the SiLU offset stays a float Sub/Add around Q/DQ (zero point 0) and parity still holds."""
+    info = export_qdq_onnx(lsq_v5, tmp_path / "exact.onnx", imgsz=IMGSZ, images=images, zero_point="exact",
+                           verbose=False)
+    proto = onnx.load(str(tmp_path / "exact.onnx"))
+    offsets = [n.name for n in proto.graph.node if n.name.endswith("/ActSubOffset")]
+    assert len(offsets) == len(info["layers"]) - 1 and not any(n.startswith("model.0.conv.") for n in offsets)
+    assert info["parity"]["ok"] and info["zero_points"] == []
+    zps = [numpy_helper.to_array(i) for i in proto.graph.initializer if i.name.endswith("/a_zero_point")]
+    assert all(int(z) == 0 for z in zps)
+    with pytest.raises(ValueError, match="zero_point="):
+        export_qdq_onnx(lsq_v5, tmp_path / "bad.onnx", imgsz=IMGSZ, zero_point="round", verbose=False)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 def test_lsq_w4a4_yolov5s(lsq_v5, lsq_v5_onnx, images):
     path, info = lsq_v5_onnx
     assert path.exists() and not list(path.parent.glob(".*.tmp.onnx"))
@@ -131,10 +148,21 @@ def test_lsq_w4a4_yolov5s(lsq_v5, lsq_v5_onnx, images):
     for name, r in rows.items():  # 4-bit convs: INT4 weights; first conv and Detect predictors: 8-bit
         assert w[f"{name}.weight/w_int"] == ("INT4" if r["w_bits"] == 4 else "INT8"), name
     # qat_act_grid=auto: every conv input of a plain YOLOv5 is a SiLU output (or the image): unsigned 4-bit grids in
-    # UINT4 with zero point 0 and the fixed SiLU offset as Sub/Add, 8-bit image input and head predictors in UINT8
+    # UINT4, 8-bit image input and head predictors in UINT8. zero_point=snap (default): the fixed SiLU offset became
+    # an integer zero point z = round(0.2785/s) on every grid but the image's, so no float Sub/Add is left
     assert act_q_types(proto) == {"UINT4", "UINT8"}
-    offsets = [n.name for n in proto.graph.node if n.name.endswith("/ActSubOffset")]
-    assert len(offsets) == len(rows) - 1 and not any(n.startswith("model.0.conv.") for n in offsets)
+    assert not [n.name for n in proto.graph.node if n.name.endswith("/ActSubOffset")]
+    a_zps = {k[: -len(".act/a_zero_point")]: int(numpy_helper.to_array(i))
+             for i in proto.graph.initializer for k in [i.name] if k.endswith(".act/a_zero_point")}
+    a_scales = {i.name[: -len(".act/a_scale")]: float(numpy_helper.to_array(i))
+                for i in proto.graph.initializer if i.name.endswith(".act/a_scale")}
+    assert a_zps["model.0.conv"] == 0 and len(a_zps) == len(rows)
+    for name, z in a_zps.items():
+        if name != "model.0.conv":
+            assert z == round(-SILU_MIN / a_scales[name]), name
+    moved = {r["name"]: r for r in info["zero_points"]}
+    assert len(moved) == len(rows) - 1 and all(abs(r["shift_steps"]) <= 0.5 for r in moved.values())
+    assert any(r["shift_steps"] != 0 for r in moved.values())
     assert "Clip" not in info["ops"]  # 4- and 8-bit grids fill their containers
     # Negative BN scales were folded into mirrored integers: zero point -1 on those channels, scales positive.
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
@@ -195,8 +223,10 @@ def test_export_parity(cfg, method, bits, opts, images, tmp_path):
             assert "UINT4" in types or "INT4" in types
         else:  # 3-bit activations: 8-bit container, range enforced by Clip between Q and DQ
             assert ops["Clip"] >= len(low) and not ({"INT4", "UINT4"} & types)
-        if method in ("lsqplus", "pact"):  # float offsets -> explicit Sub before Q, Add after DQ
-            assert ops["Sub"] >= len(low)
+        if method in ("lsqplus", "pact"):  # zero_point=snap: learned / fixed float offsets became integer zero points
+            moved = {r["name"] for r in info["zero_points"] if r["snapped"] is not None}
+            assert set(low) <= moved
+            assert not [n for n in proto.graph.node if n.name.endswith("/ActSubOffset")]
         if bits == 4 and method in ("lsq", "pact"):  # the containers follow qat_act_grid=auto
             # signed grids only after the paper form's LayerNorm; the grad form feeds the next conv a plain concat
             assert "UINT4" in types and (("INT4" in types) == (gab == "paper"))

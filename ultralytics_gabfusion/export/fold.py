@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ultralytics.nn.modules import C2f, Detect
 
 from ..quant.qconv import QuantConv2d, QuantConvBlock, quant_convs
-from .nodes import _ActSpec, _container, _GabqOp, _N2UQSpec, _WeightSpec
+from .nodes import _CONTAINER_RANGE, _ActSpec, _container, _GabqOp, _N2UQSpec, _WeightSpec
 
 _ZP_TOL = 1e-4  # largest zero-point snap, in quantization steps (float rounding of the scale is ~1e-5 at 8 bits)
 
@@ -78,7 +78,7 @@ def _weight_ints(key: str, conv: QuantConv2d):
 
 
 @torch.no_grad()
-def _weight_spec(key: str, conv: QuantConv2d, f: torch.Tensor, mode: str) -> _WeightSpec:
+def _weight_spec(key: str, conv: QuantConv2d, f: torch.Tensor, mode: str, int4: bool = True) -> _WeightSpec:
     """Quantize ``conv``'s weight to integers and fold the per-channel BN factor ``f`` into grid and integers."""
     k, spec = _weight_ints(key, conv)
     s, off, qmin, qmax = spec.scale, spec.offset, spec.qmin, spec.qmax
@@ -106,7 +106,7 @@ def _weight_spec(key: str, conv: QuantConv2d, f: torch.Tensor, mode: str) -> _We
     else:
         ints, zp, scale, qrange, used, offset = k2, torch.zeros_like(z), s2, (qmin, qmax), "add", off2
     ints = torch.where(dead.view(shape), zp.view(shape), ints)
-    container = _container(qrange[0], qrange[1], spec.bits if used != "widen" else None)
+    container = _container(qrange[0], qrange[1], spec.bits if used != "widen" and int4 else None)
     return _WeightSpec(
         key=key, bits=spec.bits, ints=ints.to(torch.int64).numpy(), scale=scale.float().numpy(),
         zp=zp.to(torch.int64).numpy(), offset=None if offset is None else offset.float().numpy(),
@@ -118,7 +118,7 @@ def _weight_spec(key: str, conv: QuantConv2d, f: torch.Tensor, mode: str) -> _We
 # Activation specs
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _act_spec(key: str, conv: QuantConv2d):
+def _act_spec(key: str, conv: QuantConv2d, int4: bool = True):
     """The :mod:`.nodes` spec of ``conv``'s input quantizer: thresholds (nonuniform) or a per-tensor Q/DQ grid."""
     q = conv.act_quant
     spec = q.export_spec(torch.float32)
@@ -131,9 +131,17 @@ def _act_spec(key: str, conv: QuantConv2d):
         raise ValueError(f"{key}: per-channel activation quantizers are not supported by the Q/DQ exporter.")
     lo, hi = spec.qmin, spec.qmax
     bits = spec.bits
-    container = ("INT4" if lo < 0 else "UINT4") if bits == 4 else ("INT8" if lo < 0 else "UINT8")
-    a_spec = _ActSpec(key=key, method=q.method, bits=bits, scale=float(spec.scale.reshape(())),
-                      offset=float(spec.offset.reshape(())), qmin=lo, qmax=hi, container=container)
+    container = ("INT4" if lo < 0 else "UINT4") if bits == 4 and int4 else ("INT8" if lo < 0 else "UINT8")
+    scale, offset = float(spec.scale.reshape(())), float(spec.offset.reshape(()))
+    # An offset on a multiple of the step (snap_zero_points) is an integer zero point: no float Sub/Add needed.
+    z = round(-offset / scale)
+    c_lo, c_hi = _CONTAINER_RANGE[container]
+    if offset != 0.0 and abs(offset + z * scale) <= _ZP_TOL * scale and c_lo <= z <= c_hi:
+        offset, zp = 0.0, z
+    else:
+        zp = 0
+    a_spec = _ActSpec(key=key, method=q.method, bits=bits, scale=scale, offset=offset, qmin=lo, qmax=hi,
+                      container=container, zero_point=zp)
     if conv.input_shift is not None:  # only N2UQ has one today; keep the function exact if that changes
         raise ValueError(f"{key}: input_shift on a non-N2UQ quantizer is not supported by the Q/DQ exporter.")
     return a_spec
@@ -170,12 +178,13 @@ def _layer_row(name: str, conv: QuantConv2d, bn, a_spec, w_spec) -> dict:
     }
 
 
-def _convert_conv(name: str, conv: QuantConv2d, bn, weight_offset: str, specs: dict, rows: list) -> _ExportConv:
+def _convert_conv(name: str, conv: QuantConv2d, bn, weight_offset: str, specs: dict, rows: list,
+                  int4: bool = True) -> _ExportConv:
     """The :class:`_ExportConv` of ``conv`` (``bn`` folded in); records its specs and summary row."""
     f, bias = _bn_factors(conv, bn)
-    a_spec = _act_spec(name + ".act", conv) if conv.act_quant is not None else None
+    a_spec = _act_spec(name + ".act", conv, int4) if conv.act_quant is not None else None
     if conv.weight_quant is not None:
-        w_spec = _weight_spec(name + ".weight", conv, f, weight_offset)
+        w_spec = _weight_spec(name + ".weight", conv, f, weight_offset, int4)
         weight = w_spec.dequantized()
     else:
         w_spec = None
@@ -189,8 +198,11 @@ def _convert_conv(name: str, conv: QuantConv2d, bn, weight_offset: str, specs: d
     return _ExportConv(conv, weight, bias.float(), a_spec, w_spec)
 
 
-def _build_export_model(model: nn.Module, weight_offset: str):
-    """Deep copy of ``model`` with BN folded and every QuantConv2d replaced by an :class:`_ExportConv`."""
+def _build_export_model(model: nn.Module, weight_offset: str, int4: bool = True):
+    """Deep copy of ``model`` with BN folded and every QuantConv2d replaced by an :class:`_ExportConv`.
+
+    ``int4=False`` stores 4-bit integers in 8-bit containers (with the range ``Clip``), which INT8 kernels execute.
+    """
     m = copy.deepcopy(model).float().eval()
     for p in m.parameters():
         p.requires_grad_(False)
@@ -198,13 +210,13 @@ def _build_export_model(model: nn.Module, weight_offset: str):
     # Blocks first (their conv carries the BN), then the raw quantized convs (Detect predictors).
     for name, mod in list(m.named_modules()):
         if isinstance(mod, QuantConvBlock) and isinstance(mod.conv, QuantConv2d):
-            mod.conv = _convert_conv(f"{name}.conv", mod.conv, mod.bn, weight_offset, specs, rows)
+            mod.conv = _convert_conv(f"{name}.conv", mod.conv, mod.bn, weight_offset, specs, rows, int4)
             mod.bn = nn.Identity()
     for name, mod in list(m.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, QuantConv2d):
                 full = f"{name}.{child_name}" if name else child_name
-                new = _convert_conv(full, child, None, weight_offset, specs, rows)
+                new = _convert_conv(full, child, None, weight_offset, specs, rows, int4)
                 for a in ("i", "f", "type", "np"):
                     if hasattr(child, a):
                         setattr(new, a, getattr(child, a))

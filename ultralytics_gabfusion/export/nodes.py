@@ -150,7 +150,12 @@ class _WeightSpec:
 
 @dataclass
 class _ActSpec:
-    """Uniform per-tensor activation grid ``offset + k*scale``, k in [qmin, qmax] (LSQ, LSQ+, PACT)."""
+    """Uniform per-tensor activation grid ``offset + k*scale``, k in [qmin, qmax] (LSQ, LSQ+, PACT).
+
+    With an integer ``zero_point`` z (``offset == -z*scale``) the grid is ``(k - z)*scale`` and is written as plain
+    ``QuantizeLinear``/``DequantizeLinear`` with that zero point (``offset`` is then 0.0 here); otherwise the float
+    offset is subtracted before and added after them.
+    """
 
     key: str
     method: str
@@ -160,6 +165,7 @@ class _ActSpec:
     qmin: int
     qmax: int
     container: str
+    zero_point: int = 0
     op_type: str = "ActQDQ"
 
     @property
@@ -171,11 +177,13 @@ class _ActSpec:
         s = torch.tensor(self.scale, dtype=torch.float32)
         b = torch.tensor(self.offset, dtype=torch.float32)
         v = x - b if self.offset != 0.0 else x
-        y = torch.round(v / s).clamp(self.qmin, self.qmax) * s
+        z = float(self.zero_point)
+        q = torch.round(v / s) + z if z else torch.round(v / s)
+        y = (q.clamp(self.qmin, self.qmax) - z) * s if z else q.clamp(self.qmin, self.qmax) * s
         return y + b if self.offset != 0.0 else y
 
     def describe(self) -> str:
-        s = f"QuantizeLinear/DequantizeLinear {self.container}"
+        s = f"QuantizeLinear/DequantizeLinear {self.container}" + (f" zp={self.zero_point}" if self.zero_point else "")
         if self.clip:
             s += f" + Clip[{self.qmin},{self.qmax}]"
         if self.offset != 0.0:
@@ -186,7 +194,8 @@ class _ActSpec:
         from onnx import helper
 
         k = self.key
-        inits = [_float_tensor(f"{k}/a_scale", self.scale, ()), _int_tensor(f"{k}/a_zero_point", self.container, 0, ())]
+        inits = [_float_tensor(f"{k}/a_scale", self.scale, ()),
+                 _int_tensor(f"{k}/a_zero_point", self.container, self.zero_point, ())]
         nodes = []
         src = inp
         if self.offset != 0.0:

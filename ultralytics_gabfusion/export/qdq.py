@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import torch.nn as nn
 from ultralytics import __version__ as ul_version
 from ultralytics.utils import LOGGER
 
+from ..quant.grids import snap_zero_points
 from ..version import __version__
 from .fold import _build_export_model, _check_initialized, _prepare_for_onnx
 from .inputs import _imgsz_pair, generated_images, load_images, load_quantized_model
@@ -32,7 +34,8 @@ def _log(msg: str, verbose: bool = True) -> None:
         LOGGER.info(msg)
 
 
-def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: str) -> dict:
+def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: str, int4: bool = True,
+              zero_point: str = "snap") -> dict:
     """``metadata_props`` of the file: Ultralytics' keys (so ``YOLO("model.onnx")`` works) and ``quantization``."""
     names = getattr(model, "names", None) or {i: f"class{i}" for i in range(int(getattr(model.model[-1], "nc", 80)))}
     if isinstance(names, (list, tuple)):
@@ -46,6 +49,8 @@ def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: st
         "methods": methods,
         "opset": opset,
         "weight_offset": weight_offset,
+        "zero_point": zero_point,
+        "int4": int4,
         "bits": sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=str),
         "layers": [{k: r[k] for k in ("name", "method", "w_bits", "a_bits", "weight", "weight_range", "act")} for r in rows],
     }
@@ -79,6 +84,8 @@ def export_qdq_onnx(
     images=None,
     check: bool = True,
     weight_offset: str = "add",
+    zero_point: str = "snap",
+    int4: bool = True,
     verbose: bool = True,
     **parity_tol,
 ) -> dict:
@@ -98,6 +105,13 @@ def export_qdq_onnx(
         check (bool): Run :func:`check_parity` and refuse to write the file if it fails.
         weight_offset (str): How weights whose grid has no integer zero point (DoReFa, N2UQ) are stored:
             ``"add"`` (b-bit integers + per-channel float ``Add``) or ``"widen"`` (``2k-L`` in b+1 bits).
+        zero_point (str): Activation grids whose offset is not a multiple of the step (the SiLU offset of LSQ/PACT,
+            LSQ+'s beta): ``"snap"`` (default) moves each offset to the nearest multiple, an integer zero point, so
+            the graph is plain Q/DQ that INT8 runtimes fuse into integer convolutions (every level moves by less
+            than half a step; parity is checked against the snapped model); ``"exact"`` keeps the trained offsets
+            as float ``Sub``/``Add`` around Q/DQ (bit-exact, but no runtime runs those convs on integers).
+        int4 (bool): Store 4-bit integers in ``INT4``/``UINT4`` (default: half the size). False: in 8-bit
+            containers with a range ``Clip``, which INT8 kernels (OpenVINO) execute as integer convolutions.
         verbose (bool): Log progress with Ultralytics' logger.
         **parity_tol: :data:`PARITY_DEFAULTS` overrides (conf, top_k, iou, margin, nms_iou, ref_eps, ref_runs, ratio,
             floor).
@@ -105,7 +119,7 @@ def export_qdq_onnx(
     Returns:
         (dict): ``file``, ``opset``, ``imgsz``, ``output_shape``, ``ops`` (op type counts), ``int_types``
         (element types of the integer tensors), ``layers`` (per-conv rows: bits, weight and activation encoding),
-        ``parity`` (the :func:`check_parity` result, or None) and ``images`` (what parity ran on).
+        ``zero_points`` (the :func:`~ultralytics_gabfusion.quant.grids.snap_zero_points` rows), ``parity`` (the :func:`check_parity` result, or None) and ``images`` (what parity ran on).
 
     Raises:
         ValueError: Not a checkpoint / corrupt file, an FP model (use ``YOLO(model).export``), uninitialised
@@ -122,28 +136,38 @@ def export_qdq_onnx(
         >>> info["int_types"]  # doctest: +SKIP
         ['INT4', 'INT8', 'UINT8']
     """
-    _check_options(opset, weight_offset, parity_tol)
+    _check_options(opset, weight_offset, zero_point, parity_tol)
     src_path = Path(model) if isinstance(model, (str, Path)) else None
     model = load_quantized_model(model)
     file = _output_file(file, src_path)
     _check_initialized(model)
+    snapped = []
+    if zero_point == "snap":
+        model = copy.deepcopy(model)  # the caller's model keeps its trained offsets
+        snapped = snap_zero_points(model)
+        moved = [r for r in snapped if r["snapped"] is not None]
+        if moved:
+            _log(f"Q/DQ ONNX: {len(moved)} activation grid offsets moved to integer zero points (largest move "
+                 f"{max(abs(r['shift_steps']) for r in moved):.2f} step); zero_point=exact keeps them", verbose)
     stride = int(max(model.stride)) if hasattr(model, "stride") else 32
     hw = _imgsz_pair(imgsz, stride)
-    proto, rows = _trace_qdq(model, hw, opset, weight_offset, verbose)
+    proto, rows = _trace_qdq(model, hw, opset, weight_offset, verbose, int4, zero_point)
     out_shape, ops, int_types = _graph_summary(proto)
     result = {"file": str(file), "opset": opset, "imgsz": list(hw), "output_shape": out_shape, "ops": ops,
-              "int_types": int_types, "layers": rows, "parity": None, "images": None}
+              "int_types": int_types, "layers": rows, "zero_points": snapped, "parity": None, "images": None}
     _save_checked(proto, file, result, verbose, check=check, model=model, images=images, hw=hw, parity_tol=parity_tol)
     _log(f"Q/DQ ONNX: saved {file} ({file.stat().st_size / 1e6:.1f} MB, opset {opset}, integer types {int_types})", verbose)
     return result
 
 
-def _check_options(opset: int, weight_offset: str, parity_tol: dict) -> None:
+def _check_options(opset: int, weight_offset: str, zero_point: str, parity_tol: dict) -> None:
     """Refuse an unsupported opset, weight encoding or parity tolerance key before any work is done."""
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"opset={opset} is not supported by the Q/DQ exporter: use opset=21 (INT4/UINT4 need 21).")
     if weight_offset not in ("add", "widen"):
         raise ValueError(f"weight_offset={weight_offset!r} is not valid: use 'add' or 'widen'.")
+    if zero_point not in ("snap", "exact"):
+        raise ValueError(f"zero_point={zero_point!r} is not valid: use 'snap' (integer zero points) or 'exact'.")
     unknown = set(parity_tol) - set(PARITY_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown export_qdq_onnx arguments {sorted(unknown)}; parity tolerances: {sorted(PARITY_DEFAULTS)}")
@@ -161,7 +185,8 @@ def _output_file(file, src_path: Path | None) -> Path:
     return file
 
 
-def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset: str, verbose: bool):
+def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset: str, verbose: bool, int4: bool = True,
+               zero_point: str = "snap"):
     """Trace the deployment copy of ``model`` with ``gabq::`` placeholders, lower them, add metadata, check.
 
     Returns:
@@ -169,7 +194,7 @@ def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset:
     """
     import onnx
 
-    exp, specs, rows = _build_export_model(model, weight_offset)
+    exp, specs, rows = _build_export_model(model, weight_offset, int4)
     exp = _prepare_for_onnx(exp, hw)
     im = torch.zeros(1, int(getattr(model, "yaml", {}).get("channels", 3)), *hw)
     _log(f"Q/DQ ONNX: tracing {len(rows)} quantized convs at {hw[0]}x{hw[1]} (batch 1)", verbose)
@@ -180,7 +205,7 @@ def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset:
         torch.onnx.export(exp, im, buf, opset_version=_TRACE_OPSET, dynamo=False, input_names=["images"],
                           output_names=["output0"], custom_opsets={_DOMAIN: 1}, do_constant_folding=True)
     proto = _lower_graph(onnx.load_from_string(buf.getvalue()), specs, opset)
-    for k, v in _metadata(model, hw, opset, rows, weight_offset).items():
+    for k, v in _metadata(model, hw, opset, rows, weight_offset, int4, zero_point).items():
         meta = proto.metadata_props.add()
         meta.key, meta.value = k, str(v)
     onnx.checker.check_model(proto, full_check=True)

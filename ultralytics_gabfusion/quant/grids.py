@@ -25,6 +25,11 @@ LSQ and PACT have none; on an unsigned grid they get a fixed offset ``b = max(lo
 instead of clipped to 0 (:func:`fixed_offset`; measured in docs/RESULTS.md: 0.29x the quantization MSE of the
 signed grid at 4 bits, against 0.80x for a plain unsigned grid).
 
+Integer zero points (:func:`snap_zero_points`): integer kernels (OpenVINO's INT8 convolutions, onnxruntime's
+QLinearConv) take an activation grid ``offset + k*s`` only when ``offset = -z*s`` for an integer zero point ``z``.
+The SiLU offset is not a multiple of the step, so for deployment each movable offset is rounded to the nearest
+multiple: every level moves by less than half a step (measured in docs/RESULTS.md).
+
 Examples:
     >>> from ultralytics.nn.tasks import DetectionModel
     >>> from ultralytics_gabfusion.quant.grids import input_lower_bounds
@@ -46,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 from ..settings import ACT_GRIDS  # the one list, validated there
 from .probe import conv_hooks, probe_image
 
-__all__ = ["ACT_GRIDS", "SILU_MIN", "GELU_MIN", "input_lower_bounds", "grid_signed", "fixed_offset"]
+__all__ = ["ACT_GRIDS", "SILU_MIN", "GELU_MIN", "input_lower_bounds", "grid_signed", "fixed_offset", "snap_zero_points"]
 OFFSET_METHODS = ("lsq", "pact")  # methods without a learnable offset: their unsigned grid gets a fixed one
 
 SILU_MIN = -0.2784645427610738  # min_x x*sigmoid(x), at x = -1.2785
@@ -204,3 +209,49 @@ def fixed_offset(method: str, signed: bool, lower_bound: float) -> float:
     if signed or method not in OFFSET_METHODS:
         return 0.0
     return float(max(lower_bound, SILU_MIN))
+
+
+@torch.no_grad()
+def snap_zero_points(model: nn.Module) -> list[dict]:
+    """Round every movable activation-grid offset to a multiple of its step, in place: ``b -> -z*s``, z integer.
+
+    The grid ``b + k*s`` then equals ``(k' - z)*s`` with ``k' = k`` (unsigned grids: ``k'`` in ``[0, 2^b-1]``), which
+    is exactly ``QuantizeLinear``/``DequantizeLinear`` with zero point ``z``: no float ``Sub``/``Add`` around them, so
+    runtimes can run the conv on the integers. Only the offset moves (by at most half a step); scales and ranges stay.
+    Grids already on an integer zero point (offset 0 included) are left as they are; grids that cannot move (signed
+    PACT, whose zero point is ``(2^b-1)/2``; N2UQ thresholds) are reported with ``snapped=None``.
+
+    Args:
+        model (nn.Module): A quantized model (quantizers initialised); typically a deployment copy.
+
+    Returns:
+        (list[dict]): One row per activation grid with a non-integer zero point: ``name``, ``method``, ``offset``
+        (before), ``snapped`` (after, or None), ``zero_point`` (``z``), ``shift_steps`` (``(after - before)/s``).
+
+    Examples:
+        >>> from ultralytics_gabfusion.quant.lsq import LSQQuantizer
+        >>> q = LSQQuantizer("act", 8, signed=False, fixed_offset=SILU_MIN); _ = q.step.data.fill_(0.05)
+        >>> holder = nn.Module(); holder.act_quant = q
+        >>> row = snap_zero_points(holder)[0]
+        >>> row["zero_point"], round(q.fixed_offset, 4)
+        (6, -0.3)
+    """
+    from .quantizers import FakeQuantizer
+
+    rows = []
+    for name, m in model.named_modules():
+        q = getattr(m, "act_quant", None)
+        if not isinstance(q, FakeQuantizer) or q.role != "act":
+            continue
+        spec = q.export_spec(torch.float64)
+        if spec.kind != "uniform" or spec.scale.numel() != 1:
+            continue
+        s, b = float(spec.scale), float(spec.offset)
+        z = round(-b / s)
+        if abs(b + z * s) <= 1e-6 * s:
+            continue
+        new = -z * s
+        ok = q.set_grid_offset(new)
+        rows.append({"name": name, "method": q.method, "offset": b, "snapped": new if ok else None, "zero_point": z,
+                     "shift_steps": (new - b) / s})
+    return rows

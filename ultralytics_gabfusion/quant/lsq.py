@@ -214,6 +214,13 @@ class LSQQuantizer(_LSQBase):
         s = self.step_size()
         return self._grid(s, torch.full_like(s, getattr(self, "fixed_offset", 0.0)), self.qmin, self.qmax)
 
+    def set_grid_offset(self, offset: float) -> bool:
+        """Set the fixed offset ``b`` of an activation grid (weights have none and are left alone)."""
+        if self.role != "act" or self.channels:
+            return False
+        self.fixed_offset = float(offset)
+        return True
+
 
 class LSQPlusQuantizer(_LSQBase):
     r"""LSQ+ fake quantizer: learnable step ``s`` and (activations) learnable float offset ``beta``.
@@ -272,3 +279,11 @@ class LSQPlusQuantizer(_LSQBase):
     def grid(self):
         """``scale = |step|``, ``offset = beta``, ``k in [qmin, qmax]``."""
         return self._grid(self.step_size(), self.offset.detach(), self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def set_grid_offset(self, offset: float) -> bool:
+        """Set the learned activation offset ``beta`` (weights keep ``beta = 0``)."""
+        if self.role != "act" or self.channels:
+            return False
+        self.offset.fill_(float(offset))
+        return True

@@ -204,3 +204,10 @@ class PACTQuantizer(FakeQuantizer):
         else:
             off = -self.w_scale.detach()
         return self._grid(s, off, 0, self._L)
+
+    def set_grid_offset(self, offset: float) -> bool:
+        """Set the fixed offset ``b`` of a canonical activation grid; the signed grid ``[-alpha, alpha]`` cannot move."""
+        if self.role != "act" or self.signed or self.channels:
+            return False
+        self.fixed_offset = float(offset)
+        return True

@@ -367,6 +367,14 @@ class FakeQuantizer(KeepFP32, nn.Module):
         """
         raise NotImplementedError
 
+    def set_grid_offset(self, offset: float) -> bool:
+        """Move a per-tensor activation grid to ``offset + k*scale`` (same scale and range); False if it cannot move.
+
+        Used to give a grid an integer zero point for deployment (:func:`.grids.snap_zero_points`). Only quantizers
+        whose offset is a free value (LSQ/PACT fixed offsets, LSQ+'s learned beta) can move; the others return False.
+        """
+        return False
+
     def _grid(self, scale, offset, qmin, qmax) -> dict:
         scale = scale.detach().reshape(-1).clone()
         offset = torch.as_tensor(offset, dtype=scale.dtype, device=scale.device).detach().reshape(-1)
