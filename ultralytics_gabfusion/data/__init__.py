@@ -1,7 +1,8 @@
-"""Datasets for the plugin: a deterministic synthetic detection set (numpy + OpenCV only)."""
+"""Datasets for the plugin: a deterministic synthetic detection, segmentation or pose set (numpy + OpenCV only)."""
 
 from .synth import (
     CLASS_NAMES,
+    TASKS,
     SynthConfig,
     SynthSample,
     label_sha256,
@@ -13,6 +14,7 @@ from .synth import (
 
 __all__ = [
     "CLASS_NAMES",
+    "TASKS",
     "SynthConfig",
     "SynthSample",
     "label_sha256",

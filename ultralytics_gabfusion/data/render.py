@@ -1,4 +1,4 @@
-"""Rendering one sample of the synthetic 16-class detection set: the image and the boxes of its labelled objects.
+"""Rendering one sample of the synthetic 16-class set: the image, the boxes of its labelled objects and their masks.
 
 Classes: the digits 0-9 (OpenCV fonts) and six geometric shapes, drawn by :mod:`.draw`. A scene is a procedural
 background, unlabelled look-alike distractors underneath and among the objects, and camera-like degradations
@@ -14,6 +14,9 @@ Determinism: image ``index`` of split ``split`` is a pure function of ``(seed, s
 ``np.random.SeedSequence([seed, split_id, index])``; no state is shared between images, so the output
 bytes do not depend on the worker count or on the order in which workers finish.
 
+Besides the boxes, a sample keeps the ownership map and each object's drawn mask, from which :mod:`.labels`
+derives the segment polygons and pose keypoints; the task never changes the image.
+
 Only numpy and OpenCV are needed.
 """
 
@@ -28,6 +31,7 @@ import cv2
 import numpy as np
 
 from .draw import _SIZE_HI, SHAPES, _render_distractor, _render_object, _sample_size
+from .labels import TASKS
 
 __all__ = [
     "CLASS_NAMES",
@@ -38,6 +42,7 @@ __all__ = [
     "SYNTH_VERSION",
     "SynthConfig",
     "SynthSample",
+    "TASKS",
     "render_sample",
     "size_class",
 ]
@@ -87,6 +92,8 @@ class SynthConfig:
         min_size: Smallest longest side of a labelled object in px (0 = the default size law, whose floor
             scales with ``imgsz``). Raising it gives an easier set of medium/large objects, e.g. the
             CPU-sized set the shipped FP model was trained on (``imgsz=160 max_objects=4 min_size=20``).
+        task: Label format, one of ``TASKS``: ``"detect"`` (boxes), ``"segment"`` (polygons) or ``"pose"``
+            (boxes and keypoints); see :mod:`.labels`. The images are the same for every task.
     """
 
     n_train: int = 4000
@@ -95,6 +102,7 @@ class SynthConfig:
     seed: int = 0
     max_objects: int = 12
     min_size: int = 0
+    task: str = "detect"
 
     def __post_init__(self) -> None:
         """Validate eagerly so that a bad value fails before any directory is touched."""
@@ -103,6 +111,8 @@ class SynthConfig:
         _check_int("max_objects", self.max_objects, 1)
         _check_int("seed", self.seed, 0)
         _check_int("min_size", self.min_size, 0)
+        if not isinstance(self.task, str) or self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         imgsz = _check_int("imgsz", self.imgsz, 64)
         if imgsz % 32:
             lo, hi = imgsz // 32 * 32, imgsz // 32 * 32 + 32
@@ -118,6 +128,8 @@ class SynthConfig:
         d = dataclasses.asdict(self)
         if not d["min_size"]:  # sets made before the key existed stay reusable
             d.pop("min_size")
+        if d["task"] == "detect":  # likewise: detect records (and the fingerprints holding them) stay as they were
+            d.pop("task")
         return {"version": SYNTH_VERSION, **d}
 
 
@@ -130,12 +142,18 @@ class SynthSample(NamedTuple):
             drawn pixels of each labelled object.
         classes: ``(N,)`` int array of class ids in ``0..15``.
         jpeg_quality: Quality the image is stored with (part of the augmentation).
+        owner: ``(imgsz, imgsz)`` int32 map: index (into ``boxes``) of the labelled object each pixel shows,
+            -1 for background and distractors.
+        drawn: Per object ``(x, y, mask)``: its full drawn shape (bool, alpha >= 0.5, before any occlusion)
+            and the image position of the mask's top-left pixel.
     """
 
     image: np.ndarray
     boxes: np.ndarray
     classes: np.ndarray
     jpeg_quality: int
+    owner: np.ndarray | None = None
+    drawn: tuple = ()
 
 
 def size_class(longest_side: float) -> int:
@@ -270,10 +288,15 @@ def render_sample(cfg: SynthConfig, split: str, index: int) -> SynthSample:
     size = cfg.imgsz
     img = _background(rng, size)
     owner = np.full((size, size), -1, np.int32)
-    classes, rois = _draw_items(img, owner, _draw_order(rng, cfg), rng, cfg)
+    classes, rois, drawn = _draw_items(img, owner, _draw_order(rng, cfg), rng, cfg)
     boxes, keep = _tight_boxes(owner, rois)
     image, quality = _degrade(rng, img)
-    return SynthSample(image, boxes[keep], np.asarray(classes, np.int64)[keep], quality)
+    if not keep.all():  # renumber the owners so that they index the kept objects
+        lut = np.full(len(keep) + 1, -1, np.int32)
+        lut[1:][keep] = np.arange(int(keep.sum()), dtype=np.int32)
+        owner = lut[owner + 1]
+    kept = tuple((x, y, m) for (x, y, _, _), m, k in zip(rois, drawn, keep) if k)
+    return SynthSample(image, boxes[keep], np.asarray(classes, np.int64)[keep], quality, owner, kept)
 
 
 def _draw_order(rng: np.random.Generator, cfg: SynthConfig) -> list[int]:
@@ -290,15 +313,17 @@ def _draw_order(rng: np.random.Generator, cfg: SynthConfig) -> list[int]:
 
 def _draw_items(
     img: np.ndarray, owner: np.ndarray, order: list[int], rng: np.random.Generator, cfg: SynthConfig
-) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+) -> tuple[list[int], list[tuple[int, int, int, int]], list[np.ndarray]]:
     """Draw the items of ``order`` into ``img`` and the ownership map ``owner`` (both in place).
 
     Returns:
-        The classes of the labelled objects that were placed and their patch rectangles ``(x, y, w, h)``.
+        The classes of the labelled objects that were placed, their patch rectangles ``(x, y, w, h)`` and
+        their drawn masks (bool, patch-sized).
     """
     size = cfg.imgsz
     classes: list[int] = []
     rois: list[tuple[int, int, int, int]] = []
+    masks: list[np.ndarray] = []
     visible = np.zeros(0, np.int64)
     total = np.zeros(0, np.int64)
     for cls in order:
@@ -329,10 +354,11 @@ def _draw_items(
             oid = len(classes)
             classes.append(cls)
             rois.append((x, y, w, h))
+            masks.append(mask)
             visible = np.append(visible, area)
             total = np.append(total, area)
         owner[y : y + h, x : x + w][mask] = oid
-    return classes, rois
+    return classes, rois, masks
 
 
 def _tight_boxes(owner: np.ndarray, rois: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, np.ndarray]:

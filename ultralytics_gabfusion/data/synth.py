@@ -1,4 +1,4 @@
-"""Synthetic 16-class detection set written as an Ultralytics dataset, and the ``yolo-gab synth`` command.
+"""Synthetic 16-class detection, segmentation or pose set written as an Ultralytics dataset, and ``yolo-gab synth``.
 
 No real detection data or pretrained YOLO weights can be downloaded where this project is developed, so
 the benchmarks train on a generated stand-in. The set is built so that all three detection strides carry
@@ -7,7 +7,9 @@ of any object hidden) and the scene is not trivially clean (textured backgrounds
 distractors, blur, sensor noise, JPEG artefacts); :mod:`.render` draws each image and its boxes.
 
 This module writes the images and YOLO labels (in worker processes for large sets), records the settings and
-a hash of the labels in data.yaml, and reuses a dataset on disk when it matches the requested settings.
+a hash of the labels in data.yaml, and reuses a dataset on disk when it matches the requested settings. The
+``task`` setting picks the label format (:mod:`.labels`: boxes, polygons or boxes with keypoints); the images
+do not depend on it, and detect sets are byte for byte what they were before segment and pose existed.
 
 Only numpy, OpenCV and PyYAML are needed; Ultralytics is used for logging only when it is already
 imported, so generating a CI-sized set costs a fraction of a second.
@@ -45,10 +47,12 @@ from .render import (
     SYNTH_VERSION,
     SynthConfig,
     SynthSample,
+    TASKS,
     _check_int,
     render_sample,
     size_class,
 )
+from .labels import FLIP_IDX, KPT_NAMES, KPT_SHAPE, label_text
 
 __all__ = [
     "CLASS_NAMES",
@@ -56,6 +60,7 @@ __all__ = [
     "SYNTH_VERSION",
     "SynthConfig",
     "SynthSample",
+    "TASKS",
     "label_sha256",
     "load_synth_info",
     "make_synthetic_dataset",
@@ -93,15 +98,6 @@ def _stem(index: int, n: int) -> str:
     return f"{index:0{max(6, len(str(n - 1)))}d}"
 
 
-def _label_text(sample: SynthSample, size: int) -> str:
-    """YOLO label lines ``cls cx cy w h`` (normalised, 6 decimals)."""
-    lines = []
-    for c, (x1, y1, x2, y2) in zip(sample.classes.tolist(), sample.boxes.tolist()):
-        cx, cy = (x1 + x2) / (2 * size), (y1 + y2) / (2 * size)
-        lines.append(f"{c} {cx:.6f} {cy:.6f} {(x2 - x1) / size:.6f} {(y2 - y1) / size:.6f}\n")
-    return "".join(lines)
-
-
 def _init_worker() -> None:
     """Pool initializer: one OpenCV thread per process, since the processes already fill the cores."""
     cv2.setNumThreads(0)
@@ -120,7 +116,7 @@ def _work_chunk(job: tuple[dict, str, str, int, int, int]) -> list[tuple[int, in
             raise RuntimeError("cv2.imencode('.jpg') failed")
         stem = _stem(i, n)
         (root_p / "images" / split / f"{stem}.jpg").write_bytes(buf.tobytes())
-        (root_p / "labels" / split / f"{stem}.txt").write_text(_label_text(s, cfg.imgsz))
+        (root_p / "labels" / split / f"{stem}.txt").write_text(label_text(s, cfg.imgsz, cfg.task))
         stats.extend((c, x2 - x1, y2 - y1) for c, (x1, y1, x2, y2) in zip(s.classes.tolist(), s.boxes.tolist()))
     return stats
 
@@ -294,6 +290,7 @@ def _synth_record(cfg: SynthConfig, root: Path, stats: list[tuple[int, int, int]
         # can be traced to a library update rather than a code change.
         "opencv": cv2.__version__,
         "numpy": np.__version__,
+        **({"keypoints": f"{', '.join(KPT_NAMES)} extreme points of each drawn shape"} if cfg.task == "pose" else {}),
     }
 
 
@@ -305,6 +302,7 @@ def _write_data_yaml(root: Path, out: Path, info: dict[str, Any]) -> None:
         "val": "images/val",
         "nc": NUM_CLASSES,
         "names": dict(CLASS_NAMES),
+        **({"kpt_shape": list(KPT_SHAPE), "flip_idx": list(FLIP_IDX)} if info.get("task") == "pose" else {}),
         _YAML_KEY: info,
     }
     (root / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
@@ -331,13 +329,17 @@ def make_synthetic_dataset(
     workers: int | None = None,
     overwrite: bool = False,
     min_size: int = 0,
+    task: str = "detect",
 ) -> Path:
-    """Write the synthetic 16-class detection set as an Ultralytics dataset and return its data.yaml.
+    """Write the synthetic 16-class set as an Ultralytics detect, segment or pose dataset and return its data.yaml.
 
-    Layout: ``images/{train,val}/NNNNNN.jpg``, ``labels/{train,val}/NNNNNN.txt`` (YOLO ``cls cx cy w h``,
-    normalised, 6 decimals) and ``data.yaml`` with ``path`` (absolute), ``train``, ``val``, ``nc``,
-    ``names`` and a ``synth`` record (settings, label hash, object/size/class counts) that Ultralytics
-    ignores.
+    Layout: ``images/{train,val}/NNNNNN.jpg``, ``labels/{train,val}/NNNNNN.txt`` and ``data.yaml`` with ``path``
+    (absolute), ``train``, ``val``, ``nc``, ``names`` and a ``synth`` record (settings, label hash,
+    object/size/class counts) that Ultralytics ignores. Labels (normalised, 6 decimals, see :mod:`.labels`):
+    detect ``cls cx cy w h``; segment ``cls x1 y1 x2 y2 ...``, the outline of each object's visible pixels;
+    pose ``cls cx cy w h`` plus 4 keypoints ``x y v`` (top, right, bottom, left extreme points of the drawn
+    shape), with ``kpt_shape: [4, 3]`` and ``flip_idx: [0, 3, 2, 1]`` in data.yaml. The record holds
+    ``task`` for segment and pose sets; a record without it is a detect set.
 
     An existing ``out_dir`` is handled as follows: missing or empty -> generated; a synth dataset with the
     same settings and intact labels -> returned as is (logged); any other synth dataset -> regenerated;
@@ -357,6 +359,7 @@ def make_synthetic_dataset(
             ~256 images at 512 px, where starting processes costs more than it saves). The output bytes
             do not depend on it.
         overwrite: Replace a non-empty ``out_dir`` that is not a synth dataset, or regenerate one that is.
+        task: ``"detect"``, ``"segment"`` or ``"pose"``: the label format. Images are identical for all three.
 
     Returns:
         Path of ``out_dir/data.yaml``.
@@ -366,7 +369,7 @@ def make_synthetic_dataset(
         FileExistsError: ``out_dir`` is a file, or a non-empty directory not made by this generator.
     """
     cfg = SynthConfig(
-        n_train=n_train, n_val=n_val, imgsz=imgsz, seed=seed, max_objects=max_objects, min_size=min_size
+        n_train=n_train, n_val=n_val, imgsz=imgsz, seed=seed, max_objects=max_objects, min_size=min_size, task=task
     )
     n_workers = _resolve_workers(workers, cfg.n_train + cfg.n_val, cfg.imgsz)
     if not isinstance(overwrite, bool):
@@ -401,7 +404,8 @@ def _reuse_existing(out: Path, cfg: SynthConfig, overwrite: bool, log: logging.L
             f"'{_YAML_KEY}:' record); choose an empty or new directory, or pass overwrite=True to replace it"
         )
     if info is not None and not overwrite:
-        same = {k: info.get(k) for k in cfg.settings()} == cfg.settings()
+        # A record without a task is a detect set (settings() leaves it out for detect).
+        same = {k: info.get(k) for k in cfg.settings()} == cfg.settings() and info.get("task", "detect") == cfg.task
         if same and _is_complete(out, cfg, info):
             log.info(f"synth: {out} already holds this dataset ({_describe(cfg)}), reusing it")
             return True
@@ -417,6 +421,7 @@ def _reuse_existing(out: Path, cfg: SynthConfig, overwrite: bool, log: logging.L
 
 def _describe(cfg: SynthConfig) -> str:
     extra = f", min_size {cfg.min_size}px" if cfg.min_size else ""
+    extra += f", task {cfg.task}" if cfg.task != "detect" else ""
     return f"{cfg.n_train}+{cfg.n_val} images at {cfg.imgsz}px, seed {cfg.seed}, max_objects {cfg.max_objects}{extra}"
 
 
@@ -434,6 +439,7 @@ SYNTH_CLI_DEFAULTS: dict[str, Any] = {
     "min_size": 0,
     "workers": None,
     "overwrite": False,
+    "task": "detect",
 }
 _CLI_ALIASES = {"n_train": "train", "n_val": "val"}
 _CLI_INTS = ("train", "val", "imgsz", "seed", "max_objects", "min_size", "workers")
@@ -463,14 +469,14 @@ def _parse_cli_value(key: str, value: Any) -> Any:
 
 
 def synth_main(args: dict[str, Any] | None = None) -> Path:
-    """Command-line entry: ``yolo-gab synth out=DIR train=4000 val=500 imgsz=512 seed=0 ...``.
+    """Command-line entry: ``yolo-gab synth out=DIR train=4000 val=500 imgsz=512 seed=0 task=detect ...``.
 
     Values may be strings (as parsed from ``key=value``) or typed. Defaults give the benchmark set.
     Prints one summary line: path, image counts, objects, size split, label hash and seconds.
 
     Args:
-        args: Mapping of keys ``out, train, val, imgsz, seed, max_objects, min_size, workers, overwrite``
-            (``n_train``/``n_val`` are accepted for ``train``/``val``).
+        args: Mapping of keys ``out, train, val, imgsz, seed, max_objects, min_size, workers, overwrite, task``
+            (``n_train``/``n_val`` are accepted for ``train``/``val``; ``task`` is detect, segment or pose).
 
     Returns:
         Path of the dataset's data.yaml.
@@ -490,6 +496,7 @@ def synth_main(args: dict[str, Any] | None = None) -> Path:
         min_size=merged["min_size"],
         workers=merged["workers"],
         overwrite=merged["overwrite"],
+        task=merged["task"],
     )
     dt = time.perf_counter() - t0
     info = load_synth_info(path) or {}
@@ -498,7 +505,8 @@ def synth_main(args: dict[str, Any] | None = None) -> Path:
     split = "/".join(f"{100 * sizes.get(k, 0) / n:.0f}" for k in ("small", "medium", "large"))
     print(
         f"synth: {path} | train {info.get('n_train')} val {info.get('n_val')} imgsz {info.get('imgsz')} "
-        f"seed {info.get('seed')} | {info.get('objects')} objects, small/medium/large {split} % | "
+        f"seed {info.get('seed')} task {info.get('task', 'detect')} | {info.get('objects')} objects, "
+        f"small/medium/large {split} % | "
         f"labels sha256 {info.get('labels_sha256')} | {dt:.1f}s"
     )
     return path
