@@ -1,4 +1,4 @@
-"""ultralytics-gabfusion: very-low-bit quantization-aware training for Ultralytics YOLO detection.
+"""ultralytics-gabfusion: very-low-bit quantization-aware training for Ultralytics YOLO detection, segmentation and pose.
 
 Importing the package is light (no torch, no Ultralytics): the public names below load on first use.
 ``import ultralytics_gabfusion`` is enough for ``*-gab.yaml`` models and GABFusion checkpoints to build: ``GABFusion``
@@ -17,6 +17,9 @@ from .version import __version__
 # Public name -> module that defines it, imported on first access (PEP 562).
 _LAZY = {
     "GABTrainer": "trainer",
+    "GABSegmentationTrainer": "trainer",
+    "GABPoseTrainer": "trainer",
+    "trainer_for": "trainer",
     "GABFusion": "fusion",
     "QATConfig": "settings",
     "post_training_quantize": "ptq",

@@ -2,7 +2,8 @@
 
 Usage:
     yolo-gab train trainer=gab model=fp.pt data=data.yaml cfg=cfg/qat/w4a4-lsq.yaml epochs=50 gab=balanced ada=0.01
-    yolo-gab train trainer=default model=yolov5s.yaml data=data.yaml epochs=100    # the stock trainer
+    yolo-gab train model=fp-seg.pt data=seg.yaml cfg=cfg/qat/w4a4-lsq.yaml        # segmentation / pose: same keys
+    yolo-gab train trainer=default model=yolov5s.yaml data=data.yaml epochs=100    # the stock trainer of the task
     yolo-gab train trainer=my_pkg.trainers:MyTrainer model=... data=...           # any trainer class
     yolo-gab synth out=datasets/synth train=4000 val=500 imgsz=512 seed=0          # generate the synthetic set
     yolo-gab export model=best.pt format=onnx                                      # Q/DQ ONNX for quantized models
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from .settings import PLUGIN_KEYS, SettingsError, help_text, parse_command, parse_key_values, split_overrides
 
-TRAINER_HELP = "trainer= takes gab (default), default (the stock DetectionTrainer) or package.module:ClassName"
+TRAINER_HELP = ("trainer= takes gab (default: the plugin trainer of the model's task), default (Ultralytics' own trainer "
+                "of the task) or package.module:ClassName")
 PLUGIN_MODES = ("synth", "bench", "sensitivity")  # modes of yolo-gab itself (the rest go to Ultralytics)
 
 
@@ -34,19 +36,32 @@ UsageError = SettingsError  # a command-line mistake: printed without a tracebac
 parse_args = parse_command  # the yolo-style command parser lives with the settings it validates
 
 
-def resolve_trainer(spec):
-    """Return the trainer class for ``trainer=gab|default|package.module:Class``."""
+def resolve_trainer(spec, task: str = "detect"):
+    """Return the trainer class for ``trainer=gab|default|package.module:Class`` and the model's ``task``.
+
+    ``gab`` is the plugin trainer of the task (``GABTrainer``, ``GABSegmentationTrainer``, ``GABPoseTrainer``),
+    ``default`` Ultralytics' own trainer of the task (``DetectionTrainer``, ``SegmentationTrainer``, ...); a class
+    path is taken as given.
+    """
     spec = "gab" if spec in (None, "") else spec
     if not isinstance(spec, str):
         return spec
     if spec.lower() == "gab":
-        from .trainer import GABTrainer
+        from .trainer import trainer_for
 
-        return GABTrainer
+        try:
+            return trainer_for(task=task)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if spec.lower() == "default":
-        from ultralytics.models.yolo.detect import DetectionTrainer
+        from ultralytics.models import yolo
 
-        return DetectionTrainer
+        stock = {"detect": yolo.detect.DetectionTrainer, "segment": yolo.segment.SegmentationTrainer,
+                 "pose": yolo.pose.PoseTrainer, "obb": yolo.obb.OBBTrainer, "classify": yolo.classify.ClassificationTrainer}
+        if task not in stock:
+            raise UsageError(f"trainer=default covers the tasks {', '.join(stock)}; train a {task} model with "
+                             "Ultralytics' own 'yolo train'.")
+        return stock[task]
     if ":" not in spec:
         raise UsageError(f"trainer={spec} is not valid. {TRAINER_HELP}")
     mod_name, cls_name = spec.split(":", 1)
@@ -58,30 +73,40 @@ def resolve_trainer(spec):
 
 
 def train(overrides: dict) -> None:
-    """Run ``mode=train`` with the selected trainer through ``YOLO(model).train(trainer=...)``."""
+    """Run ``mode=train`` with the selected trainer through ``YOLO(model, task=task).train(trainer=...)``.
+
+    The task is the model's (its YAML or checkpoint head, as Ultralytics guesses it); ``task=`` may name it, but a
+    task that contradicts the model's head is refused.
+    """
     from ultralytics import YOLO
 
     from . import fusion  # noqa: F401 - registers GABFusion, so *-gab.yaml models build with any trainer
+    from .trainer import GABTrainerMixin
 
-    trainer = resolve_trainer(overrides.pop("trainer", None))
-    from .trainer import GABTrainer
-
+    spec = overrides.pop("trainer", None)
     ours, _ = split_overrides(overrides)
-    if ours and not (isinstance(trainer, type) and issubclass(trainer, GABTrainer)):
-        raise UsageError(f"plugin keys {sorted(ours)} need trainer=gab (got trainer={trainer.__name__}).")
+    if ours and str(spec).lower() == "default":
+        raise UsageError(f"plugin keys {sorted(ours)} need trainer=gab (got trainer=default).")
     model = overrides.pop("model", None)
     if model is None:
         raise UsageError("train needs model=, e.g. model=yolov5s.yaml (from scratch) or model=fp.pt (QAT from FP).")
     if str(model).endswith(".pt") and not Path(str(model)).exists():
         raise UsageError(f"model={model}: file not found (no weights are downloaded by yolo-gab train).")
-    from .preflight import check_resume, load_model_file
+    from .preflight import check_resume, model_task
 
     if overrides.get("resume"):
         check_resume({**overrides, "model": model})  # Ultralytics would start a new run from a finished checkpoint
-    else:
-        load_model_file(model)  # a directory or truncated .pt: one line here, not a traceback from YOLO(model)
+    task = model_task(model)  # also refuses a directory or truncated .pt: one line here, not a traceback from YOLO
+    given = overrides.pop("task", None)
+    if given and task and given != task:
+        raise UsageError(f"task={given}, but model={model} is a {task} model (its head decides): drop task= or pass a "
+                         f"{given} model YAML or checkpoint.")
+    task = given or task or "detect"  # a head that names no task: task= decides, else detect (as Ultralytics)
+    trainer = resolve_trainer(spec, task)
+    if ours and not (isinstance(trainer, type) and issubclass(trainer, GABTrainerMixin)):
+        raise UsageError(f"plugin keys {sorted(ours)} need trainer=gab (got trainer={trainer.__name__}).")
     overrides.pop("mode", None)
-    YOLO(model, task=overrides.pop("task", None)).train(trainer=trainer, **overrides)
+    YOLO(model, task=task).train(trainer=trainer, **overrides)
 
 
 def delegate(argv: list[str]) -> None:

@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths
-from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint, yaml_model_load
+from ultralytics.nn.tasks import (
+    DetectionModel,
+    PoseModel,
+    SegmentationModel,
+    guess_model_task,
+    load_checkpoint,
+    yaml_model_load,
+)
 from ultralytics.utils import YAML
 from ultralytics.utils.checks import check_file
 from ultralytics.utils.patches import torch_load
@@ -37,6 +44,19 @@ NEEDS_ADA = ("ada_layers", "teacher")
 # Keys that define the quantized structure of a checkpoint: training it further with other values is a new model.
 QUANT_STRUCTURE = ("qat", "w_bits", "a_bits", "qat_first_bits", "qat_head_bits", "qat_skip")
 _LABEL_SAMPLE = 200  # label files read per split: catches a wrong `names:` list without reading a large set
+
+# The tasks the plugin trains: the float model class Ultralytics builds for each, and the plugin trainer's name
+# (trainer.GAB_TRAINERS holds the classes; named here for messages, the trainer module asserts they agree).
+TASK_MODELS = {"detect": DetectionModel, "segment": SegmentationModel, "pose": PoseModel}
+TASK_TRAINERS = {"detect": "GABTrainer", "segment": "GABSegmentationTrainer", "pose": "GABPoseTrainer"}
+_NOUNS = {"detect": "detection", "segment": "segmentation"}
+_EXAMPLES = {"detect": "yolov5s.yaml, yolo11s.yaml", "segment": "yolo11n-seg.yaml, cfg/models/yolov5n-seg.yaml",
+             "pose": "yolo11n-pose.yaml"}
+
+
+def task_noun(task: str) -> str:
+    """``detection``, ``segmentation``, ``pose``, ... for messages."""
+    return _NOUNS.get(task, task)
 
 
 def check_explicit_keys(overrides: dict, merged: dict) -> None:
@@ -98,18 +118,63 @@ def load_model_file(model: Any, key: str = "model"):
     return None, cfg
 
 
-def _task_of(net, cfg: dict) -> str:
+def _task_of(net, cfg: dict) -> str | None:
     try:
-        return guess_model_task(net if net is not None else cfg)
+        return guess_model_task(net if net is not None else cfg)  # None for a YAML whose head name says nothing
     except Exception:
-        return "detect"
+        return None
 
 
-def check_data(data: Any, imgsz: Any = None) -> dict:
-    """Resolve a detection data YAML without scanning it: YAML readable, image folders present, labels in range.
+def model_task(model) -> str | None:
+    """The Ultralytics task of a model YAML or ``.pt`` checkpoint, from its head (as ``YOLO(model)`` guesses it).
+
+    None when the head does not tell (a YAML head module named neither Detect, Segment, Pose, ...): Ultralytics then
+    assumes ``detect`` unless ``task=`` says otherwise.
+
+    Raises:
+        FileNotFoundError | ValueError: As :func:`load_model_file`.
+
+    Examples:
+        >>> model_task("yolo11n-pose.yaml")
+        'pose'
+    """
+    return _task_of(*load_model_file(model))
+
+
+def check_task(model: Any, have: str, want: str, trainer: str | None = None) -> None:
+    """Refuse a model whose task (``have``) is not the trainer's (``want``), naming the trainer to use instead.
+
+    Raises:
+        ValueError: E.g. "model=yolo11n-seg.yaml is a segment model; GABTrainer trains detection models. ...".
+    """
+    if have == want or have is None:  # an unknown head: the task the user chose decides
+        return
+    trainer = trainer or TASK_TRAINERS.get(want, "this trainer")
+    if have in TASK_TRAINERS:
+        hint = (f"Use {TASK_TRAINERS[have]} (trainer_for(model) returns it; yolo-gab train picks it from the model), "
+                f"or a {task_noun(want)} model such as {_EXAMPLES[want]}.")
+    else:
+        hint = (f"The plugin trains detection, segmentation and pose models ({', '.join(TASK_TRAINERS.values())}): "
+                f"use e.g. {_EXAMPLES['detect']}, {_EXAMPLES['segment']} or {_EXAMPLES['pose']}.")
+    raise ValueError(f"model={model} is a {have} model; {trainer} trains {task_noun(want)} models. {hint}")
+
+
+def build_float_model(task: str, cfg: dict, nc: int, data: dict | None = None):
+    """A float model of ``task`` from a model YAML dict, as the task trainer builds it (pose: the data's kpt_shape)."""
+    kw = {"data_kpt_shape": tuple(data["kpt_shape"])} if task == "pose" and (data or {}).get("kpt_shape") else {}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return TASK_MODELS[task](cfg, nc=nc, verbose=False, **kw)  # (a build runs a 256 px forward)
+
+
+def check_data(data: Any, imgsz: Any = None, task: str = "detect") -> dict:
+    """Resolve a detection, segmentation or pose data YAML without scanning it: YAML readable, image folders present,
+    labels in range and of the task's format.
 
     A sample of up to 200 label files per split is read: a class id outside ``names`` (a systematically wrong
-    ``names:`` list or dataset) is an error here instead of thousands of skipped images later.
+    ``names:`` list or dataset) is an error here instead of thousands of skipped images later. For ``task=pose`` the
+    YAML needs ``kpt_shape`` and every sampled label line ``5 + K * D`` numbers (class, box, keypoints); for
+    ``task=segment`` a split whose sampled labels are all boxes (5 numbers, no polygon) is a detection set.
 
     Returns:
         (dict): The resolved data dict (``nc``, ``names``, ``train``, ``val``), or ``{}`` for a dataset Ultralytics
@@ -148,6 +213,7 @@ def check_data(data: Any, imgsz: Any = None) -> dict:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"data={data}: {msg}. Fix the YAML's path/train/val entries.") from None
     nc = int(d["nc"])
+    kpt = _check_kpt_shape(data, d) if task == "pose" else None
     for split in ("train", "val"):
         entries = d.get(split)
         entries = entries if isinstance(entries, list) else [entries]
@@ -171,6 +237,7 @@ def check_data(data: Any, imgsz: Any = None) -> dict:
             raise ValueError(f"data={data}: no images in the {split} split ({', '.join(map(str, entries))}). "
                              "Put images there or point '{split}:' at the image folder.")
         step = max(len(files) // _LABEL_SAMPLE, 1)
+        lines_seen, polygons = 0, 0
         for lb in img2label_paths([str(f) for f in files[::step][:_LABEL_SAMPLE]]):
             lp = Path(lb)
             if not lp.is_file():
@@ -179,6 +246,12 @@ def check_data(data: Any, imgsz: Any = None) -> dict:
                 parts = line.split()
                 if not parts:
                     continue
+                lines_seen, polygons = lines_seen + 1, polygons + (len(parts) > 6)
+                if kpt and len(parts) != 5 + kpt[0] * kpt[1]:
+                    raise ValueError(
+                        f"data={data}: {lp} line {n} has {len(parts)} numbers, but kpt_shape {list(kpt)} needs "
+                        f"5 + {kpt[0]}*{kpt[1]} = {5 + kpt[0] * kpt[1]} (class, box x y w h, then x y"
+                        f"{' visible' if kpt[1] == 3 else ''} per keypoint). Fix kpt_shape in the YAML or the labels.")
                 try:
                     cls = float(parts[0])
                 except ValueError:
@@ -186,7 +259,24 @@ def check_data(data: Any, imgsz: Any = None) -> dict:
                 if cls != int(cls) or not 0 <= cls < nc:
                     raise ValueError(f"data={data}: {lp} line {n} has class {parts[0]}, but the YAML names {nc} classes "
                                      f"(0..{nc - 1}). List every class under 'names:' or fix the labels.")
+        if task == "segment" and lines_seen and not polygons:
+            raise ValueError(f"data={data}: the {split} labels are boxes only (class x y w h), but a segmentation model "
+                             "trains on polygons (class x1 y1 x2 y2 ...). Pass a segmentation data set, or train a "
+                             "detection model on this one.")
     return d
+
+
+def _check_kpt_shape(data: Any, d: dict) -> tuple[int, int]:
+    """``kpt_shape`` of a pose data YAML as ``(K, D)``; a clear error when it is missing or malformed."""
+    shape = d.get("kpt_shape")
+    if shape is None:
+        raise ValueError(f"data={data} has no kpt_shape, but a pose model trains on keypoints: pass a pose data YAML "
+                         "with 'kpt_shape: [K, 3]' (K keypoints, x y visible) and 'flip_idx', or train a detection "
+                         "model on this data.")
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 2 or not all(isinstance(v, int) for v in shape)
+            or shape[0] < 1 or shape[1] not in (2, 3)):
+        raise ValueError(f"data={data}: kpt_shape={shape} must be [K, 2] or [K, 3] (K keypoints, x y [visible]).")
+    return int(shape[0]), int(shape[1])
 
 
 def check_imgsz(imgsz: Any, stride: int = 32) -> None:
@@ -232,26 +322,33 @@ def check_resume(overrides: dict) -> None:
                          f"or start a new run from the checkpoint with model={path}.")
 
 
-def preflight_train(merged: dict, overrides: dict) -> None:
-    """Run every check of a new GABTrainer run that needs no run folder: model, task, data, structure, teacher.
+def preflight_train(merged: dict, overrides: dict, task: str = "detect", trainer: str | None = None) -> None:
+    """Run every check of a new plugin run that needs no run folder: model, task, data, structure, teacher.
 
     Args:
         merged (dict): Validated Ultralytics + plugin settings.
         overrides (dict): The keys the user passed explicitly.
+        task (str): The trainer's task (``detect``, ``segment``, ``pose``): the model, the data and the ADA teacher must
+            be of it.
+        trainer (str | None): The trainer's class name, for messages.
 
     Raises:
         ValueError | FileNotFoundError: With the key or file and what to do.
     """
     check_explicit_keys(overrides, merged)
     net, cfg = load_model_file(merged.get("model"))
-    task = _task_of(net, cfg)
-    if task != "detect":
-        raise ValueError(f"model={merged.get('model')} is a {task} model; GABTrainer trains detection models. Use a "
-                         "detection YAML or checkpoint (e.g. yolov5s.yaml, yolo11s.yaml).")
-    data = check_data(merged.get("data"), merged.get("imgsz"))
+    check_task(merged.get("model"), _task_of(net, cfg), task, trainer)
+    data = check_data(merged.get("data"), merged.get("imgsz"), task)
     check_imgsz(merged.get("imgsz", 640))
 
     nc = data.get("nc") or (getattr(net, "nc", None) if net is not None else cfg.get("nc", 80))
+    if task == "pose" and net is not None and data.get("kpt_shape") and merged.get("qat", "none") != "none":
+        have = list(getattr(net, "kpt_shape", None) or getattr(net.model[-1], "kpt_shape", ()) or ())
+        if have and have != list(data["kpt_shape"]):
+            raise ValueError(
+                f"model={merged.get('model')} predicts kpt_shape {have}, but data={merged.get('data')} has "
+                f"{list(data['kpt_shape'])}: QAT would start the keypoint predictors from random weights. Start QAT "
+                f"from an FP model trained on this data (train one first with qat=none or trainer=default).")
     if net is not None and has_quant_modules(net):
         was = dict(getattr(net, "gabfusion", None) or {})
         diff = [f"{k}={merged.get(k)} (checkpoint: {was.get(k)})" for k in QUANT_STRUCTURE if was and merged.get(k) != was.get(k)]
@@ -260,9 +357,7 @@ def preflight_train(merged: dict, overrides: dict) -> None:
                 f"model={merged.get('model')} is already quantized ({was.get('qat', '?')} W{was.get('w_bits', '?')}"
                 f"A{was.get('a_bits', '?')}); requested {', '.join(diff) or 'qat=none'}. Start from the FP checkpoint "
                 f"to quantize differently, or pass the checkpoint's own qat/w_bits/a_bits to train it further.")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        student = net if net is not None else DetectionModel(cfg, nc=nc, verbose=False)  # (a build runs a 256 px forward)
+    student = net if net is not None else build_float_model(task, cfg, nc, data)
     n_layers = len(student.model)
     if merged.get("qat_skip"):
         check_layer_indices(merged["qat_skip"], n_layers, "model")
@@ -273,12 +368,12 @@ def preflight_train(merged: dict, overrides: dict) -> None:
                 insert_gabfusion(student, mode=merged["gab"])
             except ValueError as e:
                 raise ValueError(f"gab={merged['gab']}: {e} Use a model with a fusion neck (yolov5s.yaml, yolo11s.yaml) or gab=off.") from None
-    check_layer_bits(merged, student if net is None or not has_quant_modules(net) else None, cfg, nc)
+    check_layer_bits(merged, student if net is None or not has_quant_modules(net) else None, cfg, nc, task, data)
     if merged.get("ada"):
         _check_teacher_matches(student, merged, nc, data)
 
 
-def check_layer_bits(merged: dict, model, cfg: dict, nc: int) -> None:
+def check_layer_bits(merged: dict, model, cfg: dict, nc: int, task: str = "detect", data: dict | None = None) -> None:
     """Resolve ``qat_layer_bits`` as the trainer will (``qat_setup.resolve_mixed_precision``); plan the convs with it.
 
     A mapping naming a layer without an ordinary conv, a CSV that is not a ``sensitivity.csv`` or a budget below the
@@ -290,6 +385,8 @@ def check_layer_bits(merged: dict, model, cfg: dict, nc: int) -> None:
         model (nn.Module | None): The float model (with any GABFusion nodes); None to build one from ``cfg``.
         cfg (dict): The model YAML dict, for ``model=None``.
         nc (int): Number of classes, for ``model=None``.
+        task (str): The model's task, for ``model=None``.
+        data (dict | None): The resolved data dict (pose: ``kpt_shape``), for ``model=None``.
 
     Raises:
         ValueError | FileNotFoundError: From the resolution, naming ``qat_layer_bits`` and what can be set.
@@ -298,9 +395,7 @@ def check_layer_bits(merged: dict, model, cfg: dict, nc: int) -> None:
     if not config.quantized or config.qat_layer_bits is None:
         return
     if model is None:  # a quantized checkpoint: the trainer plans on a fresh float build of its YAML, so do the same
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            model = DetectionModel(cfg, nc=nc, verbose=False)
+        model = build_float_model(task, cfg, nc, data)
     mapping = resolve_mixed_precision(model, config)  # sets model.gabfusion_layer_bits: only on this throwaway copy
     plan_policy(model, config.w_bits, config.a_bits, config.qat_first_bits, config.qat_head_bits, config.qat_skip,
                 "signed", mapping)  # a fixed grid: bits only, no probe forward
@@ -313,7 +408,7 @@ def _check_teacher_matches(student, merged: dict, nc: int, data: dict) -> None:
     try:
         check_layer_indices(layers, len(student.model), "student")
     except ValueError as e:
-        raise ValueError(f"ada_layers={layers}: {e}. Pick layers of the model (default: the Detect inputs).") from None
+        raise ValueError(f"ada_layers={layers}: {e}. Pick layers of the model (default: the head inputs).") from None
     t_nc = getattr(teacher, "nc", None) or len(getattr(teacher, "names", {}) or {})
     if data and t_nc and int(t_nc) != int(nc):
         raise ValueError(f"teacher {teacher_path} predicts {t_nc} classes, but data={merged.get('data')} has {nc}: "
@@ -321,5 +416,6 @@ def _check_teacher_matches(student, merged: dict, nc: int, data: dict) -> None:
     check_teacher(student, teacher, layers)
 
 
-__all__ = ["check_data", "check_writable_dir", "check_explicit_keys", "check_imgsz", "check_layer_bits", "check_resume",
-           "load_model_file", "preflight_train"]
+__all__ = ["TASK_MODELS", "TASK_TRAINERS", "build_float_model", "check_data", "check_writable_dir", "check_explicit_keys",
+           "check_imgsz", "check_layer_bits", "check_resume", "check_task", "load_model_file", "model_task",
+           "preflight_train", "task_noun"]

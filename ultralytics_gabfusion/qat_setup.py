@@ -31,6 +31,7 @@ from .quant.convert import (
     init_weight_quantizers,
     plan_policy,
     quantize_model,
+    unquantized_layers,
 )
 from .quant.mixed import BOPS_IMGSZ, conv_costs, format_totals, fp_totals, plan_totals, resolve_layer_bits
 from .quant.qconv import QuantConv2d, quant_convs, quantizers_disabled
@@ -45,7 +46,8 @@ def build_structure(model, cfg: QATConfig, weights=None, verbose: bool = False, 
     """Insert GABFusion, swap in quantized convs, load ``weights``, then initialise the weight quantizers.
 
     Args:
-        model (DetectionModel): A freshly built float model (random init); changed in place.
+        model (DetectionModel): A freshly built float model (random init; ``SegmentationModel`` and ``PoseModel``
+            too); changed in place.
         cfg (QATConfig): The run's plugin settings.
         weights (nn.Module | None): Model whose weights are transferred (FP or an earlier QAT checkpoint).
         verbose (bool): Log the fusion nodes and the per-layer precision table.
@@ -55,13 +57,15 @@ def build_structure(model, cfg: QATConfig, weights=None, verbose: bool = False, 
         (DetectionModel): ``model``, ready for calibration.
 
     Raises:
-        ValueError: The model is not a detection model, or the precision policy cannot be applied.
+        ValueError: The model has no Detect-family head (Detect, Segment, Pose), or the precision policy cannot be
+            applied.
     """
     head = model.model[-1]
     if not isinstance(head, Detect):
         raise ValueError(
-            f"GABTrainer trains detection models, but {source or 'this model'} ends in {type(head).__name__}, not Detect. Use a "
-            f"detection YAML or checkpoint (e.g. yolov5s.yaml, yolo11s.yaml)."
+            f"the plugin trains detection, segmentation and pose models, but {source or 'this model'} ends in "
+            f"{type(head).__name__}, not a Detect, Segment or Pose head. Use e.g. yolov5s.yaml, yolo11n-seg.yaml, "
+            f"yolo11n-pose.yaml or a checkpoint of one."
         )
     form = fusion_form(cfg, weights, source)
     if cfg.gab != "off":
@@ -77,8 +81,8 @@ def build_structure(model, cfg: QATConfig, weights=None, verbose: bool = False, 
         rows = quantize_model(model, cfg.qat, cfg.w_bits, cfg.a_bits, cfg.qat_first_bits, cfg.qat_head_bits,
                               cfg.qat_skip, cfg.qat_act_grid, layer_bits)
         if verbose:
-            LOGGER.info(f"{PREFIX}W{cfg.w_bits}A{cfg.a_bits} {cfg.qat} precision policy:\n{format_policy(rows)}\n"
-                        f"{summary}")
+            table = format_policy(rows, unquantized_layers(model))
+            LOGGER.info(f"{PREFIX}W{cfg.w_bits}A{cfg.a_bits} {cfg.qat} precision policy:\n{table}\n{summary}")
             LOGGER.info(f"{PREFIX}fake-quant kernels: qat_kernel={cfg.qat_kernel}")
     if weights:
         model.load(weights, verbose=verbose)
@@ -266,7 +270,8 @@ def qada_quantizers(model, layers, attn: str) -> dict:
 
 
 def consumer_quantizer(model, layer: int):
-    """``Q(x)`` of the Detect-head conv that reads layer ``layer``'s output (for qada's r term), or None.
+    """``Q(x)`` of the head conv (box branch, else class branch) that reads layer ``layer``'s output (for qada's r
+    term), or None.
 
     Returns the conv's :class:`~.quant.qconv.ConvInputQuantizer`: the tensor the conv really consumes, including
     N2UQ's ``input_shift``.

@@ -1,41 +1,55 @@
-"""``GABTrainer``: Ultralytics' ``DetectionTrainer`` with quantization-aware training, GABFusion and ADA.
+"""The plugin's trainers: Ultralytics' task trainers with quantization-aware training, GABFusion and ADA.
+
+One plugin layer, :class:`GABTrainerMixin`, sits on top of an Ultralytics task trainer:
+
+- :class:`GABTrainer` = mixin + ``DetectionTrainer`` (detection; the class of every earlier run),
+- :class:`GABSegmentationTrainer` = mixin + ``SegmentationTrainer`` (instance segmentation, ``Segment`` heads),
+- :class:`GABPoseTrainer` = mixin + ``PoseTrainer`` (keypoints, ``Pose`` heads).
+
+:func:`trainer_for` returns the class for a model or task (``yolo-gab train`` uses it). ``GABTrainer`` also dispatches:
+built for a segmentation or pose model (``GABTrainer(overrides={"model": "yolo11n-seg.yaml", ...})`` or
+``YOLO("seg.pt").train(trainer=GABTrainer)``), it returns the trainer of that task, so code written for detection
+keeps working. The subclasses do not dispatch: a task they do not train is an error naming the class to use.
 
 All plugin settings are flat keys of ``self.args`` (see :mod:`ultralytics_gabfusion.settings`), so they reach
 args.yaml, checkpoints, ``resume`` and the DDP worker like any Ultralytics key. With ``qat=none gab=off ada=0``
-the trainer is the stock ``DetectionTrainer``.
+each trainer is its stock task trainer.
 
-Where each feature plugs into the Ultralytics lifecycle:
+Where each feature plugs into the Ultralytics lifecycle (the same for every task):
 
-- structure (GABFusion insertion, quantized convs) in ``get_model``, before FP weights load; weight quantizers are
-  initialised right after the load;
+- structure (GABFusion insertion, quantized convs) in ``get_model``, on the task's own float model before FP weights
+  load; weight quantizers are initialised right after the load;
 - data-dependent init (GABFusion LN identity fit, activation calibration) after the dataloaders exist and before
   ``ModelEMA`` copies the model (``_build_train_pipeline``);
 - plugin parameters in their own optimizer groups (``build_optimizer``);
 - the per-step GABFusion lambda update after each optimizer step (``optimizer_step``);
-- the frozen ADA teacher and loss wrapper after ``_setup_train`` so EMA, checkpoints and DDP pickles never carry it.
+- the frozen ADA teacher and loss wrapper after ``_setup_train`` so EMA, checkpoints and DDP pickles never carry it;
+  the task's loss (detection, segmentation or pose) plus the ADA term on the head inputs.
 
 Examples:
-    >>> from ultralytics_gabfusion import GABTrainer
+    >>> from ultralytics_gabfusion import GABTrainer, trainer_for
     >>> trainer = GABTrainer(overrides={"model": "fp.pt", "data": "data.yaml", "qat": "lsq", "w_bits": 4, "a_bits": 4})
     >>> trainer.train()  # doctest: +SKIP
+    >>> trainer_for(task="pose").__name__
+    'GABPoseTrainer'
 """
 
 from __future__ import annotations
 
-from copy import copy
 from pathlib import Path
 
 import torch
 from ultralytics.cfg import cfg2dict
-from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
-from ultralytics.nn.tasks import DetectionModel
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, IterableSimpleNamespace
 from ultralytics.utils.patches import torch_load
 from ultralytics.utils.torch_utils import unwrap_model
 
 from .distill import ADACriterion, load_teacher
 from .fusion import FusionTelemetry, GABFusion, sync_fusion_state, update_fusion
-from .preflight import check_resume, preflight_train
+from .preflight import TASK_TRAINERS, check_resume, model_task, preflight_train, task_noun
 from .qat_setup import (
     PREFIX,
     attach_ada,
@@ -72,14 +86,20 @@ def plugin_cfg(cfg=DEFAULT_CFG) -> dict:
     return base
 
 
-class GABTrainer(DetectionTrainer):
-    """Detection trainer with fake-quantized convs (``qat``), GABFusion neck nodes (``gab``) and ADA (``ada``).
+class GABTrainerMixin:
+    """What the plugin adds to an Ultralytics task trainer: fake-quantized convs (``qat``), GABFusion neck nodes
+    (``gab``), ADA (``ada``), exact resume and atomic checkpoints.
+
+    Put it first in the bases of a ``DetectionTrainer`` subclass (``class T(GABTrainerMixin, SegmentationTrainer)``) and
+    set :attr:`TASK`; everything else comes from the task trainer (its model class, dataset, loss, validator, plots).
 
     Args:
         cfg (str | dict | SimpleNamespace): Base configuration; plugin defaults are added to it.
         overrides (dict): Ultralytics and plugin keys, e.g. ``{"qat": "n2uq", "w_bits": 3, "a_bits": 3}``.
         _callbacks (dict): Ultralytics callbacks.
     """
+
+    TASK = "detect"  # the Ultralytics task of the trainer underneath (preflight refuses models of another task)
 
     def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
         overrides = dict(overrides or {})
@@ -98,7 +118,8 @@ class GABTrainer(DetectionTrainer):
             if merged.get("resume"):
                 check_resume(overrides)
             else:
-                preflight_train({**merged, **config.as_dict(), **overrides}, overrides)
+                preflight_train({**merged, **config.as_dict(), **overrides}, overrides, task=self.TASK,
+                                trainer=type(self).__name__)
         super().__init__(base, overrides, _callbacks)
         # the run's config: from the final args (a resumed run's come from its checkpoint), normalised back into them
         self.qat_config = QATConfig.from_keys(self.args)
@@ -130,7 +151,7 @@ class GABTrainer(DetectionTrainer):
 
     # ----------------------------------------------------------------------------------------------- structure
     def get_model(self, cfg=None, weights=None, verbose=True):
-        """Build the detection model, insert GABFusion, swap in quantized convs, then load FP weights.
+        """Build the task's float model, insert GABFusion, swap in quantized convs, then load FP weights.
 
         Args:
             cfg (str | dict): Model YAML.
@@ -138,11 +159,10 @@ class GABTrainer(DetectionTrainer):
             verbose (bool): Print model info and the per-layer precision table.
 
         Returns:
-            (DetectionModel): The model to train.
+            (DetectionModel | SegmentationModel | PoseModel): The model to train.
         """
         verbose = verbose and RANK in {-1, 0}
-        model = DetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
-        model = self.set_model_names_for_load(model)
+        model = super().get_model(cfg, weights=None, verbose=verbose)  # the task trainer's model, no weights yet
         return build_structure(model, self.qat_config, weights, verbose=verbose, source=cfg if isinstance(cfg, str) else None)
 
     def _build_train_pipeline(self):
@@ -346,9 +366,109 @@ class GABTrainer(DetectionTrainer):
 
     # -------------------------------------------------------------------------------------------- validation
     def get_validator(self):
-        """Ultralytics' ``DetectionValidator``, given args without plugin keys (it re-validates its args)."""
-        args = IterableSimpleNamespace(**strip_plugin_keys(self.args))
-        return DetectionValidator(self.test_loader, save_dir=self.save_dir, args=copy(args), _callbacks=self.callbacks)
+        """The task trainer's validator, given args without plugin keys (it re-validates its args)."""
+        args = self.args
+        self.args = IterableSimpleNamespace(**strip_plugin_keys(args))  # the task trainer copies self.args into it
+        try:
+            return super().get_validator()
+        finally:
+            self.args = args
+
+
+class GABTrainer(GABTrainerMixin, DetectionTrainer):
+    """Detection trainer with fake-quantized convs (``qat``), GABFusion neck nodes (``gab``) and ADA (``ada``).
+
+    Built for a segmentation or pose model (``task=`` in ``overrides``, else the task of the model YAML/checkpoint),
+    it returns a :class:`GABSegmentationTrainer` / :class:`GABPoseTrainer` instead (logged), so
+    ``YOLO("seg.pt").train(trainer=GABTrainer, ...)`` and ``GABTrainer(overrides=...)`` work for every task.
+
+    Examples:
+        >>> t = GABTrainer(overrides={"model": "yolo11n-seg.yaml", "data": "seg.yaml", "qat": "lsq"})  # doctest: +SKIP
+        >>> type(t).__name__  # doctest: +SKIP
+        'GABSegmentationTrainer'
+    """
+
+    TASK = "detect"
+
+    def __new__(cls, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        if cls is GABTrainer and RANK == -1:  # DDP workers are built with the class the launcher chose
+            task = requested_task(cfg, overrides)
+            if task != "detect" and task in GAB_TRAINERS:
+                target = GAB_TRAINERS[task]
+                LOGGER.info(f"{PREFIX}{task} model: training with {target.__name__}")
+                return target(cfg, overrides, _callbacks)  # not a GABTrainer: Python does not call __init__ again
+        return super().__new__(cls)
+
+
+class GABSegmentationTrainer(GABTrainerMixin, SegmentationTrainer):
+    """Instance-segmentation trainer (``Segment`` heads) with the plugin's QAT, GABFusion and ADA.
+
+    Examples:
+        >>> GABSegmentationTrainer(overrides={"model": "fp-seg.pt", "data": "seg.yaml", "qat": "lsq"}).train()  # doctest: +SKIP
+    """
+
+    TASK = "segment"
+
+
+class GABPoseTrainer(GABTrainerMixin, PoseTrainer):
+    """Pose trainer (``Pose`` heads, data with ``kpt_shape``) with the plugin's QAT, GABFusion and ADA.
+
+    Examples:
+        >>> GABPoseTrainer(overrides={"model": "fp-pose.pt", "data": "pose.yaml", "qat": "lsq"}).train()  # doctest: +SKIP
+    """
+
+    TASK = "pose"
+
+
+GAB_TRAINERS = {"detect": GABTrainer, "segment": GABSegmentationTrainer, "pose": GABPoseTrainer}
+assert {t: c.__name__ for t, c in GAB_TRAINERS.items()} == TASK_TRAINERS  # the names preflight's messages use
+
+
+def trainer_for(model=None, task: str | None = None) -> type:
+    """The plugin trainer class for ``task``, else for the task of ``model`` (a model YAML or ``.pt`` checkpoint).
+
+    Args:
+        model (str | Path | None): Model YAML or checkpoint; its head decides the task (as Ultralytics guesses it).
+        task (str | None): ``detect``, ``segment`` or ``pose``; wins over the model's.
+
+    Returns:
+        (type): :class:`GABTrainer`, :class:`GABSegmentationTrainer` or :class:`GABPoseTrainer`.
+
+    Raises:
+        ValueError: A task the plugin does not train (classify, obb, ...), or neither argument.
+
+    Examples:
+        >>> trainer_for("yolo11n-seg.yaml").__name__
+        'GABSegmentationTrainer'
+    """
+    if task is None:
+        if model is None:
+            raise ValueError("trainer_for needs a model (YAML or .pt) or task=detect|segment|pose.")
+        task = model_task(model) or "detect"  # a head that names no task: detect, as Ultralytics assumes
+    if task not in GAB_TRAINERS:
+        raise ValueError(f"task={task}: the plugin trains {', '.join(f'{task_noun(t)} ({c.__name__})' for t, c in GAB_TRAINERS.items())} "
+                         f"models; train {task} models with trainer=default (Ultralytics' own trainer).")
+    return GAB_TRAINERS[task]
+
+
+def requested_task(cfg=DEFAULT_CFG, overrides=None) -> str | None:
+    """The task a trainer is asked for: ``task=`` of ``overrides``, else the model's, else ``task`` of a custom ``cfg``.
+
+    The model (``model=``, or the checkpoint of ``resume=``) is read as Ultralytics guesses tasks (the head of the YAML
+    or checkpoint); None when nothing says (an unreadable model is reported by the trainer's preflight).
+    """
+    overrides = dict(overrides or {})
+    given = {} if cfg is DEFAULT_CFG or cfg is None else cfg2dict(cfg)
+    if overrides.get("task"):
+        return overrides["task"]
+    resume = overrides.get("resume")
+    model = resume if isinstance(resume, (str, Path)) and str(resume).endswith(".pt") else overrides.get("model")
+    if model:
+        try:
+            return model_task(model)
+        except (OSError, ValueError):
+            return None
+    return given.get("task")
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -394,4 +514,5 @@ def _log_ada_ratio(trainer):
                     f"{share if share is not None else float('nan'):.3g}")
 
 
-__all__ = ["GABTrainer", "plugin_cfg"]
+__all__ = ["GAB_TRAINERS", "GABPoseTrainer", "GABSegmentationTrainer", "GABTrainer", "GABTrainerMixin", "plugin_cfg",
+           "requested_task", "trainer_for"]

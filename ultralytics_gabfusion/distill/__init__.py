@@ -1,8 +1,8 @@
 """ADA: attention-distribution alignment between a frozen full-precision teacher and a quantized student.
 
 ADA is the distillation term of the GABFusion paper. A frozen full-precision (FP) teacher of the same architecture
-and the quantized student see the same images; at a few supervision points (default: the Detect head inputs, i.e.
-the neck outputs P3/P4/P5) each feature map X (B, C, H, W) is turned into a per-channel spatial attention
+and the quantized student see the same images; at a few supervision points (default: the inputs of the Detect,
+Segment or Pose head, i.e. the neck outputs P3/P4/P5) each feature map X (B, C, H, W) is turned into a per-channel spatial attention
 distribution, and the student's distribution R is pulled towards the teacher's P with KL(P || R) or a
 Jensen-Shannon divergence.
 
@@ -14,7 +14,7 @@ Pipeline per supervision point::
     d = divergence(P_teacher, R_student)   # (B, C): KL or JS summed over H x W
     l = reduce_point(d)                    # sum over channels, mean over batch -> scalar
 
-    L_ADA = sum over supervision points of l;   loss = L_det + weight * L_ADA
+    L_ADA = sum over supervision points of l;   loss = L_task + weight * L_ADA   (detection, segmentation, pose)
 
 Modules:
     * :mod:`.attention`: attention scores (``simam``, ``qada``) and distributions.
@@ -59,6 +59,7 @@ from .teacher import (
     check_teacher,
     default_layers,
     has_quant_modules,
+    head_task,
     load_teacher,
 )
 
@@ -79,6 +80,7 @@ __all__ = [
     "divergence",
     "gradient_share",
     "has_quant_modules",
+    "head_task",
     "is_quantized",
     "js_div",
     "kl_div",

@@ -1,9 +1,10 @@
 """Teacher side of ADA: loading the frozen FP teacher and checking that it matches the quantized student.
 
-The teacher must be a full-precision checkpoint of the student's architecture (normally the FP model QAT started
-from): :func:`load_teacher` refuses quantized models (:func:`has_quant_modules`) and :func:`check_teacher` runs one dummy
-forward through both models to compare their features at the supervision points (:func:`default_layers`: the
-Detect head inputs). The small model helpers here (unwrapping DDP / ``torch.compile``, layer lists, index checks)
+The teacher must be a full-precision checkpoint of the student's architecture and task (normally the FP model QAT
+started from): :func:`load_teacher` refuses quantized models (:func:`has_quant_modules`) and :func:`check_teacher`
+refuses a teacher of another task (:func:`head_task`: a segmentation teacher for a pose student, ...) and runs one
+dummy forward through both models to compare their features at the supervision points (:func:`default_layers`: the
+inputs of the Detect, Segment or Pose head). The small model helpers here (unwrapping DDP / ``torch.compile``, layer lists, index checks)
 are shared with the loss.
 """
 
@@ -20,10 +21,13 @@ from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
+from ultralytics.nn.modules.head import OBB, Classify, Detect, Pose, Segment
 from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils.checks import check_yolov5u_filename
 
-__all__ = ["check_layer_indices", "check_teacher", "default_layers", "has_quant_modules", "load_teacher"]
+__all__ = ["check_layer_indices", "check_teacher", "default_layers", "has_quant_modules", "head_task", "load_teacher"]
+
+_HEAD_TASKS = ((Segment, "segment"), (Pose, "pose"), (OBB, "obb"), (Detect, "detect"), (Classify, "classify"))
 
 _QUANT_ATTRS = ("weight_quant",)  # attributes that mark a fake-quantized module of this project
 _QUANT_PREFIXES = ("Quant", "FakeQuant")  # class-name prefixes of fake-quantized modules (ModelOpt, torch.ao, ours)
@@ -66,8 +70,23 @@ def check_layer_indices(layers: Iterable[int], n: int, who: str) -> list[int]:
     return out
 
 
+def head_task(model: nn.Module) -> str | None:
+    """The task of an Ultralytics model from the type of its last layer (subclasses first: Segment before Detect).
+
+    Returns None for a model without a layer list or with a head of another kind.
+
+    Examples:
+        >>> head_task(SegmentationModel("yolo11n-seg.yaml", nc=2, verbose=False))
+        'segment'
+    """
+    seq = getattr(_unwrap(model), "model", None)
+    if not isinstance(seq, (nn.Sequential, nn.ModuleList)) or not len(seq):
+        return None
+    return next((task for cls, task in _HEAD_TASKS if isinstance(seq[-1], cls)), None)
+
+
 def default_layers(model: nn.Module) -> list[int]:
-    """Supervision points used by default: the Detect head inputs ``model.model[-1].f``.
+    """Supervision points used by default: the head inputs ``model.model[-1].f`` (Detect, Segment or Pose).
 
     Examples:
         >>> default_layers(DetectionModel("yolov5s.yaml", nc=4, verbose=False))
@@ -210,14 +229,22 @@ def check_teacher(
         (dict[int, tuple[int, int, int]]): {layer: (C, H, W)} of the matching features.
 
     Raises:
-        ValueError: A layer index out of range, a layer output that is not a (B, C, H, W) tensor, or
-            channel / spatial sizes that differ.
+        ValueError: A teacher of another task (:func:`head_task`), a layer index out of range, a layer output that
+            is not a (B, C, H, W) tensor, or channel / spatial sizes that differ.
 
     Examples:
         >>> check_teacher(student, teacher, [17, 20, 23])
         {17: (128, 8, 8), 20: (256, 4, 4), 23: (512, 2, 2)}
     """
     s, t = _unwrap(student), _unwrap(teacher)
+    s_task, t_task = head_task(s), head_task(t)
+    if s_task and t_task and s_task != t_task:
+        name = getattr(t, "pt_path", None)
+        raise ValueError(
+            f"teacher{f' {name}' if name else ''} is a {t_task} model, but the student is a {s_task} model: ADA's "
+            f"teacher must be the full-precision model of the same task (normally the FP checkpoint QAT starts from). "
+            f"Pass teacher= a {s_task} checkpoint or set ada=0"
+        )
     layers = list(layers)
     if not layers:
         raise ValueError("no supervision layers given")

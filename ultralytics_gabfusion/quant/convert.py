@@ -1,9 +1,17 @@
-"""Model swap and precision policy: turn an Ultralytics detection model into a fake-quantized one.
+"""Model swap and precision policy: turn an Ultralytics detection, segmentation or pose model into a fake-quantized one.
 
 The policy (paper silent; standard practice, configurable through the ``qat_*`` keys):
 
 - the first conv of the network reads the image: ``qat_first_bits`` (default 8) for W and A, unsigned input;
-- the raw ``nn.Conv2d`` outputs of the Detect head (box / class predictors): ``qat_head_bits`` (default 8);
+- the output convs of the head (role ``head``), ``qat_head_bits`` (default 8) for W and A: the raw ``nn.Conv2d``
+  predictors of Detect and its subclasses -- box and class (``cv2``/``cv3``), the mask coefficients of ``Segment``
+  (``cv4``), the keypoints of ``Pose`` (``cv4``; YOLO26's ``Pose26``: ``cv4_kpts`` and the training-only
+  ``cv4_sigma``), YOLO26's semantic logits (``proto.semseg``, training-only), the one-to-one copies of end-to-end
+  heads -- and the conv that writes the mask prototypes (``Proto.cv3``, a ``Conv`` block: its BN and SiLU are kept).
+  The precision table names what each of them predicts (see :data:`HEAD_OUTPUTS`);
+- not quantized, because they are no ``nn.Conv2d``: the prototype upsampling ``nn.ConvTranspose2d`` of ``Proto``
+  (listed below the precision table, see :func:`unquantized_layers`) and ``Pose26``'s training-only flow model
+  (``nn.Linear``, part of the keypoint loss);
 - DFL is never touched (a fixed, frozen projection);
 - layers listed in ``qat_skip`` stay in full precision;
 - every other conv (``Conv``/``DWConv`` blocks anywhere, including C3/C3k2/SPPF/C2PSA internals): ``w_bits``/``a_bits``;
@@ -27,9 +35,9 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
-from ultralytics.nn.modules.block import DFL
+from ultralytics.nn.modules.block import DFL, Proto
 from ultralytics.nn.modules.conv import Conv, DWConv
-from ultralytics.nn.modules.head import Detect
+from ultralytics.nn.modules.head import OBB, Detect, Pose, Segment
 
 from ..settings import check_bits
 from .grids import ACT_GRIDS, fixed_offset, grid_signed, input_lower_bounds
@@ -42,6 +50,52 @@ LAYER_ATTRS = ("i", "f", "type", "np")
 
 CONV_BLOCKS = (Conv, DWConv)  # Ultralytics blocks whose .conv is swapped (BN and activation kept)
 
+# What each output conv of a head predicts, by the head attribute holding it (one2one_* copies: the same outputs).
+HEAD_OUTPUTS = {"cv2": "box", "cv3": "class", "cv4_kpts": "keypoints", "cv4_sigma": "keypoint sigmas (training)",
+                "semseg": "semantic logits (training)", "proto": "mask prototypes"}
+_CV4_OUTPUTS = ((Segment, "mask coefficients"), (Pose, "keypoints"), (OBB, "angles"))  # cv4 differs per head
+
+
+def head_outputs(model: nn.Module) -> dict[str, str]:
+    """The output convs of every Detect-family head of ``model``: ``{conv name: what it predicts}``.
+
+    They are the raw ``nn.Conv2d`` inside the head (DFL excluded) and the conv of ``Proto.cv3`` (the mask prototypes;
+    a ``Conv`` block). See the module docstring for the policy they follow.
+
+    Examples:
+        >>> from ultralytics.nn.tasks import SegmentationModel
+        >>> outs = head_outputs(SegmentationModel("yolo11n-seg.yaml", nc=2, verbose=False))
+        >>> outs["model.23.cv4.0.2"], outs["model.23.proto.cv3.conv"]
+        ('mask coefficients', 'mask prototypes')
+    """
+    out = {}
+    for hname, head in model.named_modules():
+        if not isinstance(head, Detect):
+            continue
+        in_block = {f"{hname}.{n}.conv" for n, m in head.named_modules() if isinstance(m, CONV_BLOCKS)}
+        dfl = [f"{hname}.{n}." for n, m in head.named_modules() if isinstance(m, DFL)]
+        for n, m in head.named_modules():
+            full = f"{hname}.{n}"
+            if isinstance(m, Proto):
+                out[f"{full}.cv3.conv"] = HEAD_OUTPUTS["proto"]
+            elif isinstance(m, nn.Conv2d) and full not in in_block and not any(full.startswith(d) for d in dfl):
+                attr = n.removeprefix("one2one_").split(".")[0]
+                attr = "semseg" if ".semseg." in f".{n}." else attr
+                cv4 = next((what for cls, what in _CV4_OUTPUTS if isinstance(head, cls)), attr)
+                out[full] = cv4 if attr == "cv4" else HEAD_OUTPUTS.get(attr, attr)
+    return out
+
+
+def unquantized_layers(model: nn.Module) -> dict[str, str]:
+    """Convolution-like modules that the policy leaves in full precision because they are no ``nn.Conv2d``.
+
+    Returns:
+        (dict[str, str]): ``{name: reason}``, e.g. the ``nn.ConvTranspose2d`` that upsamples ``Segment``'s mask
+        prototypes.
+    """
+    return {n: f"{type(m).__name__}, {'mask prototype upsampling' if n.endswith('proto.upsample') else 'no Conv2d'}"
+            for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvTransposeNd)}
+
 
 def _layer_index(name: str) -> int | None:
     parts = name.split(".")
@@ -53,40 +107,35 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
     """Decide the bits and activation grid of every quantizable conv without changing the model.
 
     Args:
-        model (nn.Module): An Ultralytics ``DetectionModel`` (or any model with ``.model`` layers).
+        model (nn.Module): An Ultralytics ``DetectionModel``, ``SegmentationModel`` or ``PoseModel`` (or any model with
+            ``.model`` layers).
         w_bits (int): Weight bits of ordinary convs.
         a_bits (int): Activation bits of ordinary convs.
         first_bits (int): Bits of the first conv (0 = same as ordinary).
-        head_bits (int): Bits of the Detect output convs (0 = same as ordinary).
+        head_bits (int): Bits of the head's output convs (:func:`head_outputs`; 0 = same as ordinary).
         skip (Iterable[int] | None): Layer indices kept in full precision.
         act_grid (str): ``auto``, ``signed`` or ``unsigned`` (see :func:`.grids.grid_signed`).
         layer_bits (dict[int, int] | None): Mixed precision, ``{layer: bits}``: W and A bits of the ordinary convs of
-            those layers (not the first conv / Detect predictors, which follow ``first_bits`` / ``head_bits``; ``skip``
+            those layers (not the first conv / head outputs, which follow ``first_bits`` / ``head_bits``; ``skip``
             wins). See :mod:`.mixed`.
 
     Returns:
-        (list[dict]): One row per conv in forward order: name, layer, role, w_bits, a_bits, a_signed and a_min (the
-        lower bound of the conv's input found by :func:`.grids.input_lower_bounds`, ``-inf`` when unbounded, None when
-        ``act_grid`` is not ``auto``).
+        (list[dict]): One row per conv in forward order: name, layer, role (``first``, ``head`` or ``conv``), output
+        (what a ``head`` conv predicts, else None), w_bits, a_bits, a_signed and a_min (the lower bound of the conv's
+        input found by :func:`.grids.input_lower_bounds`, ``-inf`` when unbounded, None when ``act_grid`` is not
+        ``auto``).
     """
     if act_grid not in ACT_GRIDS:
         raise ValueError(f"qat_act_grid={act_grid!r} is not valid. Allowed values: {', '.join(ACT_GRIDS)}.")
     skip = set(skip or [])
-    block_types, dfl, detect = CONV_BLOCKS, DFL, Detect
     rows, first_done = [], False
-    in_dfl, in_block = set(), set()
-    for name, m in model.named_modules():
-        if isinstance(m, dfl):
-            in_dfl.add(name)
-        if isinstance(m, block_types):
-            in_block.add(name + ".conv")
-    detect_names = [n for n, m in model.named_modules() if isinstance(m, detect)]
+    in_dfl = {name for name, m in model.named_modules() if isinstance(m, DFL)}
+    outputs = head_outputs(model)
     for name, m in model.named_modules():
         if not isinstance(m, nn.Conv2d) or any(name.startswith(d + ".") for d in in_dfl):
             continue
         layer = _layer_index(name)
-        in_detect = any(name.startswith(d + ".") for d in detect_names)
-        role = "head" if in_detect and name not in in_block else "conv"  # head = raw nn.Conv2d predictors of Detect
+        role = "head" if name in outputs else "conv"
         wb, ab = w_bits, a_bits
         if not first_done:
             role, first_done = "first", True
@@ -97,11 +146,12 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
             wb = ab = layer_bits[layer]
         if layer in skip:
             wb = ab = None
-        rows.append({"name": name, "layer": layer, "role": role, "w_bits": wb, "a_bits": ab})
+        rows.append({"name": name, "layer": layer, "role": role, "output": outputs.get(name) if role == "head" else None,
+                     "w_bits": wb, "a_bits": ab})
     if not rows:
         raise ValueError(
-            f"{type(model).__name__} has no nn.Conv2d layers to quantize: qat= needs an Ultralytics detection model "
-            "(e.g. yolov5s.yaml, yolo11s.yaml or a trained .pt); set qat=none for this model."
+            f"{type(model).__name__} has no nn.Conv2d layers to quantize: qat= needs an Ultralytics detection, "
+            "segmentation or pose model (e.g. yolov5s.yaml, yolo11n-seg.yaml or a trained .pt); set qat=none for this model."
         )
     if layer_bits:
         _check_layer_bits(layer_bits, rows)
@@ -125,7 +175,8 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
         w_bits (int): Weight bits, 2..8.
         a_bits (int): Activation bits, 2..8.
         first_bits (int): Bits of the first conv (0 = w_bits/a_bits).
-        head_bits (int): Bits of the Detect output convs (0 = w_bits/a_bits).
+        head_bits (int): Bits of the head's output convs (box, class, mask coefficients and prototypes, keypoints;
+            0 = w_bits/a_bits).
         skip (Iterable[int] | None): Layer indices to leave in full precision.
         act_grid (str): Activation grids: ``auto`` (from what feeds each conv), ``signed`` or ``unsigned``.
         layer_bits (dict[int, int] | None): Per-layer bits of the ordinary convs (mixed precision, see :func:`plan_policy`).
@@ -180,15 +231,19 @@ def _check_layer_bits(layer_bits: dict, rows: list[dict]) -> None:
     missing = sorted(set(layer_bits) - set(ordinary))
     if missing:
         raise ValueError(
-            f"qat_layer_bits names layers {missing} that hold no conv at w_bits/a_bits (the first conv and the Detect "
-            f"predictors follow qat_first_bits/qat_head_bits); layers that can be set: {ordinary}."
+            f"qat_layer_bits names layers {missing} that hold no conv at w_bits/a_bits (the first conv and the head's "
+            f"output convs follow qat_first_bits/qat_head_bits); layers that can be set: {ordinary}."
         )
 
 
-def format_policy(rows: list[dict]) -> str:
+def format_policy(rows: list[dict], unquantized: dict[str, str] | None = None) -> str:
     """Render the per-layer policy as a table: layer, module, W bits, A bits, A grid, input min, quantizer.
 
-    ``A grid`` is ``signed`` or ``unsigned`` (``-`` for a full-precision input), followed by the fixed offset of an
+    ``unquantized`` (:func:`unquantized_layers`) adds a row per full-precision module that is no ``nn.Conv2d``, with
+    the reason, after the convs.
+
+    The quantizer column names the role of the first conv and of the head's output convs and, for the latter, what
+    they predict, e.g. ``lsq (head) mask prototypes``. ``A grid`` is ``signed`` or ``unsigned`` (``-`` for a full-precision input), followed by the fixed offset of an
     LSQ/PACT unsigned grid (e.g. ``unsigned-0.2785``); ``input min`` is the lower bound of
     the conv's input found by the grid analysis (``-inf``: unbounded, e.g. a GABFusion output; blank when the grid
     was forced by ``qat_act_grid=signed|unsigned``).
@@ -204,7 +259,12 @@ def format_policy(rows: list[dict]) -> str:
         lines.append(
             f"{layer!s:>5}  {r['name']:<34}{r['w_bits'] or 'fp'!s:>7}{r['a_bits'] or 'fp'!s:>7}  {grid:<16}{lo:>10}  "
             f"{r['method']}{' (' + r['role'] + ')' if r['role'] != 'conv' else ''}"
+            f"{' ' + r['output'] if r.get('output') else ''}"
         )
+    for name, why in (unquantized or {}).items():
+        layer = _layer_index(name)
+        lines.append(f"{'' if layer is None else layer!s:>5}  {name:<34}{'fp':>7}{'fp':>7}  {'-':<16}{'':>10}  "
+                     f"not quantized ({why})")
     return "\n".join(lines)
 
 
