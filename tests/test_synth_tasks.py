@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import run_cli
 
 from ultralytics_gabfusion.data import make_synthetic_dataset, synth_main
 from ultralytics_gabfusion.data import labels as L
@@ -208,13 +209,17 @@ def test_unknown_task_lists_valid_ones(tmp_path, task):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_task(tmp_path, capsys, sets):
+def test_cli_task(tmp_path, sets):
     with pytest.raises(ValueError, match="task must be one of detect, segment, pose, got 'obb'"):
         synth_main({"out": str(tmp_path / "bad"), "task": "obb"})
-    args = {"out": str(tmp_path / "cli"), "train": "8", "val": "4", "imgsz": "64", "workers": "0", "task": "pose"}
-    path = synth_main(args)
-    assert "task pose" in capsys.readouterr().out
-    assert load_synth_info(path)["labels_sha256"] == load_synth_info(sets["pose"])["labels_sha256"]
+    assert not (tmp_path / "bad").exists()
+    # as typed, in a fresh process: the same bytes as the Python API
+    r = run_cli("synth", f"out={tmp_path / 'cli'}", "task=pose", "train=8", "val=4", "imgsz=64", "workers=0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = load_synth_info(tmp_path / "cli")
+    assert "task pose" in r.stdout and info["task"] == "pose"
+    assert info["labels_sha256"] == load_synth_info(sets["pose"])["labels_sha256"]
+    assert yaml.safe_load((tmp_path / "cli" / "data.yaml").read_text())["flip_idx"] == L.FLIP_IDX
 
 
 # ---------------------------------------------------------------------------------------------- Ultralytics

@@ -25,8 +25,13 @@ Only numpy and OpenCV are needed.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:  # render imports this module
+    from .render import SynthSample
 
 __all__ = ["FLIP_IDX", "KPT_NAMES", "KPT_SHAPE", "POLY_EPS", "TASKS", "extreme_keypoints", "label_text", "outline"]
 
@@ -175,8 +180,10 @@ def pose_line(cls: int, box: np.ndarray, kpts: np.ndarray, size: int) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def label_text(sample, size: int, task: str = "detect") -> str:
-    """The label file of one :class:`.render.SynthSample` for ``task`` (one line per object)."""
+def label_text(sample: SynthSample, size: int, task: str = "detect") -> str:
+    """The label file of one rendered sample for ``task`` (one line per object, see the module docstring)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     lines = []
     for i, (c, box) in enumerate(zip(sample.classes.tolist(), sample.boxes.tolist())):
         if task == "detect":
@@ -188,9 +195,7 @@ def label_text(sample, size: int, task: str = "detect") -> str:
             x1, y1, x2, y2 = (int(v) for v in box)
             poly = outline(sample.owner[y1:y2, x1:x2] == i) + (x1, y1)
             lines.append(segment_line(c, poly, size))
-        elif task == "pose":
+        else:
             kpts = extreme_keypoints(drawn, sample.owner[y : y + h, x : x + w] == i, x, y, size)
             lines.append(pose_line(c, box, kpts, size))
-        else:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     return "".join(f"{line}\n" for line in lines)
