@@ -1,10 +1,12 @@
-"""Benchmarks of the plugin: ``yolo-gab bench`` (paper table: accuracy) and ``yolo-gab bench speed`` (step cost).
+"""Benchmarks: ``yolo-gab bench`` (paper table: accuracy), ``bench speed`` (step cost), ``bench deploy`` (exported files).
 
 ``yolo-gab bench key=value ...`` trains the FP model once per model and seed, then QAT arms (baseline, +GABFusion,
 +GABFusion+ADA) per method and bit-width from that same checkpoint with identical schedules and seeds, re-validates
 every ``best.pt`` the same way and writes ``bench.md``/``bench.json``/``bench.png`` (see :mod:`.accuracy`).
 ``yolo-gab bench speed key=value ...`` measures training-step time and peak memory of each arm relative to FP in the
-same run (see :mod:`.speed`). ``yolo-gab bench help`` / ``yolo-gab bench speed help`` list the keys.
+same run (see :mod:`.speed`). ``yolo-gab bench deploy key=value ...`` exports FP and quantized models and measures
+latency, throughput, size and mAP of each file in ONNX Runtime and OpenVINO (see :mod:`.deploy`).
+``yolo-gab bench help`` / ``yolo-gab bench speed help`` / ``yolo-gab bench deploy help`` list the keys.
 
 Examples:
     >>> from ultralytics_gabfusion.bench import bench_main
@@ -32,6 +34,10 @@ def bench_main(argv: list[str]) -> int:
     argv = list(argv)
     try:
         # Imported on use: each benchmark loads only its own modules (the accuracy one pulls in the trainer).
+        if argv and argv[0] == "deploy":
+            from .deploy import deploy_main
+
+            return deploy_main(argv[1:])
         if argv and argv[0] == "speed":
             from .speed import speed_main
 
@@ -40,7 +46,7 @@ def bench_main(argv: list[str]) -> int:
 
         return accuracy_main(argv)
     except BenchError as e:
-        cmd = "bench speed" if argv and argv[0] == "speed" else "bench"
+        cmd = f"bench {argv[0]}" if argv and argv[0] in ("speed", "deploy") else "bench"
         print(f"yolo-gab {cmd}: error: {e}", file=sys.stderr)
         return 2
 

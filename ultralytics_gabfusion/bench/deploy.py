@@ -1,0 +1,482 @@
+"""``yolo-gab bench deploy``: what an exported model is worth against FP -- latency, throughput, size and mAP.
+
+For the FP checkpoint and every quantized checkpoint, the command writes the deployable files and measures each in
+the runtimes a CPU deployment would use, all in one run on one machine:
+
+* **files**: FP through Ultralytics' own exporters (``format=onnx``, ``format=openvino``); quantized models through
+  :func:`~ultralytics_gabfusion.export.export_qdq_onnx` (Q/DQ ONNX, integer zero points, INT4 storage of 4-bit
+  grids) and :func:`~ultralytics_gabfusion.export.openvino.export_openvino` (OpenVINO IR, INT8 convolutions with the
+  learned grids). Graphs are static, so each is written per input size and batch: the validation size at batch 1
+  (parity-checked, validated), every ``imgsz`` at batch 1 and the throughput size at ``batch``.
+* **latency**: median and p90 of ``runs`` timed calls at batch 1, after ``warmup`` calls, per size. All runners of
+  one size are timed round-robin in one loop (one call each per round), so a change in machine load hits every row
+  alike and the ratios stay fair. ``threads`` intra-op threads for every runtime.
+* **throughput**: images/s at ``batch`` (at the largest ``imgsz``), the same way.
+* **what executes**: OpenVINO: the runtime precision of every convolution after its low-precision transformations
+  (``u8``/``i8`` = integer kernels); ONNX Runtime: the convolution operators left after its graph optimisation
+  (``QLinearConv`` = integer, ``Conv``/``FusedConv``/``NchwcConv`` = float on dequantized tensors).
+* **accuracy**: ``YOLO(file).val(data=...)`` of every exported file at the validation size, next to the PyTorch
+  checkpoint's own (fake-quant) mAP and that of its integer-zero-point copy (the grids the files hold).
+* **size**: bytes of the file (ONNX) or of ``.xml`` + ``.bin`` (OpenVINO).
+
+Ratios are to FP measured in the same run: ``x FP ORT`` (the FP ONNX model in ONNX Runtime) and ``x FP same`` (FP in
+the same runtime; for OpenVINO at float32 precision, the plugin's default on CPUs without BF16 support). OpenVINO's
+CPU default for float layers is bfloat16 where the CPU has AVX512-BF16 or AMX; the FP row ``openvino-bf16`` shows it.
+
+Outputs in ``out``: ``deploy.json`` (settings, environment, every row with raw timings summary), ``deploy.md`` (the
+table) and ``deploy.png`` (latency against mAP50), plus ``files/`` (the exported models) and ``models/`` (PTQ
+checkpoints when none were given).
+
+Examples:
+    yolo-gab bench deploy                                             # shipped FP YOLOv5n + its PTQ W8A8, W4A4
+    yolo-gab bench deploy model=fp.pt quantized=[w8a8.pt,w4a4.pt] data=data.yaml imgsz=[160,640] runs=100
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ultralytics.utils import LOGGER
+
+from ..provenance import environment
+from ..settings import as_int, as_int_list, as_list, as_str_list, parse_key_values, unknown_key_error
+from .common import BenchError, cli_value, write_json
+
+RUNTIMES = ("onnxruntime", "openvino")
+DEFAULTS: dict[str, Any] = {
+    "model": None,  # FP checkpoint; default: the shipped yolov5n-synth160
+    "quantized": None,  # quantized checkpoints; default: PTQ W8A8 and W4A4 (LSQ) of model
+    "data": None,  # data.yaml; default for the shipped model: its generated set
+    "ptq": ["w8a8", "w4a4"],
+    "imgsz": [160, 640],
+    "val_imgsz": None,  # default: the FP checkpoint's training imgsz
+    "batch": 8,
+    "runs": 50,
+    "warmup": 10,
+    "threads": None,  # default: all cores
+    "runtimes": list(RUNTIMES),
+    "out": "runs/gab-deploy",
+}
+HELP = {
+    "model": "FP checkpoint (default: the shipped yolov5n-synth160)",
+    "quantized": "quantized checkpoints to deploy (default: PTQ of model at each entry of ptq)",
+    "data": "data.yaml for calibration and validation (default for the shipped model: its generated set)",
+    "ptq": "W<b>A<b> settings of the PTQ models made when quantized is not given (LSQ)",
+    "imgsz": "input sizes timed at batch 1",
+    "val_imgsz": "size at which every file is validated (default: the FP model's training imgsz)",
+    "batch": "batch size of the throughput measurement (at the largest imgsz)",
+    "runs": "timed calls per runner and size (median and p90 reported)",
+    "warmup": "untimed calls before timing",
+    "threads": "intra-op threads of every runtime (default: all cores)",
+    "runtimes": "onnxruntime and/or openvino",
+    "out": "output directory",
+}
+_ORT_FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
+_ORT_INT_CONVS = ("QLinearConv", "ConvInteger")
+
+
+def help_text() -> str:
+    """The key table printed by ``yolo-gab bench deploy help``."""
+    w = max(len(k) for k in DEFAULTS) + 2
+    lines = ["yolo-gab bench deploy key=value ...   (exported FP vs quantized models: latency, size, mAP)"]
+    lines += [f"  {k:<{w}}{cli_value(v):<24}{HELP[k]}" for k, v in DEFAULTS.items()]
+    return "\n".join(lines)
+
+
+def _bits_setting(v: str) -> tuple[int, int]:
+    import re
+
+    m = re.fullmatch(r"w([2-8])a([2-8])", str(v).strip().lower())
+    if not m:
+        raise BenchError(f"ptq: '{v}' is not a W<b>A<b> setting with bits in 2..8, e.g. ptq=[w8a8,w4a4].")
+    return int(m.group(1)), int(m.group(2))
+
+
+def resolve_settings(argv: list[str]) -> dict:
+    """Parse and check the keys; resolve the shipped-model defaults.
+
+    Raises:
+        BenchError: Unknown key, bad value, missing file (exit status 2; nothing is written).
+    """
+    user = parse_key_values(argv)
+    for k in user:
+        if k not in DEFAULTS:
+            raise unknown_key_error(k, DEFAULTS, "bench deploy")
+    s = {**DEFAULTS, **user}
+    s["runtimes"] = list(dict.fromkeys(as_str_list("runtimes", s["runtimes"], RUNTIMES)))
+    s["imgsz"] = sorted(set(as_int_list("imgsz", s["imgsz"], 32)))
+    for v in s["imgsz"]:
+        if v % 32:
+            raise BenchError(f"imgsz={v} must be a multiple of 32.")
+    s["batch"] = as_int("batch", s["batch"], 1)
+    s["runs"] = as_int("runs", s["runs"], 5)
+    s["warmup"] = as_int("warmup", s["warmup"], 0, allow_zero=True)
+    s["threads"] = as_int("threads", s["threads"] if s["threads"] is not None else (os.cpu_count() or 1), 1)
+    s["ptq"] = [_bits_setting(v) for v in as_list("ptq", s["ptq"])]
+    if s["model"] is None:
+        from .. import zoo
+
+        s["model"] = str(zoo.path("yolov5n-synth160"))
+        s["_card"] = zoo.card("yolov5n-synth160")
+    s["model"] = str(Path(s["model"]).resolve())
+    if not Path(s["model"]).is_file():
+        raise BenchError(f"model={s['model']}: file not found (an FP .pt checkpoint).")
+    quant = s["quantized"]
+    s["quantized"] = [str(Path(str(q)).resolve()) for q in as_list("quantized", quant)] if quant else []
+    for q in s["quantized"]:
+        if not Path(q).is_file():
+            raise BenchError(f"quantized: {q}: file not found (quantized .pt checkpoints).")
+    if s["data"] is None and "_card" not in s:
+        raise BenchError("data= is required for a model other than the shipped one (calibration and validation).")
+    if s["data"] is not None and not Path(str(s["data"])).is_file():
+        raise BenchError(f"data={s['data']}: file not found.")
+    if s["val_imgsz"] is not None:
+        s["val_imgsz"] = as_int("val_imgsz", s["val_imgsz"], 32)
+    s["out"] = str(Path(str(s["out"])).resolve())
+    return s
+
+
+# ------------------------------------------------------------------------------------------------ preparation
+def _prepare(s: dict) -> tuple[str, list[tuple[str, str]], int]:
+    """Data, the quantized checkpoints (PTQ when none given) and the validation size."""
+    from ultralytics import YOLO
+
+    out = Path(s["out"])
+    data = s["data"]
+    if data is None:  # the shipped model: regenerate its own set (deterministic) under out/data
+        from ..data import make_synthetic_dataset
+
+        d = s["_card"]["data"]
+        data = str(make_synthetic_dataset(out / "data", n_train=d["n_train"], n_val=d["n_val"], imgsz=d["imgsz"],
+                                          seed=d["seed"], max_objects=d["max_objects"], min_size=d["min_size"]))
+    fp_args = (getattr(YOLO(s["model"]), "ckpt", None) or {}).get("train_args") or {}
+    val_imgsz = s["val_imgsz"] or int(fp_args.get("imgsz") or 640)
+    models = [("FP", s["model"])]
+    if s["quantized"]:
+        models += [(_label(q), q) for q in s["quantized"]]
+    else:
+        from ..ptq import post_training_quantize
+
+        for w, a in s["ptq"]:
+            f = out / "models" / f"ptq-w{w}a{a}.pt"
+            if not f.exists():
+                with tempfile.TemporaryDirectory() as tmp:
+                    post_training_quantize(s["model"], file=f, data=data, qat="lsq", w_bits=w, a_bits=a,
+                                           imgsz=val_imgsz, project=tmp, name="ptq", workers=0, plots=False)
+            models.append((f"W{w}A{a} PTQ", str(f)))
+    return data, models, val_imgsz
+
+
+def _label(ckpt: str) -> str:
+    """``W4A4 lsq`` from a quantized checkpoint's train args, else its file name."""
+    import torch
+
+    try:
+        args = torch.load(ckpt, map_location="cpu", weights_only=False).get("train_args", {}) or {}
+        return f"W{args['w_bits']}A{args['a_bits']} {args.get('qat', '')}".strip() + f" ({Path(ckpt).stem})"
+    except Exception:
+        return Path(ckpt).stem
+
+
+def _export(s: dict, name: str, ckpt: str, fp: bool, data: str, val_imgsz: int) -> dict:
+    """Write every (runtime, imgsz, batch) file of one model; returns ``{runtime: {(imgsz, batch): path}}``."""
+    from ultralytics import YOLO
+
+    from ..export import export_qdq_onnx
+    from ..export.openvino import export_openvino
+
+    d = Path(s["out"]) / "files" / name.split(" (")[0].replace(" ", "-").lower()
+    d.mkdir(parents=True, exist_ok=True)
+    shapes = sorted({(val_imgsz, 1), *((v, 1) for v in s["imgsz"]), (max(s["imgsz"]), s["batch"])})
+    files: dict[str, dict] = {rt: {} for rt in s["runtimes"]}
+    for sz, b in shapes:
+        stem = f"{sz}px-b{b}"
+        for rt in s["runtimes"]:
+            target = d / (f"{stem}.onnx" if rt == "onnxruntime" else f"{stem}_openvino_model")
+            if not target.exists():
+                check = b == 1 and sz == val_imgsz  # parity once per model, on the validation images
+                if fp:
+                    fmt = "onnx" if rt == "onnxruntime" else "openvino"
+                    with tempfile.TemporaryDirectory() as tmp:
+                        src = Path(tmp) / "model.pt"
+                        shutil.copy(ckpt, src)  # Ultralytics writes next to the weights: keep the user's folder clean
+                        f = YOLO(str(src)).export(format=fmt, imgsz=sz, batch=b, verbose=False)
+                        shutil.move(str(f), str(target))
+                elif rt == "onnxruntime":
+                    export_qdq_onnx(ckpt, target, imgsz=sz, batch=b, images=data if check else None, check=check,
+                                    verbose=False)
+                else:
+                    export_openvino(ckpt, target, imgsz=sz, batch=b, images=data if check else None, check=check,
+                                    verbose=False)
+            files[rt][(sz, b)] = target
+    return files
+
+
+# ------------------------------------------------------------------------------------------------ runners
+class _Runner:
+    """One compiled model of one file: ``call()`` runs it once on a fixed random input."""
+
+    def __init__(self, runtime: str, path: Path, threads: int, precision: str | None = None):
+        import numpy as np
+
+        self.runtime, self.path, self.precision = runtime, path, precision
+        if runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            inp = self.sess.get_inputs()[0]
+            self.name, shape = inp.name, inp.shape
+            self.x = np.random.default_rng(0).random(shape, dtype=np.float32)
+            self.call = lambda: self.sess.run(None, {self.name: self.x})
+        else:
+            from ..export.openvino import compile_model
+
+            self.compiled = compile_model(path, threads=threads, precision=precision)
+            shape = list(self.compiled.input(0).get_shape())
+            self.x = np.random.default_rng(0).random(shape, dtype=np.float32)
+            self.req = self.compiled.create_infer_request()
+            self.call = lambda: self.req.infer({0: self.x})
+
+
+def _time_round_robin(runners: list[_Runner], runs: int, warmup: int) -> list[list[float]]:
+    """Per runner, ``runs`` wall times in ms, taken one call per runner per round (after ``warmup`` rounds)."""
+    for _ in range(warmup):
+        for r in runners:
+            r.call()
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(runs):
+        for i, r in enumerate(runners):
+            t0 = time.perf_counter()
+            r.call()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _p90(v: list[float]) -> float:
+    return statistics.quantiles(v, n=10)[-1] if len(v) >= 2 else v[0]
+
+
+def ort_conv_kernels(onnx_file, threads: int = 1) -> dict[str, int]:
+    """Convolution operators ONNX Runtime executes after its graph optimisation (``QLinearConv`` = integer)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        opts.log_severity_level = 3  # the "hardware specific optimisations" warning of saving an optimised graph
+        ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+        proto = onnx.load(opts.optimized_model_filepath, load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in proto.graph.node:
+        if n.op_type in _ORT_FLOAT_CONVS + _ORT_INT_CONVS:
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _executes(runtime: str, path: Path, threads: int, runner: _Runner | None) -> tuple[str, int, int]:
+    """``(description, integer convs, convs)`` of what the runtime runs for this file."""
+    if runtime == "onnxruntime":
+        k = ort_conv_kernels(path, threads)
+        n_int = sum(v for op, v in k.items() if op in _ORT_INT_CONVS)
+    else:
+        from ..export.openvino import conv_precisions
+
+        k = conv_precisions(runner.compiled)
+        n_int = sum(v for p, v in k.items() if p in ("u8", "i8"))
+    return ", ".join(f"{v} {p}" for p, v in k.items()), n_int, sum(k.values())
+
+
+def _size_mb(path: Path) -> float:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".xml", ".bin")) / 1e6
+    return path.stat().st_size / 1e6
+
+
+def _val(path, data: str, imgsz: int, out: Path) -> dict:
+    """mAP50 / mAP50-95 (%) of a checkpoint or exported file, validated by Ultralytics on ``data``'s val split."""
+    from ultralytics import YOLO
+
+    m = YOLO(str(path), task="detect").val(data=data, imgsz=imgsz, batch=1, workers=0, plots=False, verbose=False,
+                                           project=str(out / "val"), name="v", exist_ok=True)
+    return {"mAP50": round(100 * float(m.box.map50), 2), "mAP50_95": round(100 * float(m.box.map), 2)}
+
+
+def _val_snapped(ckpt: str, data: str, imgsz: int, out: Path) -> dict:
+    """mAP of the checkpoint with its activation offsets on integer zero points (what the exported files hold)."""
+    from ultralytics import YOLO
+
+    from ..quant.grids import snap_zero_points
+
+    y = YOLO(ckpt)
+    snap_zero_points(y.model)
+    m = y.val(data=data, imgsz=imgsz, batch=1, workers=0, plots=False, verbose=False, project=str(out / "val"),
+              name="v", exist_ok=True)
+    return {"mAP50": round(100 * float(m.box.map50), 2), "mAP50_95": round(100 * float(m.box.map), 2)}
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run_deploy(s: dict) -> dict:
+    """Export, time, validate; write ``deploy.json``/``deploy.md``/``deploy.png`` into ``s["out"]``."""
+    out = Path(s["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    if "openvino" in s["runtimes"]:
+        from ..export.openvino import require_openvino
+
+        try:
+            require_openvino()
+        except ImportError as e:
+            raise BenchError(f"{e} (or pass runtimes=[onnxruntime])") from None
+    data, models, val_imgsz = _prepare(s)
+    LOGGER.info(f"bench deploy: {len(models)} models x {s['runtimes']}, val at {val_imgsz} px on {data}")
+    files = {name: _export(s, name, ckpt, name == "FP", data, val_imgsz) for name, ckpt in models}
+
+    # rows: FP in each runtime (OpenVINO FP at float32 and at the plugin's default precision), quantized in each
+    rows = []
+    for name, ckpt in models:
+        for rt in s["runtimes"]:
+            precs = ["f32", None] if (name == "FP" and rt == "openvino") else [None]
+            for p in precs:
+                rows.append({"model": name, "checkpoint": ckpt, "runtime": rt + ("-f32" if p == "f32" else ""),
+                             "precision": p, "files": {f"{k[0]}px-b{k[1]}": str(v) for k, v in files[name][rt].items()},
+                             "_rt": rt, "_files": files[name][rt]})
+
+    shapes = [(v, 1) for v in s["imgsz"]] + [(max(s["imgsz"]), s["batch"])]
+    for sz, b in shapes:
+        runners = [_Runner(r["_rt"], r["_files"][(sz, b)], s["threads"], r["precision"]) for r in rows]
+        LOGGER.info(f"bench deploy: timing {len(runners)} runners at {sz} px batch {b} ({s['runs']} rounds)")
+        n = s["runs"] if b == 1 else max(5, s["runs"] // 4)
+        times = _time_round_robin(runners, n, s["warmup"] if b == 1 else max(1, s["warmup"] // 4))
+        for r, t, run in zip(rows, times, runners):
+            if b == 1:
+                r[f"ms_{sz}"] = {"median": round(statistics.median(t), 2), "p90": round(_p90(t), 2), "runs": len(t)}
+            else:
+                r[f"img_s_{sz}_b{b}"] = round(1e3 * b / statistics.median(t), 1)
+            if sz == max(s["imgsz"]) and b == 1:
+                r["executes"], r["int_convs"], r["convs"] = _executes(r["_rt"], r["_files"][(sz, b)], s["threads"], run)
+        del runners
+
+    fq = {}
+    for name, ckpt in models:  # the PyTorch checkpoints themselves: the accuracy each file should reproduce
+        fq[name] = {"torch": _val(ckpt, data, val_imgsz, out)}
+        if name != "FP":
+            fq[name]["torch_int_zp"] = _val_snapped(ckpt, data, val_imgsz, out)
+    for r in rows:
+        r["size_mb"] = round(_size_mb(r["_files"][(max(s["imgsz"]), 1)]), 2)
+        if r["precision"] == "f32":  # same file as the default-precision row; Ultralytics validates at the default
+            r["val"] = None
+        else:
+            r["val"] = _val(r["_files"][(val_imgsz, 1)], data, val_imgsz, out)
+        r["torch_val"] = fq[r["model"]]
+    _ratios(rows, s)
+    for r in rows:
+        r.pop("_rt"), r.pop("_files")
+    result = {"settings": {k: v for k, v in s.items() if not k.startswith("_")}, "data": data, "val_imgsz": val_imgsz,
+              "environment": environment(), "versions": _runtime_versions(), "rows": rows}
+    write_json(out / "deploy.json", result)
+    table = report_table(result)
+    (out / "deploy.md").write_text(table + "\n")
+    _plot(result, out / "deploy.png")
+    print(table)
+    LOGGER.info(f"bench deploy: results in {out}/deploy.md, deploy.json, deploy.png")
+    return result
+
+
+def _runtime_versions() -> dict:
+    import onnxruntime
+
+    v = {"onnxruntime": onnxruntime.__version__}
+    try:
+        import openvino
+
+        v["openvino"] = openvino.get_version()
+    except ImportError:
+        pass
+    return v
+
+
+def _ratios(rows: list[dict], s: dict) -> None:
+    """Speed-ups against FP in ONNX Runtime and against FP in the same runtime (OpenVINO: float32)."""
+    big = max(s["imgsz"])
+    fp = {r["runtime"]: r for r in rows if r["model"] == "FP"}
+    ref_ort = fp.get("onnxruntime")
+    for r in rows:
+        same = fp.get("openvino-f32" if r["_rt"] == "openvino" else "onnxruntime")
+        for sz in s["imgsz"]:
+            m = r[f"ms_{sz}"]["median"]
+            if ref_ort:
+                r[f"x_fp_ort_{sz}"] = round(ref_ort[f"ms_{sz}"]["median"] / m, 2)
+            if same:
+                r[f"x_fp_same_{sz}"] = round(same[f"ms_{sz}"]["median"] / m, 2)
+        r["x_fp_same_thr"] = round(r[f"img_s_{big}_b{s['batch']}"] / same[f"img_s_{big}_b{s['batch']}"], 2) if same else None
+
+
+def report_table(result: dict) -> str:
+    """The markdown table of a deploy result (also used to rebuild it from ``deploy.json``)."""
+    s = result["settings"]
+    big, sizes, b = max(s["imgsz"]), s["imgsz"], s["batch"]
+    head = ["model", "runtime", "executes (convs)", "size MB"]
+    head += [f"{sz} px ms (p90)" for sz in sizes] + [f"x FP ORT @{big}", f"x FP same @{big}", f"img/s b{b} @{big}"]
+    head += [f"mAP50 file @{result['val_imgsz']}", "mAP50-95 file", "mAP50 PyTorch (int zp)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        tv = r["torch_val"]
+        torch_map = f"{tv['torch']['mAP50']:.2f}" + (f" ({tv['torch_int_zp']['mAP50']:.2f})" if "torch_int_zp" in tv else "")
+        cells = [r["model"], r["runtime"], r.get("executes", ""), f"{r['size_mb']:.2f}"]
+        cells += [f"{r[f'ms_{sz}']['median']:.1f} ({r[f'ms_{sz}']['p90']:.1f})" for sz in sizes]
+        cells += [f"{r.get(f'x_fp_ort_{big}', float('nan')):.2f}", f"{r.get(f'x_fp_same_{big}', float('nan')):.2f}",
+                  f"{r[f'img_s_{big}_b{b}']:.1f}"]
+        v = r["val"]
+        cells += [f"{v['mAP50']:.2f}" if v else "(same file)", f"{v['mAP50_95']:.2f}" if v else "", torch_map]
+        lines.append("| " + " | ".join(cells) + " |")
+    env = result["environment"]
+    lines.append("")
+    lines.append(f"{env.get('cpu', '')}; threads={s['threads']}; batch-1 latency: median (p90) of {s['runs']} "
+                 f"round-robin calls after {s['warmup']} warm-up rounds; x FP same: OpenVINO rows against FP OpenVINO "
+                 "at float32. mAP of each file validated by Ultralytics at batch 1.")
+    return "\n".join(lines)
+
+
+def _plot(result: dict, path: Path) -> None:
+    """Latency at the largest size against mAP50 of each file, one marker per runtime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    big = max(result["settings"]["imgsz"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"onnxruntime": "o", "openvino": "s", "openvino-f32": "^"}
+    for r in result["rows"]:
+        m50 = (r["val"] or r["torch_val"]["torch"])["mAP50"]
+        ax.scatter(r[f"ms_{big}"]["median"], m50, marker=markers.get(r["runtime"], "x"), s=50)
+        ax.annotate(f"{r['model'].split(' (')[0]} {r['runtime']}", (r[f"ms_{big}"]["median"], m50), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel(f"latency at {big} px, batch 1 (ms, median)")
+    ax.set_ylabel("mAP50 of the exported file (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def deploy_main(argv: list[str]) -> int:
+    """``yolo-gab bench deploy key=value ...``; see the module docstring."""
+    if argv and argv[0] in ("help", "-h", "--help"):
+        print(help_text())
+        return 0
+    run_deploy(resolve_settings(argv))
+    return 0
+
+
+__all__ = ["DEFAULTS", "deploy_main", "ort_conv_kernels", "report_table", "resolve_settings", "run_deploy"]
