@@ -1,4 +1,4 @@
-"""Q/DQ ONNX export of fake-quantized (LSQ, LSQ+, PACT/DoReFa, N2UQ) Ultralytics detection models.
+"""Q/DQ ONNX export of fake-quantized (LSQ, LSQ+, PACT/DoReFa, N2UQ) Ultralytics detection, segmentation and pose models.
 
 A QAT checkpoint evaluates its quantizers in float ("fake quantization"). Exporting it with Ultralytics' own
 exporter would trace that float arithmetic and lose the integer grids, so quantized models get their own ONNX
@@ -54,10 +54,13 @@ Emitted operators (``b`` = bits; container = element type of the tensor holding 
 
 GABFusion nodes are exported as traced float operators (softmax-weighted ``Concat`` and the channel LayerNorm
 as ``ReduceMean``/``Sub``/``Mul``/``Sqrt``/``Div`` ...); a model already folded with ``fold_gabfusion`` exports its
-``FoldedFusion`` affine as ``Mul``/``Add``. The Detect head is exported as Ultralytics does for ``format=onnx``
-(decoded boxes, output ``(1, 4+nc, anchors)``, batch 1, static shape), and Ultralytics' metadata keys are stored
-in ``metadata_props`` (plus ``quantization``, a JSON summary), so ``YOLO("model.onnx")`` predicts and validates
-through ONNX Runtime.
+``FoldedFusion`` affine as ``Mul``/``Add``. The head is exported as Ultralytics does for ``format=onnx`` (batch 1,
+static shape): ``output0`` ``(1, 4+nc, anchors)`` with decoded boxes for Detect, ``(1, 4+nc+nm, anchors)`` (mask
+coefficients) plus ``output1`` ``(1, nm, h/4, w/4)`` (mask prototypes; the prototype upsampling
+``ConvTranspose2d`` stays float) for Segment, ``(1, 4+nc+nk, anchors)`` (decoded keypoints) for Pose; end-to-end
+(NMS-free) heads are refused. Ultralytics' metadata keys are stored in ``metadata_props`` (``task``, ``kpt_shape``
+for pose, plus ``quantization``, a JSON summary), so ``YOLO("model.onnx")`` predicts and validates through ONNX
+Runtime.
 
 Layout: :mod:`.qdq` (:func:`export_qdq_onnx`), :mod:`.fold` (BN folding, deployment copy of the model),
 :mod:`.nodes` (the ``gabq::`` placeholders and their lowering), :mod:`.parity` (:func:`check_parity`),

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import C2f, Detect
+from ultralytics.nn.tasks import guess_model_task
 
 from ..quant.qconv import QuantConv2d, QuantConvBlock, quant_convs
 from .nodes import _CONTAINER_RANGE, _ActSpec, _container, _GabqOp, _N2UQSpec, _WeightSpec
@@ -203,6 +204,7 @@ def _build_export_model(model: nn.Module, weight_offset: str, int4: bool = True)
 
     ``int4=False`` stores 4-bit integers in 8-bit containers (with the range ``Clip``), which INT8 kernels execute.
     """
+    _check_head(model)
     m = copy.deepcopy(model).float().eval()
     for p in m.parameters():
         p.requires_grad_(False)
@@ -230,7 +232,12 @@ def _natural_key(name: str):
 
 
 def _prepare_for_onnx(m: nn.Module, imgsz: tuple[int, int]) -> nn.Module:
-    """Fuse remaining float Conv+BN and set the Detect export attributes as Ultralytics' ONNX exporter does."""
+    """Fuse remaining float Conv+BN and set the head's export attributes as Ultralytics' ONNX exporter does.
+
+    Detect and its subclasses Segment / Pose (and their YOLO26 forms) then output what ``format=onnx`` writes:
+    ``(1, 4+nc+extra, anchors)`` (extra: the ``nm`` mask coefficients or the ``nk`` decoded keypoints), and for
+    Segment also the mask prototypes ``(1, nm, h/4, w/4)``.
+    """
     if hasattr(m, "fuse"):
         m = m.fuse(verbose=False)
     stride = m.stride.tolist() if hasattr(m, "stride") else [32]
@@ -246,3 +253,45 @@ def _prepare_for_onnx(m: nn.Module, imgsz: tuple[int, int]) -> nn.Module:
         elif isinstance(mod, C2f):
             mod.forward = mod.forward_split  # Ultralytics' ONNX graph uses Split instead of Chunk (same values)
     return m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task heads: output names and metadata as Ultralytics' own format=onnx export writes them
+# ----------------------------------------------------------------------------------------------------------------
+def _task(model: nn.Module) -> str:
+    """The Ultralytics task of ``model`` (``detect``, ``segment``, ``pose``, ...), from its head when not set."""
+    return getattr(model, "task", None) or guess_model_task(model)
+
+
+def _check_head(model: nn.Module) -> None:
+    """Refuse heads whose ONNX output the exporter and its parity check do not describe (end-to-end heads)."""
+    if bool(getattr(model, "end2end", False)):
+        raise ValueError(
+            f"{type(model.model[-1]).__name__} is in end-to-end (NMS-free) mode, which the Q/DQ exporter does not "
+            "support: set model.end2end = False to export the one-to-many head (decoded anchors, NMS at inference)."
+        )
+
+
+def _output_names(model: nn.Module) -> list[str]:
+    """ONNX output names: ``output0`` (decoded anchors), plus ``output1`` (mask prototypes) for segmentation."""
+    return ["output0", "output1"] if _task(model) == "segment" else ["output0"]
+
+
+def _task_metadata(model: nn.Module) -> dict:
+    """The task keys of the ONNX ``metadata_props``: ``task``, and for pose ``kpt_shape`` (and ``kpt_names``)."""
+    meta = {"task": _task(model)}
+    if meta["task"] == "pose":
+        meta["kpt_shape"] = model.model[-1].kpt_shape
+        if hasattr(model, "kpt_names"):
+            meta["kpt_names"] = model.kpt_names
+    return meta
+
+
+def _set_task_metadata(proto, model: nn.Module) -> None:
+    """Write :func:`_task_metadata` into ``proto.metadata_props`` (replacing a value already there)."""
+    props = {p.key: p for p in proto.metadata_props}
+    for k, v in _task_metadata(model).items():
+        if k not in props:
+            props[k] = proto.metadata_props.add()
+            props[k].key = k
+        props[k].value = str(v)

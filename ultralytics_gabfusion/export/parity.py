@@ -6,7 +6,8 @@ import copy
 
 import torch
 import torch.nn as nn
-from ultralytics.utils.metrics import bbox_iou
+from ultralytics.nn.modules.head import Pose, Segment
+from ultralytics.utils.metrics import OKS_SIGMA, bbox_iou
 from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.ops import xywh2xyxy
 
@@ -30,6 +31,18 @@ PARITY_DEFAULTS = {
     "layer_eps": 1e-6,  # relative input perturbation of the layer-local reference (float32 rounding is ~6e-8)
     "layer_floor": 1e-3,  # layer-local: fraction of activation elements / relative conv-output error always allowed
 }
+
+
+# The output-level measures of _anchor_spread (each <= ratio x its float-noise reference + floor) and their wording.
+_MEASURES = {
+    "score": "mean |score difference|",
+    "box": "mean 1-IoU of boxes",
+    "mask": "mean |mask probability difference|",
+    "kpt": "mean 1-OKS of keypoints",
+    "kpt_conf": "mean |keypoint visibility difference|",
+    "extra": "mean |difference| of the head's extra channels",
+}
+_EXTRA_KEYS = ("mask", "kpt", "kpt_conf", "extra")  # the task measures (segment, pose, other heads)
 
 
 class ParityError(RuntimeError):
@@ -66,27 +79,86 @@ def _anchor_unmatched(dets, idx, other, conf: float, margin: float, iou: float) 
     return int(((ious <= iou) | ((score - d[:, 4]).abs() > margin)).sum())
 
 
-def _anchor_spread(y_ref: torch.Tensor, y: torch.Tensor, conf: float, top_k: int) -> dict:
-    """How far ``y`` is from ``y_ref`` on the anchors that matter (both decoded ``(N, 4+nc, anchors)`` outputs).
+def _head_info(model: nn.Module, y: torch.Tensor) -> dict:
+    """What the channels of the decoded output ``y`` ``(N, 4+nc+extra, anchors)`` hold: task, nc and its extras.
 
-    Anchors compared: those whose best class score in ``y_ref`` is ``>= conf``, and at least the ``top_k`` best of
-    each image. Returns the mean over them of ``|score difference|`` for ``y_ref``'s best class and of
-    ``1 - IoU`` of the two boxes, and how many anchors were compared.
+    ``extra`` is ``mask`` (``nm`` mask coefficients, Segment), ``kpt`` (keypoints ``kpt_shape``, Pose), ``raw``
+    (other heads' extra channels, e.g. OBB angles) or None (Detect).
     """
-    sd, bd, n = [], [], 0
-    for r, o in zip(y_ref, y):
-        score, cls = r[4:].max(0)
+    head = model.model[-1] if hasattr(model, "model") else None
+    nc = int(getattr(head, "nc", y.shape[1] - 4))
+    if y.shape[1] == 4 + nc:
+        return {"task": "detect", "nc": nc, "extra": None}
+    if isinstance(head, Segment):
+        return {"task": "segment", "nc": nc, "extra": "mask"}
+    if isinstance(head, Pose):
+        return {"task": "pose", "nc": nc, "extra": "kpt", "kpt_shape": tuple(int(v) for v in head.kpt_shape)}
+    return {"task": getattr(model, "task", "detect"), "nc": nc, "extra": "raw"}
+
+
+def _extra_spread(head: dict, r: torch.Tensor, o: torch.Tensor, a: torch.Tensor, p_r, p_o) -> dict:
+    """Per-anchor differences of the task channels at anchors ``a`` of one image (reference ``r``, other ``o``).
+
+    ``mask``: mean ``|mask probability difference|`` over the prototype pixels, masks ``sigmoid(coef . protos)`` of
+    each model's own coefficients and prototypes (``p_r``, ``p_o``: ``(nm, h, w)``). ``kpt``: ``1 - OKS`` of the two
+    keypoint sets with the reference box area as object scale (Ultralytics' pose metric: COCO sigmas for 17
+    keypoints, else ``1/nkpt``) and, for ``(x, y, visibility)`` keypoints, ``kpt_conf``: mean ``|visibility
+    difference|``. ``raw``: mean ``|difference|`` of the extra channels.
+    """
+    nc, kind = head["nc"], head["extra"]
+    er, eo = r[4 + nc :, a], o[4 + nc :, a]  # (extra, k)
+    if kind == "mask":
+        mr = (er.T @ p_r.flatten(1)).sigmoid()
+        mo = (eo.T @ p_o.flatten(1)).sigmoid()
+        return {"mask": (mo - mr).abs().mean(1)}
+    if kind == "kpt":
+        nkpt, ndim = head["kpt_shape"]
+        kr, ko = er.T.reshape(-1, nkpt, ndim), eo.T.reshape(-1, nkpt, ndim)
+        sigma = torch.as_tensor(OKS_SIGMA if nkpt == 17 else [1.0 / nkpt] * nkpt, dtype=kr.dtype)
+        area = (r[2, a] * r[3, a]).view(-1, 1)
+        d2 = (kr[..., :2] - ko[..., :2]).pow(2).sum(-1)
+        out = {"kpt": 1 - torch.exp(-d2 / (2 * sigma) ** 2 / (area + 1e-7) / 2).mean(1)}  # as metrics.kpt_iou
+        if ndim == 3:
+            out["kpt_conf"] = (kr[..., 2] - ko[..., 2]).abs().mean(1)
+        return out
+    return {"extra": (eo - er).abs().mean(0)}
+
+
+def _anchor_spread(out_ref: tuple, out: tuple, head: dict, conf: float, top_k: int) -> dict:
+    """How far ``out`` is from ``out_ref`` on the anchors that matter (both ``(decoded, protos or None)``).
+
+    Anchors compared: those whose best class score in the reference is ``>= conf``, and at least the ``top_k`` best
+    of each image. Returns the mean over them of ``|score difference|`` for the reference's best class, of ``1 - IoU``
+    of the two boxes and of the task measures of :func:`_extra_spread`, and how many anchors were compared.
+    """
+    (y_ref, p_ref), (y, p) = out_ref, out
+    nc = head["nc"]
+    acc, n = {"score": [], "box": []}, 0
+    for i, (r, o) in enumerate(zip(y_ref, y)):
+        score, cls = r[4 : 4 + nc].max(0)
         k = min(top_k, score.numel())
         sel = (score >= conf) | (score >= score.topk(k).values[-1])
         a = sel.nonzero().view(-1)
         c = cls[a]
-        sd.append((o[4 + c, a] - r[4 + c, a]).abs())
-        bd.append(1 - bbox_iou(r[:4, a].T, o[:4, a].T, xywh=True).view(-1).clamp(0, 1))
+        acc["score"].append((o[4 + c, a] - r[4 + c, a]).abs())
+        acc["box"].append(1 - bbox_iou(r[:4, a].T, o[:4, a].T, xywh=True).view(-1).clamp(0, 1))
+        if head["extra"]:
+            for key, v in _extra_spread(head, r, o, a, None if p_ref is None else p_ref[i],
+                                        None if p is None else p[i]).items():
+                acc.setdefault(key, []).append(v)
         n += len(a)
-    return {"score": float(torch.cat(sd).mean()), "box": float(torch.cat(bd).mean()), "anchors": n}
+    return {**{key: float(torch.cat(v).mean()) for key, v in acc.items()}, "anchors": n}
 
 
-def _perturbed_output(model: nn.Module, x: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
+def _outputs(y) -> tuple:
+    """``(decoded (N, 4+nc+extra, anchors), mask prototypes or None)`` of an eval-mode forward of a task model."""
+    y = y[0] if isinstance(y, (list, tuple)) else y  # Detect / Pose: (decoded, raw); Segment: ((decoded, protos), raw)
+    if isinstance(y, (list, tuple)):
+        return y[0].float(), y[1].float()
+    return y.float(), None
+
+
+def _perturbed_output(model: nn.Module, x: torch.Tensor, eps: float, seed: int) -> tuple:
     """``model(x)`` with every conv input multiplied by ``1 + eps*u``, ``u ~ U(-1, 1)`` (seeded): float-noise twin."""
     g = torch.Generator().manual_seed(seed)
 
@@ -101,7 +173,7 @@ def _perturbed_output(model: nn.Module, x: torch.Tensor, eps: float, seed: int) 
     finally:
         for h in handles:
             h.remove()
-    return (y[0] if isinstance(y, (list, tuple)) else y).float()
+    return _outputs(y)
 
 
 def _layer_tensors(proto) -> dict:
@@ -227,7 +299,9 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
     """Compare the fake-quant PyTorch model with the exported ONNX model in ONNX Runtime on the same images.
 
     The reference is the original quantized model (fake quantization, BN not folded) in eval mode, float32. Both
-    produce Ultralytics' decoded output ``(N, 4+nc, anchors)``: xywh boxes in pixels and class probabilities.
+    produce Ultralytics' decoded output ``(N, 4+nc+extra, anchors)``: xywh boxes in pixels, class probabilities and
+    the task channels (Segment: ``nm`` mask coefficients, plus the prototypes ``(N, nm, h/4, w/4)`` as a second
+    output; Pose: the decoded keypoints, ``x, y`` in pixels and visibility probabilities).
 
     Why the tolerance is relative to the model itself. The two graphs compute the same integer grids, but not
     bit-identically: BN folding rounds ``f*W`` and ``beta - mu*f`` differently from running BN after the conv,
@@ -245,6 +319,11 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
     * on the anchors that matter (best class score ``>= conf`` in the PyTorch output, and at least the ``top_k``
       best per image), the mean ``|score difference|`` for PyTorch's class and the mean ``1 - IoU`` of the boxes,
       ONNX vs PyTorch, must each be ``<= ratio * reference + floor`` (``ratio = 2``, ``floor = 1e-3``);
+    * segmentation and pose, on the same anchors and with the same rule (``<= ratio * reference + floor``): the mean
+      ``|mask probability difference|`` of the masks ``sigmoid(coefficients . prototypes)`` that each model builds
+      from its own coefficients and prototypes (all prototype pixels); the mean ``1 - OKS`` of the two keypoint
+      sets, with the PyTorch box area as object scale and Ultralytics' pose-metric sigmas, and the mean
+      ``|visibility difference|``. Other heads' extra channels (OBB angles) as a mean ``|difference|``;
     * detection level: NMS at ``conf`` on both outputs; each detection of one model must be reproduced at its own
       anchor by the other (same-class score within ``margin``, IoU > ``iou``). The number of such misses must be
       ``<= ratio * (reference misses) + 1``;
@@ -271,7 +350,8 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
         compared anchors) and ``ref_score_diff`` / ``ref_box_diff`` (largest reference spread), ``anchors``,
         ``detections_torch``, ``detections_onnx``, ``unmatched``, ``ref_unmatched``, ``layers_checked``,
         ``layer_act`` / ``layer_conv`` (the layer-local value closest to its limit: value, limit, layer), ``images``,
-        ``tol``, ``ok``.
+        ``tol``, ``ok``, ``task``; with task channels also ``extra_max_abs_diff`` and ``mask_diff`` (segment) or
+        ``kpt_diff`` / ``kpt_conf_diff`` (pose) with their ``ref_*`` spreads; segment: ``protos_max_abs_diff``.
 
     Raises:
         ParityError: If a criterion fails and ``raise_error``.
@@ -283,17 +363,21 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
     """
     t = _tolerance(tol)
     model = load_quantized_model(model, require_quantized=False)
-    ref_model, x, y_t, y_o = _run_both(model, onnx_file, images)
-    spread = _anchor_spread(y_t, y_o, t["conf"], t["top_k"])
-    unmatched, n_t, n_o = _detection_misses(y_t, y_o, t)
-    ref = _reference_spread(ref_model, x, y_t, t)
+    ref_model, x, out_t, out_o = _run_both(model, onnx_file, images)
+    (y_t, p_t), (y_o, p_o) = out_t, out_o
+    head = _head_info(ref_model, y_t)
+    spread = _anchor_spread(out_t, out_o, head, t["conf"], t["top_k"])
+    unmatched, n_t, n_o = _detection_misses(y_t, y_o, t, head["nc"])
+    ref = _reference_spread(ref_model, x, out_t, head, t)
     diff = (y_o - y_t).abs()
+    nc = head["nc"]
     res = {
+        "task": head["task"],
         "images": int(len(x)),
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
         "boxes_max_abs_diff_px": float(diff[:, :4].max()),
-        "scores_max_abs_diff": float(diff[:, 4:].max()),
+        "scores_max_abs_diff": float(diff[:, 4 : 4 + nc].max()),
         "score_diff": spread["score"],
         "box_diff": spread["box"],
         "ref_score_diff": ref["score"],
@@ -305,6 +389,13 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
         "ref_unmatched": int(ref["unmatched"]),
         "tol": t,
     }
+    if head["extra"]:  # task channels after the class scores: mask coefficients, keypoints (pixels), ...
+        res["extra_max_abs_diff"] = float(diff[:, 4 + nc :].max())
+        for key in _EXTRA_KEYS:
+            if key in spread:
+                res[f"{key}_diff"], res[f"ref_{key}_diff"] = spread[key], ref[key]
+    if p_t is not None:
+        res["protos_max_abs_diff"] = float((p_o - p_t).abs().max())
     fails = _output_fails(spread, ref, t)
     import onnx
 
@@ -337,7 +428,8 @@ def _run_both(model: nn.Module, onnx_file, images):
     """Run the PyTorch reference (an eval float32 copy of ``model``) and the ONNX file on the same images.
 
     Returns:
-        (tuple): ``(ref_model, x, y_torch, y_onnx)``, the outputs decoded ``(N, 4+nc, anchors)``.
+        (tuple): ``(ref_model, x, out_torch, out_onnx)``, each output ``(decoded (N, 4+nc+extra, anchors), mask
+        prototypes (N, nm, h, w) or None)``.
     """
     sess = _ort_session(onnx_file)
     inp = sess.get_inputs()[0]
@@ -346,18 +438,23 @@ def _run_both(model: nn.Module, onnx_file, images):
     if tuple(x.shape[2:]) != (h, w):
         raise ValueError(f"images are {tuple(x.shape[2:])}, the ONNX model expects {(h, w)}")
     ref_model = copy.deepcopy(model).float().eval()
-    y_t = ref_model(x)
-    y_t = (y_t[0] if isinstance(y_t, (list, tuple)) else y_t).float()
-    y_o = torch.cat([torch.from_numpy(sess.run(None, {inp.name: x[i : i + 1].numpy()})[0]) for i in range(len(x))])
-    if y_o.shape != y_t.shape:
-        raise ParityError(f"output shapes differ: onnx {tuple(y_o.shape)} vs torch {tuple(y_t.shape)}")
-    if not bool(torch.isfinite(y_o).all()):
+    out_t = _outputs(ref_model(x))
+    runs = [sess.run(None, {inp.name: x[i : i + 1].numpy()}) for i in range(len(x))]
+    out_o = tuple(torch.cat([torch.from_numpy(r[j]) for r in runs]) for j in range(len(runs[0])))
+    out_o = (out_o[0], out_o[1] if len(out_o) > 1 else None)
+    shapes_t = [None if v is None else tuple(v.shape) for v in out_t]
+    shapes_o = [None if v is None else tuple(v.shape) for v in out_o]
+    if shapes_o != shapes_t:
+        raise ParityError(f"output shapes differ: onnx {shapes_o} vs torch {shapes_t} (decoded output, mask prototypes)")
+    if not all(bool(torch.isfinite(v).all()) for v in out_o if v is not None):
         raise ParityError(f"ONNX output of {onnx_file} holds NaN or Inf values")
-    return ref_model, x, y_t, y_o
+    return ref_model, x, out_t, out_o
 
 
-def _detection_misses(y_a: torch.Tensor, y_b: torch.Tensor, t: dict):
-    """NMS on both outputs; ``(detections not reproduced at their anchor by the other, n_a, n_b)``."""
+def _detection_misses(y_a: torch.Tensor, y_b: torch.Tensor, t: dict, nc: int):
+    """NMS on both outputs' boxes and ``nc`` class scores; ``(detections not reproduced at their anchor by the other,
+    n_a, n_b)``."""
+    y_a, y_b = y_a[:, : 4 + nc], y_b[:, : 4 + nc]  # the task channels (masks, keypoints) are compared per anchor
     # No NMS time limit: on a busy CPU it would silently drop the detections of the remaining images.
     nms = dict(conf_thres=t["conf"], iou_thres=t["nms_iou"], return_idxs=True, max_time_img=1e3)
     dets_a, idx_a = non_max_suppression(y_a, **nms)
@@ -367,21 +464,25 @@ def _detection_misses(y_a: torch.Tensor, y_b: torch.Tensor, t: dict):
     return n, sum(len(d) for d in dets_a), sum(len(d) for d in dets_b)
 
 
-def _reference_spread(ref_model: nn.Module, x: torch.Tensor, y_t: torch.Tensor, t: dict) -> dict:
-    """The model's own float-noise spread: largest score/box spread and misses over ``ref_runs`` perturbed runs."""
-    ref = {"score": 0.0, "box": 0.0, "unmatched": 0}
+def _reference_spread(ref_model: nn.Module, x: torch.Tensor, out_t: tuple, head: dict, t: dict) -> dict:
+    """The model's own float-noise spread: largest spread of each measure and misses over ``ref_runs`` perturbed runs."""
+    ref = {"unmatched": 0}
     for seed in range(int(t["ref_runs"])):
-        y_p = _perturbed_output(ref_model, x, t["ref_eps"], seed)
-        sp = _anchor_spread(y_t, y_p, t["conf"], t["top_k"])
-        ref = {"score": max(ref["score"], sp["score"]), "box": max(ref["box"], sp["box"]),
-               "unmatched": max(ref["unmatched"], _detection_misses(y_t, y_p, t)[0])}
+        out_p = _perturbed_output(ref_model, x, t["ref_eps"], seed)
+        sp = _anchor_spread(out_t, out_p, head, t["conf"], t["top_k"])
+        for key, v in sp.items():
+            if key != "anchors":
+                ref[key] = max(ref.get(key, 0.0), v)
+        ref["unmatched"] = max(ref["unmatched"], _detection_misses(out_t[0], out_p[0], t, head["nc"])[0])
     return ref
 
 
 def _output_fails(spread: dict, ref: dict, t: dict) -> list:
     """Messages of the output-level criteria (score and box spread vs the reference) that fail."""
     fails = []
-    for key, what in (("score", "mean |score difference|"), ("box", "mean 1-IoU of boxes")):
+    for key, what in _MEASURES.items():
+        if key not in spread:
+            continue
         lim = t["ratio"] * ref[key] + t["floor"]
         if spread[key] > lim:
             fails.append(f"{what} on {spread['anchors']} anchors is {spread[key]:.3g}, above {lim:.3g} "
@@ -395,6 +496,9 @@ def _fmt_parity(r: dict) -> str:
             f"{r['box_diff']:.3g} (reference {r['ref_box_diff']:.3g}) on {r['anchors']} anchors; max|diff| "
             f"{r['max_abs_diff']:.4g} (boxes {r['boxes_max_abs_diff_px']:.4g} px, scores {r['scores_max_abs_diff']:.4g}); "
             f"detections torch/onnx {r['detections_torch']}/{r['detections_onnx']}, unmatched {r['unmatched']} "
-            f"(reference {r['ref_unmatched']}); layer-local worst: act {r['layer_act']['value']:.3g} / "
+            f"(reference {r['ref_unmatched']}); "
+            + "".join(f"{_MEASURES[k].removeprefix('mean ')} {r[k + '_diff']:.3g} (reference {r['ref_' + k + '_diff']:.3g}); "
+                      for k in _EXTRA_KEYS if k + "_diff" in r)
+            + f"layer-local worst: act {r['layer_act']['value']:.3g} / "
             f"{r['layer_act']['limit']:.3g}, conv {r['layer_conv']['value']:.3g} / {r['layer_conv']['limit']:.3g} on "
             f"{r['layers_checked']} layers; {r['images']} image(s)")

@@ -17,7 +17,7 @@ from ultralytics.utils import LOGGER
 
 from ..quant.grids import snap_zero_points
 from ..version import __version__
-from .fold import _build_export_model, _check_initialized, _prepare_for_onnx
+from .fold import _build_export_model, _check_initialized, _output_names, _prepare_for_onnx, _set_task_metadata
 from .inputs import _imgsz_pair, generated_images, load_images, load_quantized_model
 from .nodes import _DOMAIN, _lower_graph
 from .parity import PARITY_DEFAULTS, _fmt_parity, check_parity
@@ -203,11 +203,12 @@ def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
         torch.onnx.export(exp, im, buf, opset_version=_TRACE_OPSET, dynamo=False, input_names=["images"],
-                          output_names=["output0"], custom_opsets={_DOMAIN: 1}, do_constant_folding=True)
+                          output_names=_output_names(model), custom_opsets={_DOMAIN: 1}, do_constant_folding=True)
     proto = _lower_graph(onnx.load_from_string(buf.getvalue()), specs, opset)
     for k, v in _metadata(model, hw, opset, rows, weight_offset, int4, zero_point).items():
         meta = proto.metadata_props.add()
         meta.key, meta.value = k, str(v)
+    _set_task_metadata(proto, model)  # segment / pose: task, kpt_shape (Ultralytics' keys for YOLO("x.onnx"))
     onnx.checker.check_model(proto, full_check=True)
     return proto, rows
 
