@@ -474,8 +474,8 @@ SETTINGS: dict[str, Setting] = {
     "a_bits": Setting(4, "activation bit-width (2-8) of every quantized conv input outside the ends", check_bits),
     "qat_first_bits": Setting(8, "W and A bits of the first conv (0 = same as w_bits/a_bits)",
                               _int_range(MIN_BITS, MAX_BITS, True)),
-    "qat_head_bits": Setting(8, "W and A bits of the Detect output convs (0 = same as w_bits/a_bits)",
-                             _int_range(MIN_BITS, MAX_BITS, True)),
+    "qat_head_bits": Setting(8, "W and A bits of the head output convs: box, class, mask coefficients and prototypes, "
+                             "keypoints (0 = same as w_bits/a_bits)", _int_range(MIN_BITS, MAX_BITS, True)),
     "qat_skip": Setting(None, "layer indices left in full precision, e.g. [0,23]", _int_list_or_none),
     "qat_layer_bits": Setting(None, "mixed precision: {layer: bits} of ordinary convs, or a sensitivity.csv (with "
                               "qat_bits_budget)", _layer_bits),
@@ -503,7 +503,8 @@ SETTINGS: dict[str, Setting] = {
     "ada": Setting(0.0, "ADA loss weight (0 = off; paper: 0.01)", _float_range(0.0)),
     "ada_attn": Setting("simam", "attention of ADA: simam (v1) or qada (v2)", _choice(*ADA_ATTNS)),
     "ada_div": Setting("kl", "divergence of ADA: kl (teacher||student) or js", _choice(*ADA_DIVS)),
-    "ada_layers": Setting(None, "supervised layer indices (None = the Detect inputs)", _int_list_or_none),
+    "ada_layers": Setting(None, "supervised layer indices (None = the head inputs: the neck outputs P3-P5)",
+                          _int_list_or_none),
     "ada_t": Setting(None, "temperature of the sharper softmax(S/T) distribution (None = paper's A/sum A)", _optional_float(0.0)),
     "teacher": Setting(None, "full-precision teacher checkpoint (default: the FP .pt QAT starts from)", _path_or_none),
 }

@@ -60,7 +60,8 @@ def head_outputs(model: nn.Module) -> dict[str, str]:
     """The output convs of every Detect-family head of ``model``: ``{conv name: what it predicts}``.
 
     They are the raw ``nn.Conv2d`` inside the head (DFL excluded) and the conv of ``Proto.cv3`` (the mask prototypes;
-    a ``Conv`` block). See the module docstring for the policy they follow.
+    a ``Conv`` block). See the module docstring for the policy they follow. Float and converted models give the same
+    names.
 
     Examples:
         >>> from ultralytics.nn.tasks import SegmentationModel
@@ -72,7 +73,8 @@ def head_outputs(model: nn.Module) -> dict[str, str]:
     for hname, head in model.named_modules():
         if not isinstance(head, Detect):
             continue
-        in_block = {f"{hname}.{n}.conv" for n, m in head.named_modules() if isinstance(m, CONV_BLOCKS)}
+        blocks = (*CONV_BLOCKS, QuantConvBlock)
+        in_block = {f"{hname}.{n}.conv" for n, m in head.named_modules() if isinstance(m, blocks)}
         dfl = [f"{hname}.{n}." for n, m in head.named_modules() if isinstance(m, DFL)]
         for n, m in head.named_modules():
             full = f"{hname}.{n}"
