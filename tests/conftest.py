@@ -99,43 +99,14 @@ def trained_fp(tiny_data, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 # Segmentation and pose: tiny data sets and FP checkpoints shared by the multi-task tests (tests/test_multitask.py).
 # ---------------------------------------------------------------------------------------------------------------------
-def write_shapes_dataset(out: Path, task: str, n_train: int = 8, n_val: int = 4, imgsz: int = IMGSZ, seed: int = 0) -> Path:
-    """A small Ultralytics ``segment`` or ``pose`` set of filled rectangles on noise (2 classes: colour); data.yaml.
-
-    Segment labels are the rectangles' corner polygons; pose labels their boxes plus the 4 corners as keypoints
-    (top-left, top-right, bottom-right, bottom-left, all visible: ``kpt_shape [4, 3]``, ``flip_idx [1, 0, 3, 2]``).
-    """
-    import cv2
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for k in range(n):
-            img = rng.integers(0, 60, (imgsz, imgsz, 3), dtype=np.uint8)
-            lines = []
-            for _ in range(int(rng.integers(1, 3))):
-                cls = int(rng.integers(0, 2))
-                w, h = rng.integers(imgsz // 4, imgsz // 2, 2)
-                x0, y0 = int(rng.integers(0, imgsz - w)), int(rng.integers(0, imgsz - h))
-                x1, y1 = x0 + int(w), y0 + int(h)
-                cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), (40, 40, 230) if cls == 0 else (230, 120, 40), -1)
-                corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=float) / imgsz
-                box = [(x0 + x1) / 2 / imgsz, (y0 + y1) / 2 / imgsz, (x1 - x0) / imgsz, (y1 - y0) / imgsz]
-                values = corners.ravel().tolist() if task == "segment" else box + [v for p in corners for v in (*p, 2)]
-                lines.append(" ".join([str(cls), *(f"{v:.6g}" for v in values)]))
-            cv2.imwrite(str(out / "images" / split / f"{k:04d}.png"), img)
-            (out / "labels" / split / f"{k:04d}.txt").write_text("\n".join(lines) + "\n")
-    extra = "kpt_shape: [4, 3]\nflip_idx: [1, 0, 3, 2]\n" if task == "pose" else ""
-    (out / "data.yaml").write_text(f"path: {out}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: blue\n{extra}")
-    return out / "data.yaml"
-
-
 @pytest.fixture(scope="session")
 def task_data(tmp_path_factory) -> dict:
-    """Tiny segment and pose sets (8 train / 4 val images at 64 px): ``{"segment": data.yaml, "pose": data.yaml}``."""
-    return {t: write_shapes_dataset(tmp_path_factory.mktemp(f"data-{t}"), t) for t in ("segment", "pose")}
+    """Generated segment and pose sets (8 train / 4 val images, 64 px): ``{"segment": data.yaml, "pose": data.yaml}``."""
+    from ultralytics_gabfusion.data import make_synthetic_dataset
+
+    return {t: Path(make_synthetic_dataset(tmp_path_factory.mktemp(f"data-{t}") / "synth", task=t, n_train=8, n_val=4,
+                                           imgsz=IMGSZ, seed=0, max_objects=4, workers=0))
+            for t in ("segment", "pose")}
 
 
 TASK_MODELS = {"segment": "cfg/models/yolov5n-seg.yaml", "pose": "yolov8n-pose.yaml"}  # smallest of each task
@@ -149,7 +120,7 @@ def task_fp_ckpt(task_data, tmp_path_factory) -> dict:
     out = {}
     for task, model in TASK_MODELS.items():
         d = tmp_path_factory.mktemp(f"fp-{task}")
-        YOLO(str(ROOT / model)  if model.startswith("cfg/") else model).train(
+        YOLO(str(ROOT / model) if model.startswith("cfg/") else model).train(
             data=str(task_data[task]), **train_kwargs(d, val=False, batch=4))
         out[task] = d / "run" / "weights" / "last.pt"
         assert out[task].exists()

@@ -498,7 +498,7 @@ def quantizer_problems(model) -> list[str]:
 
 
 def _log_ada_ratio(trainer):
-    """Callback: log the epoch's mean ratio of the weighted ADA term to the detection loss (and add it to results.csv)."""
+    """Callback: log the epoch's mean ratio of the weighted ADA term to the task loss (and add it to results.csv)."""
     crit = getattr(unwrap_model(trainer.model), "criterion", None)
     if crit is None or not hasattr(crit, "pop_ratio"):
         return
@@ -509,8 +509,9 @@ def _log_ada_ratio(trainer):
     if share is not None:
         trainer.lr["ada/grad_ratio"] = round(float(share), 6)
     if ratio is not None or share is not None:
-        LOGGER.info(f"{PREFIX}weighted ADA / detection loss = {ratio if ratio is not None else float('nan'):.3g}; "
-                    f"ADA / detection gradient norm at the supervised features = "
+        what = task_noun(getattr(trainer.args, "task", "detect"))
+        LOGGER.info(f"{PREFIX}weighted ADA / {what} loss = {ratio if ratio is not None else float('nan'):.3g}; "
+                    f"ADA / {what} gradient norm at the supervised features = "
                     f"{share if share is not None else float('nan'):.3g}")
 
 

@@ -428,7 +428,7 @@ class ADALoss:
 
 
 class ADACriterion:
-    """Ultralytics detection criterion plus the ADA term.
+    """Ultralytics detection criterion plus the ADA term (the segmentation and pose criteria work the same way).
 
     ``base(preds, batch)`` returns ``(loss_vec * batch_size, items)`` with ``loss_vec`` = (box, cls, dfl) and
     ``items`` = {"box_loss", "cls_loss", "dfl_loss"} (``v8DetectionLoss`` in ultralytics 8.4.190). This wrapper
@@ -440,7 +440,8 @@ class ADACriterion:
     partial backward passes each time), read per epoch with :meth:`pop_grad_share`.
 
     Args:
-        base (callable): The detection criterion (e.g. ``model.init_criterion()``).
+        base (callable): The task criterion (e.g. ``model.init_criterion()``: ``v8DetectionLoss``,
+            ``v8SegmentationLoss``, ``v8PoseLoss``; their loss vectors differ, the wrapper only appends to them).
         ada (ADALoss): The ADA loss, attached to ``student``.
         student (nn.Module): The model whose forward produced ``preds``.
 
