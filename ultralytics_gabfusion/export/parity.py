@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn as nn
 from ultralytics.nn.modules.head import Pose, Segment
-from ultralytics.utils.metrics import OKS_SIGMA, bbox_iou
+from ultralytics.utils.metrics import bbox_iou
 from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.ops import xywh2xyxy
 
@@ -38,7 +38,7 @@ _MEASURES = {
     "score": "mean |score difference|",
     "box": "mean 1-IoU of boxes",
     "mask": "mean |mask probability difference|",
-    "kpt": "mean 1-OKS of keypoints",
+    "kpt": "mean keypoint distance / object size",
     "kpt_conf": "mean |keypoint visibility difference|",
     "extra": "mean |difference| of the head's extra channels",
 }
@@ -100,10 +100,10 @@ def _extra_spread(head: dict, r: torch.Tensor, o: torch.Tensor, a: torch.Tensor,
     """Per-anchor differences of the task channels at anchors ``a`` of one image (reference ``r``, other ``o``).
 
     ``mask``: mean ``|mask probability difference|`` over the prototype pixels, masks ``sigmoid(coef . protos)`` of
-    each model's own coefficients and prototypes (``p_r``, ``p_o``: ``(nm, h, w)``). ``kpt``: ``1 - OKS`` of the two
-    keypoint sets with the reference box area as object scale (Ultralytics' pose metric: COCO sigmas for 17
-    keypoints, else ``1/nkpt``) and, for ``(x, y, visibility)`` keypoints, ``kpt_conf``: mean ``|visibility
-    difference|``. ``raw``: mean ``|difference|`` of the extra channels.
+    each model's own coefficients and prototypes (``p_r``, ``p_o``: ``(nm, h, w)``). ``kpt``: mean distance of the
+    two keypoint sets in units of the object size ``sqrt(w*h)`` of the reference box (scale-free like ``1 - IoU``
+    of the boxes) and, for ``(x, y, visibility)`` keypoints, ``kpt_conf``: mean ``|visibility difference|``.
+    ``raw``: mean ``|difference|`` of the extra channels.
     """
     nc, kind = head["nc"], head["extra"]
     er, eo = r[4 + nc :, a], o[4 + nc :, a]  # (extra, k)
@@ -114,10 +114,8 @@ def _extra_spread(head: dict, r: torch.Tensor, o: torch.Tensor, a: torch.Tensor,
     if kind == "kpt":
         nkpt, ndim = head["kpt_shape"]
         kr, ko = er.T.reshape(-1, nkpt, ndim), eo.T.reshape(-1, nkpt, ndim)
-        sigma = torch.as_tensor(OKS_SIGMA if nkpt == 17 else [1.0 / nkpt] * nkpt, dtype=kr.dtype)
-        area = (r[2, a] * r[3, a]).view(-1, 1)
-        d2 = (kr[..., :2] - ko[..., :2]).pow(2).sum(-1)
-        out = {"kpt": 1 - torch.exp(-d2 / (2 * sigma) ** 2 / (area + 1e-7) / 2).mean(1)}  # as metrics.kpt_iou
+        size = (r[2, a] * r[3, a]).clamp_min(1.0).sqrt().view(-1, 1)  # object size in pixels (>= 1)
+        out = {"kpt": ((kr[..., :2] - ko[..., :2]).norm(dim=-1) / size).mean(1)}
         if ndim == 3:
             out["kpt_conf"] = (kr[..., 2] - ko[..., 2]).abs().mean(1)
         return out
@@ -321,9 +319,10 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
       ONNX vs PyTorch, must each be ``<= ratio * reference + floor`` (``ratio = 2``, ``floor = 1e-3``);
     * segmentation and pose, on the same anchors and with the same rule (``<= ratio * reference + floor``): the mean
       ``|mask probability difference|`` of the masks ``sigmoid(coefficients . prototypes)`` that each model builds
-      from its own coefficients and prototypes (all prototype pixels); the mean ``1 - OKS`` of the two keypoint
-      sets, with the PyTorch box area as object scale and Ultralytics' pose-metric sigmas, and the mean
-      ``|visibility difference|``. Other heads' extra channels (OBB angles) as a mean ``|difference|``;
+      from its own coefficients and prototypes (all prototype pixels); the mean distance of the two keypoint sets
+      in units of the object size ``sqrt(w*h)`` of the PyTorch box (``floor = 1e-3`` is 0.1 px on a 100 px object,
+      as for the boxes' ``1 - IoU``), and the mean ``|visibility difference|``. Other heads' extra channels (OBB
+      angles) as a mean ``|difference|``;
     * detection level: NMS at ``conf`` on both outputs; each detection of one model must be reproduced at its own
       anchor by the other (same-class score within ``margin``, IoU > ``iou``). The number of such misses must be
       ``<= ratio * (reference misses) + 1``;
