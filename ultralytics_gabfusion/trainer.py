@@ -446,8 +446,9 @@ def trainer_for(model=None, task: str | None = None) -> type:
             raise ValueError("trainer_for needs a model (YAML or .pt) or task=detect|segment|pose.")
         task = model_task(model) or "detect"  # a head that names no task: detect, as Ultralytics assumes
     if task not in GAB_TRAINERS:
-        raise ValueError(f"task={task}: the plugin trains {', '.join(f'{task_noun(t)} ({c.__name__})' for t, c in GAB_TRAINERS.items())} "
-                         f"models; train {task} models with trainer=default (Ultralytics' own trainer).")
+        kinds = ", ".join(f"{task_noun(t)} ({c.__name__})" for t, c in GAB_TRAINERS.items())
+        raise ValueError(f"task={task}: the plugin trains {kinds} models; train {task} models with trainer=default "
+                         "(Ultralytics' own trainer).")
     return GAB_TRAINERS[task]
 
 
