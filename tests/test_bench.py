@@ -217,6 +217,9 @@ BAD = [
     (["seed=1"], "seeds="),
     (["preset=fast"], "preset=fast"),
     (["imgsz=100"], "multiple of 32"),
+    (["task=segment"], "task=segment but models yolov5s (detect)"),
+    (["task=obb"], "task=obb is not benchmarked"),
+    (["models=[yolov5n,yolo11n-seg]"], "are of different tasks"),
     (["recipe=/nonexistent/recipe.yaml"], "recipe"),
     (["lr0=fast"], "lr0"),
     (["speed", "methods=[lsq,foo]"], "foo"),
@@ -310,3 +313,78 @@ def test_speed_bench_cpu_tiny(tmp_path):
     md = (out / "speed.md").read_text()
     assert "| yolov5s | fp | — | FP | — |" in md and "| yolov5s | q+gab+ada | n2uq | W4A4 | compiled |" in md
     assert "| yolov5s | q | n2uq | W4A4 | reference |" in md
+
+
+# ------------------------------------------------------------------------------------- segmentation and pose
+@pytest.mark.slow
+def test_bench_segment_tiny(tmp_path):
+    """A segmentation bench (task from the model): generated polygon labels, box and mask mAP per run, the mask table
+    first with gaps/gains paired per seed, the box table after it, per-epoch mask curves; then report_only."""
+    out = tmp_path / "seg"
+    args = ("models=[cfg/models/yolov5n-seg.yaml]", "synth_train=8", "synth_val=4", f"imgsz={IMGSZ}", "fp_epochs=1",
+            "epochs=1", "methods=[lsq]", "bits=[4]", "batch=4", "workers=0", "device=cpu", "seeds=[0]",
+            "arms=[ptq,baseline,gab_ada]", "qat_calib=1", f"out={out}")
+    r = run_cli("bench", *args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "bench.json").read_text())
+    assert res["settings"]["task"] == "segment" and res["data"]["task"] == "segment" and res["failed"] == []
+    label = next((Path(res["data"]["yaml"]).parent / "labels" / "val").glob("*.txt")).read_text().splitlines()[0]
+    assert len(label.split()) > 5 and len(label.split()) % 2 == 1, "polygon labels: cls x1 y1 x2 y2 ..."
+    runs = {x["arm"]: x for x in res["runs"]}
+    for x in runs.values():
+        for k in ("mAP50", "mAP50_95", "mask_mAP50", "mask_mAP50_95"):
+            assert _num(x[k]) and 0.0 <= x[k] <= 1.0, (x["id"], k)
+    assert runs["gab_ada"]["train_args"]["gab"] == "balanced" and runs["gab_ada"]["train_args"]["ada"] == 0.1
+    assert {"mask_mAP50", "mask_mAP50_95", "ada_grad_ratio"} <= set(runs["gab_ada"]["per_epoch"])
+    rows = {x["arm"]: x for x in res["rows"]}
+    for arm in ("ptq", "baseline", "gab_ada"):
+        for m in ("mAP50_95", "mask_mAP50_95"):
+            assert rows[arm][m]["mean"] == pytest.approx(runs[arm][m])
+            assert rows[arm][f"gap_{m}"]["mean"] == pytest.approx(runs[arm][m] - runs["fp"][m])
+    assert rows["gab_ada"]["gain_mask_mAP50"]["mean"] == pytest.approx(
+        runs["gab_ada"]["mask_mAP50"] - runs["baseline"]["mask_mAP50"])
+    md = (out / "bench.md").read_text()
+    head = "| model | bits | method | arm | mask mAP50 | mask mAP50-95 | gap mask mAP50 | gap mask mAP50-95 |"
+    assert head in md and md.index(head) < md.index("### Box mAP of the same runs")
+    assert "| model | bits | method | arm | mAP50 | mAP50-95 | gap mAP50 |" in md
+    fmt = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    g = runs["gab_ada"]
+    assert f"| yolov5n-seg | W4A4 | lsq | +GABFusion+ADA | {fmt(g['mask_mAP50'])} | {fmt(g['mask_mAP50_95'])} |" in md
+    assert f"| yolov5n-seg | W4A4 | lsq | +GABFusion+ADA | {fmt(g['mAP50'])} | {fmt(g['mAP50_95'])} |" in md
+    for f in ("bench.png", "curves.png"):
+        assert (out / f).stat().st_size > 0
+    r2 = run_cli("bench", *args, "report_only=True")  # the same report from the stored results, nothing trained
+    assert r2.returncode == 0 and json.loads((out / "bench.json").read_text())["rows"] == res["rows"]
+
+
+def test_report_pose_tables_pair_task_metrics():
+    """Pose rows: gaps and gains in the pose metric are per-seed differences, the pose table leads, box follows."""
+    from ultralytics_gabfusion.bench.report import aggregate, markdown
+
+    def rec(kind, seed, arm, box, pose, method=None, bits=None):
+        return {"id": f"{arm}{seed}", "model": "yolo11n-pose", "seed": seed, "kind": kind, "method": method,
+                "bits": bits, "arm": arm, "status": "trained", "mAP50": box, "mAP50_95": box / 2, "pose_mAP50": pose,
+                "pose_mAP50_95": pose / 2, "epochs_run": 3}
+
+    recs = [rec("fp", 0, "fp", 0.80, 0.60), rec("fp", 1, "fp", 0.70, 0.50)]
+    recs += [rec("qat", 0, "ptq", 0.50, 0.20, "lsq", 4), rec("qat", 1, "ptq", 0.40, 0.10, "lsq", 4)]
+    recs += [rec("qat", 0, "baseline", 0.70, 0.40, "lsq", 4), rec("qat", 1, "baseline", 0.60, 0.30, "lsq", 4)]
+    recs += [rec("qat", 0, "gab", 0.72, 0.46, "lsq", 4), rec("qat", 1, "gab", 0.61, 0.34, "lsq", 4)]
+    s = {"models": ["yolo11n-pose"], "seeds": [0, 1], "bits": [4], "methods": ["lsq"],
+         "arms": ["ptq", "baseline", "gab"], "task": "pose"}
+    rows = {r["arm"]: r for r in aggregate(recs, s)}
+    g = rows["gab"]
+    assert g["gap_pose_mAP50"]["values"] == pytest.approx([-0.14, -0.16])
+    assert g["gain_pose_mAP50"]["values"] == pytest.approx([0.06, 0.04])
+    assert g["gain_mAP50"]["values"] == pytest.approx([0.02, 0.01])
+    assert g["recovered_pose_mAP50_95"]["values"] == pytest.approx([(0.23 - 0.1) / (0.3 - 0.1), (0.17 - 0.05) / 0.2])
+    result = {"settings": {**s, "imgsz": 160, "batch": 16, "fp_epochs": 20, "epochs": 3, "ada": 0.1},
+              "environment": {"hardware": "cpu", "torch": "t", "ultralytics": "u", "ultralytics_gabfusion": "p",
+                              "git_commit": None},
+              "data": {"generated": True, "n_train": 400, "n_val": 100, "imgsz": 160}, "rows": list(rows.values()),
+              "wall_s": 1.0}
+    md = markdown(result)
+    pose_row = "| yolo11n-pose | W4A4 | lsq | +GABFusion | 40.00 ± 8.49 | 20.00 ± 4.24 | -15.00 ± 1.41 |"
+    box_row = "| yolo11n-pose | W4A4 | lsq | +GABFusion | 66.50 ± 7.78 | 33.25 ± 3.89 | -8.50 ± 0.71 |"
+    assert pose_row in md and box_row in md and md.index(pose_row) < md.index("### Box mAP") < md.index(box_row)
+    assert "| model | bits | method | arm | pose mAP50 | pose mAP50-95 |" in md and "in pose mAP50-95" in md

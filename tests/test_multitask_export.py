@@ -118,7 +118,8 @@ def test_export_parity_and_ultralytics_onnx_format(exported, tmp_path):
     ref = Exporter(overrides=dict(format="onnx", imgsz=IMGSZ, batch=1, device="cpu", simplify=False))(model=fp)
     assert graph_outputs(path) == graph_outputs(ref)
     ours, theirs = metadata(path), metadata(ref)
-    for key in ("task", "stride", "imgsz", "batch", "names", "end2end", "channels") + (("kpt_shape",) if task == "pose" else ()):
+    keys = ("task", "stride", "imgsz", "batch", "names", "end2end", "channels") + (("kpt_shape",) if task == "pose" else ())
+    for key in keys:
         assert ours[key] == theirs[key], key
     assert ("kpt_shape" in ours) == (task == "pose")
 
@@ -177,7 +178,8 @@ def test_onnx_predict_and_val_through_ultralytics(exported, tmp_path):
     if task == "segment":
         mo, mp = r_onnx.masks.data.float(), r_pt.masks.data.float()[j]
         assert mo.shape == (len(r_onnx.boxes), IMGSZ, IMGSZ)
-        assert float((mo != mp).float().mean()) < 1e-3 and 0.01 < float(mp.mean()) < 0.99  # masks neither empty nor full
+        assert float((mo != mp).float().mean()) < 1e-3
+        assert 0.01 < float(mp.mean()) < 0.99  # masks neither empty nor full
     else:
         assert tuple(r_onnx.keypoints.data.shape) == (len(r_onnx.boxes), *KPT_SHAPE)
 

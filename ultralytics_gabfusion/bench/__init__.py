@@ -1,8 +1,9 @@
 """Benchmarks: ``yolo-gab bench`` (paper table: accuracy), ``bench speed`` (step cost), ``bench deploy`` (exported files).
 
-``yolo-gab bench key=value ...`` trains the FP model once per model and seed, then QAT arms (baseline, +GABFusion,
-+GABFusion+ADA) per method and bit-width from that same checkpoint with identical schedules and seeds, re-validates
-every ``best.pt`` the same way and writes ``bench.md``/``bench.json``/``bench.png`` (see :mod:`.accuracy`).
+``yolo-gab bench [accuracy] key=value ...`` trains the FP model once per model and seed, then QAT arms (baseline,
++GABFusion, +GABFusion+ADA) per method and bit-width from that same checkpoint with identical schedules and seeds,
+re-validates every ``best.pt`` the same way and writes ``bench.md``/``bench.json``/``bench.png`` (see
+:mod:`.accuracy`; ``task=segment|pose`` adds mask / pose mAP).
 ``yolo-gab bench speed key=value ...`` measures training-step time and peak memory of each arm relative to FP in the
 same run (see :mod:`.speed`). ``yolo-gab bench deploy key=value ...`` exports FP and quantized models and measures
 latency, throughput, size and mAP of each file in ONNX Runtime and OpenVINO (see :mod:`.deploy`).
@@ -44,7 +45,7 @@ def bench_main(argv: list[str]) -> int:
             return speed_main(argv[1:])
         from .accuracy import accuracy_main
 
-        return accuracy_main(argv)
+        return accuracy_main(argv[1:] if argv and argv[0] == "accuracy" else argv)  # "accuracy": the default, named
     except BenchError as e:
         cmd = f"bench {argv[0]}" if argv and argv[0] in ("speed", "deploy") else "bench"
         print(f"yolo-gab {cmd}: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import shutil
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -28,10 +29,16 @@ from .accuracy_settings import synth_settings
 from .arms import ARM_SETTINGS, METHOD_DEFAULTS, PAPER_SCHEDULE
 from .common import write_json
 
-# results.csv columns kept per epoch in each run's record (bench.json): the EMA model's val mAP and ADA's size
-# relative to the detection loss (ada/ratio) and to its gradient at the supervised features (ada/grad_ratio).
+# Segmentation and pose runs: the task's own metrics next to the box ones, as Ultralytics names them (mask "(M)",
+# keypoints "(P)"), recorded as <prefix>mAP50 / <prefix>mAP50_95.
+TASK_METRICS = {"segment": ("mask_", "M"), "pose": ("pose_", "P")}
+# results.csv columns kept per epoch in each run's record (bench.json): the EMA model's val mAP (and that of the
+# masks / keypoints; absent columns are left out) and ADA's size relative to the task loss (ada/ratio) and to its
+# gradient at the supervised features (ada/grad_ratio).
 EPOCH_COLUMNS = {"mAP50": "metrics/mAP50(B)", "mAP50_95": "metrics/mAP50-95(B)", "ada_ratio": "ada/ratio",
-                 "ada_grad_ratio": "ada/grad_ratio"}
+                 "ada_grad_ratio": "ada/grad_ratio",
+                 **{f"{p}{k}": f"metrics/mAP50{c}({t})" for p, t in TASK_METRICS.values()
+                    for k, c in (("mAP50", ""), ("mAP50_95", "-95"))}}
 # Ultralytics keys that also apply to the FP run (compute/data handling); every other extra key is QAT-only.
 SHARED_KEYS = {"amp", "cache", "fraction", "single_cls", "classes", "rect", "half", "deterministic", "verbose"}
 
@@ -191,13 +198,19 @@ def validate_weights(s: dict, weights: str, data: str, name: str) -> tuple[dict,
 
 
 def _metrics_of(results) -> dict:
+    """Box mAP50 / mAP50-95 / precision / recall of a validation, plus the mask or pose metrics it reports."""
     rd = dict(getattr(results, "results_dict", {}) or {})
-    return {
+    out = {
         "mAP50": float(rd.get("metrics/mAP50(B)", float("nan"))),
         "mAP50_95": float(rd.get("metrics/mAP50-95(B)", float("nan"))),
         "precision": float(rd.get("metrics/precision(B)", float("nan"))),
         "recall": float(rd.get("metrics/recall(B)", float("nan"))),
     }
+    for prefix, t in TASK_METRICS.values():
+        if f"metrics/mAP50({t})" in rd:
+            out[f"{prefix}mAP50"] = float(rd[f"metrics/mAP50({t})"])
+            out[f"{prefix}mAP50_95"] = float(rd[f"metrics/mAP50-95({t})"])
+    return out
 
 
 def weights_size_bytes(weights: str) -> float:
@@ -261,8 +274,8 @@ def _after_train(model, run_dir: Path) -> dict:
         "status": "trained",
         "weights": str(best),
         "epochs_run": epochs_run(run_dir),
-        "train_metrics": {"mAP50": float(m.get("metrics/mAP50(B)", float("nan"))),
-                          "mAP50_95": float(m.get("metrics/mAP50-95(B)", float("nan")))},
+        "train_metrics": {k: v for k, v in _metrics_of(SimpleNamespace(results_dict=m)).items()
+                          if k not in ("precision", "recall")},
         "per_epoch": epoch_columns(run_dir, EPOCH_COLUMNS),
     }
 
@@ -282,5 +295,6 @@ def loadable_fp(entry: dict, s: dict) -> str:
     return str(link)
 
 
-__all__ = ["SHARED_KEYS", "fp_train_args", "loadable_fp", "prepare_data", "qat_train_args", "quantize_ptq",
+__all__ = ["EPOCH_COLUMNS", "SHARED_KEYS", "TASK_METRICS", "fp_train_args", "loadable_fp", "prepare_data",
+           "qat_train_args", "quantize_ptq",
            "run_once", "stable_args", "train_fp", "train_qat", "val_key", "validate_weights", "weights_size_bytes"]

@@ -19,6 +19,7 @@ from ultralytics.utils.checks import check_yaml
 
 from .. import zoo
 from ..distill import load_teacher
+from ..preflight import model_task
 from ..settings import (
     ADA_DIVS,
     MAX_BITS,
@@ -39,12 +40,15 @@ from .common import BenchError, cli_value, resolve_device
 
 DEFAULTS: dict[str, Any] = {
     "models": ["yolov5s"],
+    "task": None,
     "methods": ["lsq", "n2uq"],
     "bits": [4],
     "arms": ["ptq", "ptq_gab", "baseline", "gab", "gab_ada"],
     "data": None,
     "synth_train": 4000,
     "synth_val": 500,
+    "synth_max_objects": 12,
+    "synth_min_size": 0,
     "imgsz": 512,
     "fp_epochs": 40,
     "epochs": 20,
@@ -63,6 +67,8 @@ DEFAULTS: dict[str, Any] = {
 }
 HELP = {
     "models": "model names (-> <name>.yaml, trained from scratch) or FP .pt paths (taken as is)",
+    "task": "detect, segment or pose: the models' task and the labels of the generated set (default: the models' "
+            "task); segment/pose rows add mask/pose mAP to box mAP",
     "methods": "quantizers: lsq, lsqplus, pact, n2uq",
     "bits": "bit-widths 2..8, each run as WbAb",
     "arms": "trained: baseline (QAT), gab (+GABFusion), ada (+ADA), gab_ada (+GABFusion+ADA), gab_paper / "
@@ -71,6 +77,8 @@ HELP = {
     "data": "data YAML (VOC.yaml, coco.yaml, ...); default: the generated set under out/data",
     "synth_train": "training images of the generated set",
     "synth_val": "validation images of the generated set",
+    "synth_max_objects": "most labelled objects per generated image",
+    "synth_min_size": "smallest longest side of a generated object in px (0: the generator's size law)",
     "imgsz": "train/val image size (the generated set is rendered at this size)",
     "fp_epochs": "epochs of the FP run",
     "epochs": "epochs of every QAT run",
@@ -88,8 +96,9 @@ HELP = {
     "report_only": "write the report from the stored results of an earlier (possibly interrupted or parallel) bench "
                    "with the same settings; nothing is trained, missing runs are listed",
     "preset": "demo (shipped FP model, CPU minutes), demo-scratch (FP trained here), cpu-study (3 seeds, 3 epochs, "
-              "~2 h CPU), study-long (3 seeds, 10 epochs, step-0 rows, both GABFusion forms; ~3.5 h CPU) or paper-voc "
-              "(VOC.yaml, 640 px, batch 64, early stopping)",
+              "~2 h CPU), study-long (3 seeds, 10 epochs, step-0 rows, both GABFusion forms; ~3.5 h CPU), paper-voc "
+              "(VOC.yaml, 640 px, batch 64, early stopping), seg-cpu / pose-cpu (segmentation / pose from scratch on "
+              "the generated set, 3 seeds, ~1 h CPU each)",
 }
 PRESETS: dict[str, dict] = {
     # The README's main command: from the shipped FP YOLOv5n (zoo), W4A4 LSQ PTQ, then baseline QAT and
@@ -187,7 +196,10 @@ def resolve_settings(argv: list[str]) -> dict:
     s["out"] = _output_dir(s["out"])
     s["model_entries"] = _model_entries(s["models"])
     s["models"] = [m["label"] for m in s["model_entries"]]
+    s["task"] = _task_setting(s["task"], s["model_entries"])
     s["data"] = _data_setting(s["data"], s["imgsz"])
+    if s["data"] is not None:
+        _check_data_task(s["data"], s["task"])
     s["recipe"], s["recipe_cfg"] = _load_recipe(s["recipe"])
     _check_passthrough(s["recipe_cfg"], extra, fp_extra)
     s["extra"] = extra
@@ -233,8 +245,9 @@ def _check_schedule(s: dict) -> None:
     s["imgsz"] = as_int("imgsz", s["imgsz"], 32)
     if s["imgsz"] % 32:
         raise BenchError(f"imgsz={s['imgsz']} must be a multiple of 32 (the largest YOLO stride).")
-    for k in ("fp_epochs", "epochs", "batch", "synth_train", "synth_val"):
+    for k in ("fp_epochs", "epochs", "batch", "synth_train", "synth_val", "synth_max_objects"):
         s[k] = as_int(k, s[k], 1)
+    s["synth_min_size"] = as_int("synth_min_size", s["synth_min_size"], 0)
     for k in ("time", "fp_time"):
         s[k] = None if s[k] is None else as_float(k, s[k], 0.0, lo_open=True)
 
@@ -315,6 +328,45 @@ def _yaml_model(raw: str) -> dict:
     return {"label": p.stem, "source": source, "kind": "yaml"}
 
 
+# ------------------------------------------------------------------------------------------ task (segment, pose)
+BENCH_TASKS = ("detect", "segment", "pose")  # the tasks the plugin trains (and the generated set labels)
+_TASK_MODELS = {"detect": "yolov5n, yolo11n", "segment": "yolo11n-seg, cfg/models/yolov5n-seg.yaml",
+                "pose": "yolo11n-pose, yolov8n-pose"}
+
+
+def _task_setting(task: Any, entries: list[dict]) -> str:
+    """The bench's task: ``task=`` if given, else the models' own; every model must be of that task.
+
+    Each entry gets its ``task`` (from its head; a YAML whose head says nothing counts as detect, as in Ultralytics).
+    """
+    if task is not None:
+        task = str(task).strip().lower()
+        if task not in BENCH_TASKS:
+            raise BenchError(f"task={task} is not benchmarked: use one of {', '.join(BENCH_TASKS)}.")
+    for e in entries:
+        try:
+            e["task"] = model_task(e["source"]) or "detect"
+        except (FileNotFoundError, ValueError) as err:
+            raise BenchError(f"models: {err}") from None
+    tasks = sorted({e["task"] for e in entries})
+    got = ", ".join(f"{e['label']} ({e['task']})" for e in entries)
+    if task is None and len(tasks) > 1:
+        raise BenchError(f"models {got} are of different tasks: bench one task at a time.")
+    want = task or tasks[0]
+    if want not in BENCH_TASKS:
+        raise BenchError(f"models {got}: the bench trains {', '.join(BENCH_TASKS)} models.")
+    if any(e["task"] != want for e in entries):
+        example = _TASK_MODELS[want].split(",")[0]
+        raise BenchError(f"task={want} but models {got}: use {want} models, e.g. models=[{example}].")
+    return want
+
+
+def _check_data_task(data: str, task: str) -> None:
+    """Refuse a pose bench on a data YAML without ``kpt_shape`` (Ultralytics would fail after the FP run)."""
+    if task == "pose" and not (YAML.load(data) or {}).get("kpt_shape"):
+        raise BenchError(f"data={data} has no kpt_shape: task=pose needs a pose data set (kpt_shape: [n, 2|3]).")
+
+
 def _data_setting(data: Any, imgsz: int) -> str | None:
     """``data``: None for the generated set (rendered at ``imgsz``), else a checked data YAML path."""
     if data is None:
@@ -390,13 +442,20 @@ def synth_settings(s: dict) -> dict:
         if len({json.dumps(c, sort_keys=True) for c in cards.values()}) > 1:
             raise BenchError(f"models {sorted(cards)} were trained on different generated sets; bench them separately "
                              f"or pass data=.")
-        given = [k for k in ("synth_train", "synth_val") if k in s.get("explicit_user", ())]
+        given = [k for k in ("synth_train", "synth_val", "synth_max_objects", "synth_min_size")
+                 if k in s.get("explicit_user", ())]
         if given:
             raise BenchError(f"{given} cannot change the generated set of the shipped model(s) {sorted(cards)} (their "
                              f"FP accuracy is defined on it); use fraction= to train QAT on part of it.")
         return dict(next(iter(cards.values())))
-    return {"n_train": s["synth_train"], "n_val": s["synth_val"], "imgsz": s["imgsz"], "seed": SYNTH_SEED,
-            "max_objects": SYNTH_MAX_OBJECTS}
+    kw = {"n_train": s["synth_train"], "n_val": s["synth_val"], "imgsz": s["imgsz"], "seed": SYNTH_SEED,
+          "max_objects": s.get("synth_max_objects", SYNTH_MAX_OBJECTS)}
+    # only what differs from the original set's settings is added: earlier sets keep their directory and fingerprint
+    if s.get("synth_min_size"):
+        kw["min_size"] = s["synth_min_size"]
+    if s.get("task", "detect") != "detect":
+        kw["task"] = s["task"]
+    return kw
 
 
 __all__ = ["DEFAULTS", "HELP", "PRESETS", "RESERVED", "help_text", "resolve_settings", "synth_settings"]

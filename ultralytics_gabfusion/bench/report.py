@@ -4,6 +4,10 @@ Differences are paired per seed before they are averaged: the gap to FP of an ar
 model and seed (negative = below FP), the gain over baseline is ``arm - baseline`` of the same model, seed, method
 and bit-width, and the recovered share of the PTQ drop is ``(arm - ptq) / (FP - ptq)`` of the same seed (100 % =
 back at FP; only where the PTQ arm ran and dropped). With several seeds a row shows mean +- sample standard deviation (ddof = 1) of the per-seed values.
+
+Segmentation and pose benches (``task``) carry the task's metrics next to the box ones (``mask_mAP50``,
+``pose_mAP50_95`` ...): their main table, plots and sweep are in the task metric, and a second table holds the box
+metrics of the same runs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,26 @@ from .arms import ARM_LABELS, is_step0
 
 METRICS = ("mAP50", "mAP50_95")
 METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50-95"}
+TASK_PREFIX = {"segment": "mask_", "pose": "pose_"}  # metric keys of the task's own mAP (see accuracy_runs)
+
+
+def task_metrics(task: str | None) -> tuple[str, ...]:
+    """The metric keys of a bench of ``task``: box mAP50 / mAP50-95, then the mask or pose ones."""
+    p = TASK_PREFIX.get(task or "detect")
+    return METRICS + ((f"{p}mAP50", f"{p}mAP50_95") if p else ())
+
+
+def primary_prefix(settings: dict) -> str:
+    """Prefix of the metrics a report leads with: ``""`` (box) for detection, ``mask_`` / ``pose_`` otherwise."""
+    return TASK_PREFIX.get(settings.get("task") or "detect", "")
+
+
+def metric_label(key: str) -> str:
+    """``mask_mAP50_95`` -> ``mask mAP50-95`` (a table header / axis label)."""
+    for p in TASK_PREFIX.values():
+        if key.startswith(p):
+            return f"{p[:-1]} {METRIC_LABELS[key[len(p):]]}"
+    return METRIC_LABELS[key]
 
 
 def summarize(values: list[float]) -> dict:
@@ -44,6 +68,7 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
             ``gap_m`` (arm - FP) and ``gain_m`` (arm - baseline; None without a baseline arm).
     """
     ok = [r for r in records if _ok(r)]
+    metrics = task_metrics(s.get("task"))
     fp = {(r["model"], r["seed"]): r for r in ok if r["kind"] == "fp"}
     qat = {(r["model"], r["seed"], r["method"], r["bits"], r["arm"]): r for r in ok if r["kind"] == "qat"}
     rows = []
@@ -51,8 +76,8 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
         seeds = [sd for sd in s["seeds"] if (model, sd) in fp]
         row = {"model": model, "bits": None, "method": None, "arm": "fp", "label": "FP (reference)",
                "seeds": seeds, "failed_seeds": [sd for sd in s["seeds"] if sd not in seeds]}
-        for m in METRICS:
-            row[m] = summarize([fp[(model, sd)][m] for sd in seeds])
+        for m in metrics:
+            row[m] = summarize([fp[(model, sd)].get(m) for sd in seeds])
             row[f"gap_{m}"] = summarize([0.0 for _ in seeds])
             row[f"gain_{m}"] = None
             row[f"recovered_{m}"] = None
@@ -66,19 +91,24 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
                     have = [k for k in keys if k in qat and (model, k[1]) in fp]
                     row = {"model": model, "bits": bits, "method": method, "arm": arm, "label": ARM_LABELS[arm],
                            "seeds": [k[1] for k in have], "failed_seeds": [k[1] for k in keys if k not in have]}
-                    for m in METRICS:
-                        row[m] = summarize([qat[k][m] for k in have])
-                        row[f"gap_{m}"] = summarize([qat[k][m] - fp[(model, k[1])][m] for k in have])
+                    for m in metrics:
+                        row[m] = summarize([qat[k].get(m) for k in have])
+                        row[f"gap_{m}"] = summarize([_diff(qat[k], fp[(model, k[1])], m) for k in have])
                         ref = "ptq" if is_step0(arm) else "baseline"  # a step-0 arm is compared with plain PTQ
                         base = [(k, (model, k[1], method, bits, ref)) for k in have]
                         base = [(k, b) for k, b in base if b in qat]
-                        row[f"gain_{m}"] = summarize([qat[k][m] - qat[b][m] for k, b in base]) if \
+                        row[f"gain_{m}"] = summarize([_diff(qat[k], qat[b], m) for k, b in base]) if \
                             ref in s["arms"] else None
                         row[f"recovered_{m}"] = _recovered(qat, fp, have, m) if not is_step0(arm) else None
                     row["epochs_run"] = [qat[k].get("epochs_run") for k in have]
                     row["size_bytes"] = _size([qat[k] for k in have])
                     rows.append(row)
     return rows
+
+
+def _diff(a: dict, b: dict, m: str) -> float | None:
+    """``a[m] - b[m]`` (None when either run lacks the metric, e.g. a stored result of another task)."""
+    return None if a.get(m) is None or b.get(m) is None else a[m] - b[m]
 
 
 def _size(recs: list[dict]) -> float | None:
@@ -93,7 +123,7 @@ def _recovered(qat: dict, fp: dict, have: list, m: str) -> dict | None:
     for k in have:
         p = qat.get((*k[:4], "ptq"))
         f = fp.get((k[0], k[1]))
-        if p is None or f is None or not f[m] - p[m] > 1e-4:  # no drop (or none measured): nothing to recover
+        if p is None or f is None or _diff(f, p, m) is None or not f[m] - p[m] > 1e-4:  # no drop: nothing to recover
             continue
         vals.append((qat[k][m] - p[m]) / (f[m] - p[m]))
     return summarize(vals) if vals else None
@@ -116,6 +146,9 @@ def markdown(result: dict) -> str:
     data = result["data"]
     data_txt = (f"generated set {data['n_train']}/{data['n_val']} images at {data['imgsz']} px" if data.get("generated")
                 else f"{data['yaml']}")
+    if data.get("generated") and (data.get("task") or data.get("min_size")):  # a non-default set says how it differs
+        data_txt += (f" ({data.get('task', 'detect')} labels, 1-{data.get('max_objects')} objects per image"
+                     + (f", objects >= {data['min_size']} px" if data.get("min_size") else "") + ")")
     lines = [
         "# ultralytics-gabfusion benchmark",
         "",
@@ -143,12 +176,31 @@ def markdown(result: dict) -> str:
         lines.append("- demo preset: one seed and a few CPU minutes of QAT; it shows the pipeline and how much of the "
                      "PTQ drop QAT wins back, not whether one arm beats another (preset=cpu-study measures that "
                      "over 3 seeds)")
-    lines += [
-        "",
+    prefix = primary_prefix(s)
+    if prefix:
+        lines.append(f"- task: {s['task']}: {metric_label(prefix + 'mAP50')} / {metric_label(prefix + 'mAP50_95')} "
+                     "first (gaps, gains and recovered share in that metric), box mAP of the same runs below")
+    lines += ["", *_table(rows, prefix)]
+    if prefix:
+        lines += ["", "### Box mAP of the same runs", "", *_table(rows, "")]
+    if len(s["bits"]) > 1:
+        lines += ["", *sweep_table(result)]
+    if result.get("resumed"):
+        lines += ["", f"Reused stored results (resumed bench): {', '.join(result['resumed'])}"]
+    if result.get("failed"):
+        lines += ["", f"Failed or skipped runs (see bench.json): {', '.join(result['failed'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def _table(rows: list[dict], prefix: str) -> list[str]:
+    """Markdown lines of the per-arm table in the metrics ``prefix + mAP50`` / ``prefix + mAP50_95``."""
+    m50, m95 = prefix + "mAP50", prefix + "mAP50_95"
+    l50, l95 = metric_label(m50), metric_label(m95)
+    lines = [
         "mAP in percentage points; gap = arm − FP (same seed), gain = arm − baseline QAT (same seed), "
-        "recovered = share of the PTQ drop won back, (arm − PTQ) / (FP − PTQ) in mAP50-95 (same seed).",
+        f"recovered = share of the PTQ drop won back, (arm − PTQ) / (FP − PTQ) in {l95} (same seed).",
         "",
-        "| model | bits | method | arm | mAP50 | mAP50-95 | gap mAP50 | gap mAP50-95 | gain mAP50 | gain mAP50-95 | "
+        f"| model | bits | method | arm | {l50} | {l95} | gap {l50} | gap {l95} | gain {l50} | gain {l95} | "
         "recovered | epochs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -157,24 +209,18 @@ def markdown(result: dict) -> str:
         method = r["method"] or "—"
         ep = sorted({e for e in r.get("epochs_run") or [] if e is not None})
         ep_txt = "/".join(map(str, ep)) if ep else "—"
-        gap50 = "—" if r["arm"] == "fp" else _fmt(r["gap_mAP50"], signed=True)
-        gap = "—" if r["arm"] == "fp" else _fmt(r["gap_mAP50_95"], signed=True)
-        gain50 = "—" if r["arm"] in ("fp", "baseline", "ptq") else _fmt(r["gain_mAP50"], signed=True)
-        gain = "—" if r["arm"] in ("fp", "baseline", "ptq") else _fmt(r["gain_mAP50_95"], signed=True)
+        gap50 = "—" if r["arm"] == "fp" else _fmt(r.get(f"gap_{m50}"), signed=True)
+        gap = "—" if r["arm"] == "fp" else _fmt(r.get(f"gap_{m95}"), signed=True)
+        gain50 = "—" if r["arm"] in ("fp", "baseline", "ptq") else _fmt(r.get(f"gain_{m50}"), signed=True)
+        gain = "—" if r["arm"] in ("fp", "baseline", "ptq") else _fmt(r.get(f"gain_{m95}"), signed=True)
         if r["arm"] not in ("fp", "baseline", "ptq") and is_step0(r["arm"]) and gain50 != "—":
             gain50, gain = f"{gain50} (vs PTQ)", f"{gain} (vs PTQ)"
-        rec = r.get("recovered_mAP50_95")
+        rec = r.get(f"recovered_{m95}")
         rec_txt = "—" if not rec or rec.get("mean") is None else _fmt(rec, scale=100.0) + " %"
         note = f" (failed seeds {r['failed_seeds']})" if r["failed_seeds"] else ""
-        lines.append(f"| {r['model']} | {bits} | {method} | {r['label']}{note} | {_fmt(r['mAP50'])} | "
-                     f"{_fmt(r['mAP50_95'])} | {gap50} | {gap} | {gain50} | {gain} | {rec_txt} | {ep_txt} |")
-    if len(s["bits"]) > 1:
-        lines += ["", *sweep_table(result)]
-    if result.get("resumed"):
-        lines += ["", f"Reused stored results (resumed bench): {', '.join(result['resumed'])}"]
-    if result.get("failed"):
-        lines += ["", f"Failed or skipped runs (see bench.json): {', '.join(result['failed'])}"]
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {r['model']} | {bits} | {method} | {r['label']}{note} | {_fmt(r.get(m50))} | "
+                     f"{_fmt(r.get(m95))} | {gap50} | {gap} | {gain50} | {gain} | {rec_txt} | {ep_txt} |")
+    return lines
 
 
 def _kib(size: float | None) -> str:
@@ -224,6 +270,7 @@ def sweep_table(result: dict) -> list[str]:
     GBOPs (when the runs' checkpoints are at hand) and mAP50 / mAP50-95 of each arm."""
     s, rows = result["settings"], result["rows"]
     arms = s["arms"]
+    m50, m95 = (primary_prefix(s) + k for k in METRICS)
     gbops = _sweep_gbops(result)
     g_head, g_sep = (" GBOPs |", "---|") if gbops else ("", "")
 
@@ -234,21 +281,21 @@ def sweep_table(result: dict) -> list[str]:
              "Model size: conv weights at their bit-width, other parameters at 32 bits (FP: everything at 32 bits); "
              + (f"GBOPs: bit-operations for one {s.get('imgsz')} px image, MACs x weight bits x activation bits summed "
                 "over the convs (unquantized convs at 32 x 32); " if gbops else "")
-             + "mAP50 / mAP50-95 in percentage points.", "",
+             + f"{metric_label(m50)} / {metric_label(m95)} in percentage points.", "",
              "| model | method | bits | size (KiB) |" + g_head + " " + " | ".join(ARM_LABELS[a] for a in arms) + " |",
              "|---|---|---|---|" + g_sep + "---|" * len(arms)]
     for model in s["models"]:
         by = {(r["bits"], r["method"], r["arm"]): r for r in rows if r["model"] == model}
         fp = by.get((None, None, "fp"))
         if fp:
-            val = f"{_fmt(fp['mAP50'])} / {_fmt(fp['mAP50_95'])} (FP)"
+            val = f"{_fmt(fp.get(m50))} / {_fmt(fp.get(m95))} (FP)"
             lines.append(f"| {model} | — | FP32 | {_kib(fp.get('size_bytes'))} |{g_cell((model, None, None))} "
                          + " | ".join([val] + ["—"] * (len(arms) - 1)) + " |")
         for method in s["methods"]:
             for b in sorted(s["bits"], reverse=True):
                 cells = [by.get((b, method, a)) for a in arms]
                 size = next((c.get("size_bytes") for c in cells if c and c.get("size_bytes") is not None), None)
-                vals = [f"{_fmt(c['mAP50'])} / {_fmt(c['mAP50_95'])}" if c else "—" for c in cells]
+                vals = [f"{_fmt(c.get(m50))} / {_fmt(c.get(m95))}" if c else "—" for c in cells]
                 lines.append(f"| {model} | {method} | W{b}A{b} | {_kib(size)} |{g_cell((model, b, method))} "
                              + " | ".join(vals) + " |")
     return lines
@@ -274,17 +321,17 @@ def plot_size(result: dict, path: Path) -> Path | None:
                       f"GBOPs (one {s.get('imgsz')} px image; MACs x W bits x A bits)"))
     fig, axes = plt.subplots(len(xaxes), 2, figsize=(11, 4.2 * len(xaxes)), squeeze=False)
     for ax_row, (xf, xlabel) in zip(axes, xaxes):
-        for ax, m in zip(ax_row, ("mAP50", "mAP50_95")):
+        for ax, m in zip(ax_row, [primary_prefix(s) + k for k in METRICS]):
             for model in s["models"]:
                 fp = next((r for r in rows if r["model"] == model and r["arm"] == "fp"), None)
-                if fp and fp[m]["mean"] is not None and xf(fp) is not None:
+                if fp and (fp.get(m) or {}).get("mean") is not None and xf(fp) is not None:
                     ax.scatter([xf(fp)], [100 * fp[m]["mean"]], marker="*", s=140, color="k", zorder=4,
                                label=f"FP32{' ' + model if len(s['models']) > 1 else ''}")
                 for method in s["methods"]:
                     for arm in s["arms"]:
                         pts = sorted((xf(r), 100 * r[m]["mean"], r["bits"]) for r in rows
                                      if (r["model"], r["method"], r["arm"]) == (model, method, arm)
-                                     and r[m]["mean"] is not None and xf(r) is not None)
+                                     and (r.get(m) or {}).get("mean") is not None and xf(r) is not None)
                         if not pts:
                             continue
                         label = f"{ARM_LABELS[arm]}, {method}{', ' + model if len(s['models']) > 1 else ''}"
@@ -294,7 +341,7 @@ def plot_size(result: dict, path: Path) -> Path | None:
                                         color=line.get_color())
             ax.set_xscale("log")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"val {METRIC_LABELS[m]} (%)")
+            ax.set_ylabel(f"val {metric_label(m)} (%)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle("accuracy vs model size" + (" and vs compute (BOPs)" if gbops else ""), fontsize=10)
@@ -305,7 +352,8 @@ def plot_size(result: dict, path: Path) -> Path | None:
 
 
 def plot(result: dict, path: Path) -> Path:
-    """Grouped bars of mAP50-95 per method/bit-width (one bar per arm, error bars over seeds) with the FP line."""
+    """Grouped bars of mAP50-95 (the task's: mask / pose for those benches) per method/bit-width (one bar per arm,
+    error bars over seeds) with the FP line."""
     import matplotlib  # slow to import: loaded only when a plot is drawn
 
     matplotlib.use("Agg")
@@ -314,6 +362,7 @@ def plot(result: dict, path: Path) -> Path:
     rows, s = result["rows"], result["settings"]
     models = s["models"]
     arms = s["arms"]
+    m95 = primary_prefix(s) + "mAP50_95"
     groups = [(b, m) for b in s["bits"] for m in s["methods"]]
     fig, axes = plt.subplots(1, len(models), figsize=(max(4.0, 1.6 * len(groups) * max(len(arms), 1) / 2 + 2) *
                                                       len(models), 4), squeeze=False)
@@ -325,18 +374,18 @@ def plot(result: dict, path: Path) -> Path:
             xs, ys, es = [], [], []
             for i, (b, m) in enumerate(groups):
                 r = by.get((b, m, arm))
-                mean = r["mAP50_95"]["mean"] if r else None
+                mean = r[m95]["mean"] if r else None
                 xs.append(i + (j - (len(arms) - 1) / 2) * width)
                 ys.append(100 * mean if mean is not None else 0.0)
-                es.append(100 * r["mAP50_95"]["std"] if r and r["mAP50_95"]["std"] is not None else 0.0)
+                es.append(100 * r[m95]["std"] if r and r[m95]["std"] is not None else 0.0)
             ax.bar(xs, ys, width, yerr=es if any(es) else None, label=ARM_LABELS[arm], capsize=3)
             lows += [y - e for y, e in zip(ys, es) if y > 0]
         fp = by.get((None, None, "fp"))
-        if fp and fp["mAP50_95"]["mean"] is not None:
-            ax.axhline(100 * fp["mAP50_95"]["mean"], color="k", ls="--", lw=1, label="FP")
+        if fp and fp[m95]["mean"] is not None:
+            ax.axhline(100 * fp[m95]["mean"], color="k", ls="--", lw=1, label="FP")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{m}\nW{b}A{b}" for b, m in groups])
-        ax.set_ylabel("mAP50-95 (%)")
+        ax.set_ylabel(f"{metric_label(m95)} (%)")
         ax.set_title(model)
         if lows:  # start near the lowest bar so differences of a point stay visible (the axis says where)
             ax.set_ylim(bottom=max(0.0, 5 * (min(lows) // 5) - 5))
@@ -367,7 +416,8 @@ def _epoch_curve(weights: str | None, column: str = "metrics/mAP50(B)") -> list[
 
 
 def plot_curves(result: dict, path: Path) -> Path | None:
-    """mAP50 per QAT epoch, arms overlaid (mean over seeds, band = min..max), one panel per model/bits/method.
+    """mAP50 (the task's) per QAT epoch, arms overlaid (mean over seeds, band = min..max), one panel per
+    model/bits/method.
 
     The FP value is a dashed line and the PTQ value a dotted one (epoch 0, before any training step).
     Returns None when no run left a results.csv (e.g. all results were reused from another machine).
@@ -379,11 +429,13 @@ def plot_curves(result: dict, path: Path) -> Path | None:
 
     runs = [r for r in result["runs"] if _ok(r)]
     s = result["settings"]
+    m50 = primary_prefix(s) + "mAP50"
+    column = {"": "metrics/mAP50(B)", "mask_": "metrics/mAP50(M)", "pose_": "metrics/mAP50(P)"}[primary_prefix(s)]
     panels = [(mo, b, me) for mo in s["models"] for b in s["bits"] for me in s["methods"]]
     curves = {}
     for r in runs:
         if r["kind"] == "qat" and not is_step0(r["arm"]):
-            c = _epoch_curve(r.get("weights"))
+            c = _epoch_curve(r.get("weights"), column)
             if c:
                 curves.setdefault((r["model"], r["bits"], r["method"], r["arm"]), []).append(c)
     if not curves:
@@ -405,14 +457,14 @@ def plot_curves(result: dict, path: Path) -> Path | None:
                                 [100 * max(c[i] for c in cs) for i in range(n)], alpha=0.2)
         by = {(r["bits"], r["method"], r["arm"]): r for r in result["rows"] if r["model"] == mo}
         fp, ptq = by.get((None, None, "fp")), by.get((b, me, "ptq"))
-        if fp and fp["mAP50"]["mean"] is not None:
-            ax.axhline(100 * fp["mAP50"]["mean"], color="k", ls="--", lw=1, label="FP")
-        if ptq and ptq["mAP50"]["mean"] is not None:
-            ax.axhline(100 * ptq["mAP50"]["mean"], color="gray", ls=":", lw=1, label="PTQ")
+        if fp and fp[m50]["mean"] is not None:
+            ax.axhline(100 * fp[m50]["mean"], color="k", ls="--", lw=1, label="FP")
+        if ptq and ptq[m50]["mean"] is not None:
+            ax.axhline(100 * ptq[m50]["mean"], color="gray", ls=":", lw=1, label="PTQ")
         ax.set_title(f"{mo} W{b}A{b} {me}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("QAT epoch")
-        ax.set_ylabel("val mAP50 (%)")
+        ax.set_ylabel(f"val {metric_label(m50)} (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -420,4 +472,5 @@ def plot_curves(result: dict, path: Path) -> Path | None:
     return path
 
 
-__all__ = ["aggregate", "markdown", "plot", "plot_curves", "plot_size", "summarize", "sweep_table"]
+__all__ = ["aggregate", "markdown", "metric_label", "plot", "plot_curves", "plot_size", "primary_prefix", "summarize",
+           "sweep_table", "task_metrics"]

@@ -444,7 +444,7 @@ def _run_both(model: nn.Module, onnx_file, images):
     shapes_t = [None if v is None else tuple(v.shape) for v in out_t]
     shapes_o = [None if v is None else tuple(v.shape) for v in out_o]
     if shapes_o != shapes_t:
-        raise ParityError(f"output shapes differ: onnx {shapes_o} vs torch {shapes_t} (decoded output, mask prototypes)")
+        raise ParityError(f"output shapes differ: onnx {shapes_o} vs torch {shapes_t} (decoded output, prototypes)")
     if not all(bool(torch.isfinite(v).all()) for v in out_o if v is not None):
         raise ParityError(f"ONNX output of {onnx_file} holds NaN or Inf values")
     return ref_model, x, out_t, out_o
@@ -464,7 +464,7 @@ def _detection_misses(y_a: torch.Tensor, y_b: torch.Tensor, t: dict, nc: int):
 
 
 def _reference_spread(ref_model: nn.Module, x: torch.Tensor, out_t: tuple, head: dict, t: dict) -> dict:
-    """The model's own float-noise spread: largest spread of each measure and misses over ``ref_runs`` perturbed runs."""
+    """The model's own float-noise spread: largest spread of each measure and misses over ``ref_runs`` runs."""
     ref = {"unmatched": 0}
     for seed in range(int(t["ref_runs"])):
         out_p = _perturbed_output(ref_model, x, t["ref_eps"], seed)
@@ -496,8 +496,8 @@ def _fmt_parity(r: dict) -> str:
             f"{r['max_abs_diff']:.4g} (boxes {r['boxes_max_abs_diff_px']:.4g} px, scores {r['scores_max_abs_diff']:.4g}); "
             f"detections torch/onnx {r['detections_torch']}/{r['detections_onnx']}, unmatched {r['unmatched']} "
             f"(reference {r['ref_unmatched']}); "
-            + "".join(f"{_MEASURES[k].removeprefix('mean ')} {r[k + '_diff']:.3g} (reference {r['ref_' + k + '_diff']:.3g}); "
-                      for k in _EXTRA_KEYS if k + "_diff" in r)
+            + "".join(f"{_MEASURES[k].removeprefix('mean ')} {r[k + '_diff']:.3g} "
+                      f"(reference {r['ref_' + k + '_diff']:.3g}); " for k in _EXTRA_KEYS if k + "_diff" in r)
             + f"layer-local worst: act {r['layer_act']['value']:.3g} / "
             f"{r['layer_act']['limit']:.3g}, conv {r['layer_conv']['value']:.3g} / {r['layer_conv']['limit']:.3g} on "
             f"{r['layers_checked']} layers; {r['images']} image(s)")
