@@ -119,6 +119,8 @@ def parse_command(argv: list[str]) -> tuple[str | None, dict]:
             raise SettingsError(f"'{a}' is not a mode or key=value pair.{_suggest(a)}")
     overrides = {**recipe, **overrides}
     valid = set(DEFAULT_CFG_DICT) | set(PLUGIN_KEYS) | {"trainer", "task", "save_dir", "file"}
+    if mode == "export":
+        valid |= set(EXPORT_KEYS)
     bad = [k for k in overrides if k not in valid]
     if bad:
         raise SettingsError("\n".join(f"'{k}' is not a valid yolo-gab argument.{_suggest(k)}" for k in bad))
@@ -127,6 +129,10 @@ def parse_command(argv: list[str]) -> tuple[str | None, dict]:
     except ValueError as e:
         raise SettingsError(str(e)) from None
     return mode, overrides
+
+
+# Keys of ``yolo-gab export`` for quantized models (see export/command.py); not Ultralytics or training keys.
+EXPORT_KEYS = ("zero_point", "int4")
 
 
 def _suggest(key: str) -> str:

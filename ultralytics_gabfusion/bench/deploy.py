@@ -351,7 +351,8 @@ def run_deploy(s: dict) -> dict:
                              "precision": p, "files": {f"{k[0]}px-b{k[1]}": str(v) for k, v in files[name][rt].items()},
                              "_rt": rt, "_files": files[name][rt]})
 
-    shapes = [(v, 1) for v in s["imgsz"]] + [(max(s["imgsz"]), s["batch"])]
+    big = max(s["imgsz"])
+    shapes = [(v, 1) for v in s["imgsz"]] + ([(big, s["batch"])] if s["batch"] > 1 else [])
     for sz, b in shapes:
         runners = [_Runner(r["_rt"], r["_files"][(sz, b)], s["threads"], r["precision"]) for r in rows]
         LOGGER.info(f"bench deploy: timing {len(runners)} runners at {sz} px batch {b} ({s['runs']} rounds)")
@@ -365,6 +366,9 @@ def run_deploy(s: dict) -> dict:
             if sz == max(s["imgsz"]) and b == 1:
                 r["executes"], r["int_convs"], r["convs"] = _executes(r["_rt"], r["_files"][(sz, b)], s["threads"], run)
         del runners
+    if s["batch"] == 1:  # throughput at batch 1 is the inverse of the batch-1 latency
+        for r in rows:
+            r[f"img_s_{big}_b1"] = round(1e3 / r[f"ms_{big}"]["median"], 1)
 
     fq = {}
     for name, ckpt in models:  # the PyTorch checkpoints themselves: the accuracy each file should reproduce

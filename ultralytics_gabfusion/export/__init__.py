@@ -10,10 +10,12 @@ What :func:`export_qdq_onnx` does:
    quantizer was initialised (calibrated / trained).
 2. Folds every BatchNorm into its :class:`~ultralytics_gabfusion.quant.qconv.QuantConv2d` *exactly*: with
    ``f_c = gamma_c / sqrt(var_c + eps)`` the quantized weight ``W_c = off_c + k*s_c`` becomes
-   ``f_c*W_c = F_c*off_c + k*(F_c*s_c)`` with ``F_c = |f_c|``. A negative ``f_c`` is moved into the integers by
-   mirroring the grid, ``k' = qmin + qmax - k`` (always inside ``[qmin, qmax]``, also for the asymmetric signed
-   range ``[-8, 7]``), ``off'_c = -F_c*(off_c + (qmin+qmax)*s_c)``; the bias becomes
-   ``beta - mu*f + b*f``. Scales stay positive. Weights are quantized to integers offline.
+   ``f_c*W_c = F_c*off_c + k*(F_c*s_c)`` with ``F_c = |f_c|``. A negative ``f_c`` on a signed grid (LSQ, LSQ+)
+   is moved into the integers, ``k' = -k``, where ``-k`` stays in ``[qmin, qmax]`` (not where ``k = qmin``), and
+   otherwise kept as a negative channel scale ``f_c*s_c``: the zero point stays 0 either way, which integer
+   convolution kernels require. On unsigned grids (DoReFa, N2UQ) the grid is mirrored, ``k' = qmin + qmax - k``,
+   ``off'_c = -F_c*(off_c + (qmin+qmax)*s_c)``. The bias becomes ``beta - mu*f + b*f``. Weights are quantized to
+   integers offline.
 3. Replaces each quantized conv by a module whose input/weight quantizers, read only through their
    :meth:`~ultralytics_gabfusion.quant.quantizers.FakeQuantizer.export_spec`, are traced as custom ``gabq::`` nodes
    (the installed torch's TorchScript exporter stops at opset 20 and cannot emit INT4), exports with
@@ -28,10 +30,9 @@ Emitted operators (``b`` = bits; container = element type of the tensor holding 
 ``QuantizeLinear``/``DequantizeLinear``):
 
 * **Weights, every method**: ``DequantizeLinear(k, scale[C], zero_point[C], axis=0) -> Conv``, ``k`` an
-  initializer. Container ``INT4``/``UINT4`` for b=4, ``INT8``/``UINT8`` for b=8 and for b in 2, 3, 5, 6, 7 (the
-  integers are checked to lie in the b-bit range ``[qmin, qmax]`` at export; the range is recorded per layer in the
-  ``quantization`` metadata). LSQ/LSQ+ grids (``k*s``, signed) are exact with integer zero points: 0, or -1 on
-  channels whose BN scale is negative (mirrored grid).
+  initializer. Container ``INT4``/``UINT4`` for b=4 (``int4=False``: 8-bit), ``INT8``/``UINT8`` for b=8 and for b
+  in 2, 3, 5, 6, 7 (the integers are checked against the container at export; the range is recorded per layer in
+  the ``quantization`` metadata). LSQ/LSQ+ grids (``k*s``, signed) are exact with zero point 0.
 * **DoReFa (PACT) and N2UQ weights**: their grid ``-M + k*2M/L`` (``L = 2^b-1``) has no zero level, so its zero
   point ``L/2`` is not an integer. ``weight_offset="add"`` (default) keeps the b-bit storage:
   ``DequantizeLinear(k UINT4|UINT8, scale, 0, axis=0) -> Add(offset[C,1,1,1]) -> Conv``. ``weight_offset="widen"``
@@ -44,6 +45,9 @@ Emitted operators (``b`` = bits; container = element type of the tensor holding 
 * **LSQ+, signed PACT, and LSQ/PACT on a SiLU-offset grid** (``qat_act_grid``): their float offsets (``beta``,
   ``-alpha``, the fixed ``-0.2785``) are not integer zero points: ``Sub(x, offset) -> QuantizeLinear -> [Clip] ->
   DequantizeLinear -> Add(offset)``, same containers (``UINT4``/``UINT8`` with zero point 0 for unsigned grids).
+  ``zero_point="snap"`` first moves each movable offset to the nearest multiple of its step
+  (:func:`~ultralytics_gabfusion.quant.grids.snap_zero_points`), giving plain ``QuantizeLinear ->
+  DequantizeLinear`` with integer zero point ``z``: the pattern integer runtimes execute (:mod:`.openvino`).
 * **N2UQ activations**: ``count = sum_i (beta1*x > T_i)`` over the 2^b-1 learned thresholds (compared in the
   ``beta1``-scaled domain exactly as the PyTorch forward, ``torch.bucketize``: ``x == T`` does not count), output
   ``count*Delta*beta2 + input_shift``. For b <= 4: ``Mul(beta1) -> Unsqueeze(-1) -> Greater(T[L]) -> Cast(INT32)
@@ -62,7 +66,8 @@ coefficients) plus ``output1`` ``(1, nm, h/4, w/4)`` (mask prototypes; the proto
 for pose, plus ``quantization``, a JSON summary), so ``YOLO("model.onnx")`` predicts and validates through ONNX
 Runtime.
 
-Layout: :mod:`.qdq` (:func:`export_qdq_onnx`), :mod:`.fold` (BN folding, deployment copy of the model),
+Layout: :mod:`.qdq` (:func:`export_qdq_onnx`), :mod:`.openvino` (OpenVINO INT8 IR from the Q/DQ graph),
+:mod:`.fold` (BN folding, deployment copy of the model),
 :mod:`.nodes` (the ``gabq::`` placeholders and their lowering), :mod:`.parity` (:func:`check_parity`),
 :mod:`.inputs` (checkpoint and image loading), :mod:`.command` (``yolo-gab export``).
 

@@ -25,6 +25,10 @@ def export_main(overrides: dict) -> int:
       ``data=`` val images (first 8) or, without ``data=``, on generated synthetic images (the log says which);
       prints the output path and the parity numbers. ``file=`` (Python callers; the CLI may not accept the key) or
       ``save_dir=`` choose the output, default: next to the checkpoint with suffix ``.onnx``.
+    * quantized checkpoint, ``format=openvino``: :func:`~.openvino.export_openvino`, an ``<name>_openvino_model/``
+      directory whose convolutions run on OpenVINO's INT8 kernels with the learned grids (activation offsets moved
+      to integer zero points; the same parity check on the intermediate Q/DQ graph).
+    * ``zero_point=exact|snap`` and ``int4=True|False`` (ONNX) are passed to :func:`export_qdq_onnx`.
     * quantized checkpoint, any other format: ``ValueError`` (other formats would trace the fake-quant graph in
       float, or have no integer-grid representation).
     * full-precision model: handed to Ultralytics' exporter, ``YOLO(model).export(**overrides)``.
@@ -95,39 +99,60 @@ def _export_fp(model, ov: dict) -> int:
 
 
 def _export_quantized(net, model, path: Path, ov: dict) -> int:
-    """Q/DQ ONNX export of the loaded quantized checkpoint ``net`` (from ``path``), parity checked and printed."""
+    """Q/DQ ONNX (or OpenVINO IR) export of the loaded quantized checkpoint ``net`` (from ``path``), parity checked."""
     fmt = str(ov.pop("format", None) or "onnx").lower()
-    if fmt != "onnx":
+    if fmt not in ("onnx", "openvino"):
         raise ValueError(
             f"format={fmt} is not supported for quantized models: other formats would run the fake-quant graph in float "
-            "(or drop the learned integer grids). Use format=onnx for the Q/DQ export."
+            "(or drop the learned integer grids). Use format=onnx (Q/DQ) or format=openvino (INT8 IR)."
         )
+    zero_point = str(ov.pop("zero_point", None) or ("snap" if fmt == "openvino" else "exact")).lower()
+    if fmt == "openvino" and zero_point != "snap":
+        raise ValueError("format=openvino needs integer zero points (zero_point=snap, the default for OpenVINO): "
+                         "float offsets would keep every convolution in float.")
     for k in _IGNORED_FOR_QDQ:
         v = ov.get(k)
         if v in (None, False, "") or (k == "batch" and v == 1):
             continue
         LOGGER.warning(f"yolo-gab export: {k}={v} is ignored by the Q/DQ ONNX export (static batch-1 graph).")
+    if fmt == "onnx":
+        int4 = ov.pop("int4", True)
+        int4 = int4 if isinstance(int4, bool) else str(int4).lower() in ("true", "1", "yes")
     imgsz = ov.get("imgsz")
     if imgsz is None:
         args = getattr(net, "args", None)
         imgsz = (args.get("imgsz") if isinstance(args, dict) else None) or 640
     opset = ov.get("opset") or 21
     file = ov.get("file")
+    default = path.with_suffix(".onnx") if fmt == "onnx" else path.with_name(f"{path.stem}_openvino_model")
     if file is None and ov.get("save_dir"):
-        file = Path(ov["save_dir"]) / path.with_suffix(".onnx").name
-    out = Path(str(file or path.with_suffix(".onnx")))
+        file = Path(ov["save_dir"]) / default.name
+    out = Path(str(file or default))
     check_writable_dir(out.parent, "save_dir" if ov.get("save_dir") and not ov.get("file") else "file")
     data = ov.get("data")
     if data:
         images, what = str(data), f"val images of data={data}"
     else:
         images, what = None, "generated synthetic images (pass data=... to use real validation images)"
-    LOGGER.info(f"yolo-gab export: Q/DQ ONNX export of {model}; parity check on {what}")
+    LOGGER.info(f"yolo-gab export: {'Q/DQ ONNX' if fmt == 'onnx' else 'OpenVINO INT8'} export of {model}; "
+                f"parity check on {what}")
     try:
-        res = export_qdq_onnx(net, file or path.with_suffix(".onnx"), imgsz=imgsz, opset=int(opset), images=images)
+        if fmt == "openvino":
+            from .openvino import export_openvino
+
+            res = export_openvino(net, out, imgsz=imgsz, images=images)
+            print(f"Exported {res['dir']} ({res['int8_convs']}/{res['convs']} convolutions on INT8 kernels)")
+            res = res["onnx"]
+        else:
+            res = export_qdq_onnx(net, out, imgsz=imgsz, opset=int(opset), images=images, zero_point=zero_point,
+                                  int4=int4)
+            print(f"Exported {res['file']}")
     except ParityError as e:
         print(f"yolo-gab: error: {e}", file=sys.stderr)
         return 1
-    print(f"Exported {res['file']}")
+    moved = [r for r in res["zero_points"] if r["snapped"] is not None]
+    if moved:
+        print(f"Integer zero points: {len(moved)} activation offsets moved by up to "
+              f"{max(abs(r['shift_steps']) for r in moved):.2f} step (validate the file to see the accuracy effect)")
     print(f"Parity ({what}): {_fmt_parity(res['parity'])}")
     return 0

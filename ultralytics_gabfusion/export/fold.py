@@ -85,10 +85,16 @@ def _weight_spec(key: str, conv: QuantConv2d, f: torch.Tensor, mode: str, int4: 
     s, off, qmin, qmax = spec.scale, spec.offset, spec.qmin, spec.qmax
     shape = (-1,) + (1,) * (k.dim() - 1)
     big_f, neg = f.abs(), f < 0
-    # Negative BN scale: mirror the grid so the scale stays positive and k stays in [qmin, qmax].
-    k2 = torch.where(neg.view(shape), qmin + qmax - k, k)
-    off2 = torch.where(neg, -big_f * (off + (qmin + qmax) * s), big_f * off)
-    s2 = big_f * s
+    # Negative BN scale. Signed grids: negate the integers where -k stays in [qmin, qmax] (zero point 0, positive
+    # scale), else (the channel holds qmin = -qmax - 1) keep k and give that channel a negative scale (still zero
+    # point 0: INT8 kernels need zero-point-0 weights; ONNX Runtime and OpenVINO take negative per-channel scales).
+    # Unsigned grids: mirror the grid, k' = qmin + qmax - k, keeping k in [qmin, qmax] and the scale positive.
+    fits = (-k).amax(dim=tuple(range(1, k.dim()))) <= qmax
+    negate, flip_scale = (neg & fits, neg & ~fits) if qmin < 0 else (torch.zeros_like(neg), torch.zeros_like(neg))
+    mirror = neg & ~negate & ~flip_scale
+    k2 = torch.where(negate.view(shape), -k, torch.where(mirror.view(shape), qmin + qmax - k, k))
+    off2 = torch.where(mirror, -big_f * (off + (qmin + qmax) * s), f * off)
+    s2 = torch.where(flip_scale, f * s, big_f * s)
     dead = s2 == 0  # gamma == 0: the channel outputs exactly its bias
     s2 = torch.where(dead, s, s2)
     off2 = torch.where(dead, torch.zeros_like(off2), off2)

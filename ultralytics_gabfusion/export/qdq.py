@@ -35,7 +35,7 @@ def _log(msg: str, verbose: bool = True) -> None:
 
 
 def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: str, int4: bool = True,
-              zero_point: str = "snap") -> dict:
+              zero_point: str = "snap", batch: int = 1) -> dict:
     """``metadata_props`` of the file: Ultralytics' keys (so ``YOLO("model.onnx")`` works) and ``quantization``."""
     names = getattr(model, "names", None) or {i: f"class{i}" for i in range(int(getattr(model.model[-1], "nc", 80)))}
     if isinstance(names, (list, tuple)):
@@ -66,10 +66,10 @@ def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: st
         "stride": stride,
         "task": getattr(model, "task", "detect"),
         "head": type(model.model[-1]).__name__ if hasattr(model, "model") else "Detect",
-        "batch": 1,
+        "batch": batch,
         "imgsz": list(imgsz),
         "names": names,
-        "args": {"batch": 1, "imgsz": list(imgsz), "dynamic": False, "nms": False, "half": False, "opset": opset},
+        "args": {"batch": batch, "imgsz": list(imgsz), "dynamic": False, "nms": False, "half": False, "opset": opset},
         "channels": int(getattr(model, "yaml", {}).get("channels", 3)),
         "end2end": False,
         "quantization": json.dumps(quant, default=str),
@@ -84,8 +84,9 @@ def export_qdq_onnx(
     images=None,
     check: bool = True,
     weight_offset: str = "add",
-    zero_point: str = "snap",
+    zero_point: str = "exact",
     int4: bool = True,
+    batch: int = 1,
     verbose: bool = True,
     **parity_tol,
 ) -> dict:
@@ -106,10 +107,14 @@ def export_qdq_onnx(
         weight_offset (str): How weights whose grid has no integer zero point (DoReFa, N2UQ) are stored:
             ``"add"`` (b-bit integers + per-channel float ``Add``) or ``"widen"`` (``2k-L`` in b+1 bits).
         zero_point (str): Activation grids whose offset is not a multiple of the step (the SiLU offset of LSQ/PACT,
-            LSQ+'s beta): ``"snap"`` (default) moves each offset to the nearest multiple, an integer zero point, so
-            the graph is plain Q/DQ that INT8 runtimes fuse into integer convolutions (every level moves by less
-            than half a step; parity is checked against the snapped model); ``"exact"`` keeps the trained offsets
-            as float ``Sub``/``Add`` around Q/DQ (bit-exact, but no runtime runs those convs on integers).
+            LSQ+'s beta): ``"exact"`` (default) keeps the trained offsets as float ``Sub``/``Add`` around Q/DQ (the
+            model's own arithmetic, but no runtime runs those convs on integers); ``"snap"`` moves each offset to the
+            nearest multiple, an integer zero point, so the graph is plain Q/DQ that INT8 runtimes fuse into integer
+            convolutions (every level moves by less than half a step, which costs accuracy at 4 bits unless the
+            model was trained with ``qat_act_zp=integer``; parity is checked against the snapped model). Grids
+            already on integer zero points are written as plain Q/DQ in both modes.
+        batch (int): Static batch size of the graph. Parity runs image by image, so ``batch > 1`` needs
+            ``check=False`` (export the same model at batch 1 to check it).
         int4 (bool): Store 4-bit integers in ``INT4``/``UINT4`` (default: half the size). False: in 8-bit
             containers with a range ``Clip``, which INT8 kernels (OpenVINO) execute as integer convolutions.
         verbose (bool): Log progress with Ultralytics' logger.
@@ -137,6 +142,10 @@ def export_qdq_onnx(
         ['INT4', 'INT8', 'UINT8']
     """
     _check_options(opset, weight_offset, zero_point, parity_tol)
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch={batch!r} is not valid: a positive integer.")
+    if batch > 1 and check:
+        raise ValueError(f"batch={batch}: parity is checked at batch 1; pass check=False (and check the batch-1 export).")
     src_path = Path(model) if isinstance(model, (str, Path)) else None
     model = load_quantized_model(model)
     file = _output_file(file, src_path)
@@ -151,7 +160,7 @@ def export_qdq_onnx(
                  f"{max(abs(r['shift_steps']) for r in moved):.2f} step); zero_point=exact keeps them", verbose)
     stride = int(max(model.stride)) if hasattr(model, "stride") else 32
     hw = _imgsz_pair(imgsz, stride)
-    proto, rows = _trace_qdq(model, hw, opset, weight_offset, verbose, int4, zero_point)
+    proto, rows = _trace_qdq(model, hw, opset, weight_offset, verbose, int4, zero_point, batch)
     out_shape, ops, int_types = _graph_summary(proto)
     result = {"file": str(file), "opset": opset, "imgsz": list(hw), "output_shape": out_shape, "ops": ops,
               "int_types": int_types, "layers": rows, "zero_points": snapped, "parity": None, "images": None}
@@ -186,7 +195,7 @@ def _output_file(file, src_path: Path | None) -> Path:
 
 
 def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset: str, verbose: bool, int4: bool = True,
-               zero_point: str = "snap"):
+               zero_point: str = "snap", batch: int = 1):
     """Trace the deployment copy of ``model`` with ``gabq::`` placeholders, lower them, add metadata, check.
 
     Returns:
@@ -196,8 +205,8 @@ def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset:
 
     exp, specs, rows = _build_export_model(model, weight_offset, int4)
     exp = _prepare_for_onnx(exp, hw)
-    im = torch.zeros(1, int(getattr(model, "yaml", {}).get("channels", 3)), *hw)
-    _log(f"Q/DQ ONNX: tracing {len(rows)} quantized convs at {hw[0]}x{hw[1]} (batch 1)", verbose)
+    im = torch.zeros(batch, int(getattr(model, "yaml", {}).get("channels", 3)), *hw)
+    _log(f"Q/DQ ONNX: tracing {len(rows)} quantized convs at {hw[0]}x{hw[1]} (batch {batch})", verbose)
 
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -205,7 +214,7 @@ def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset:
         torch.onnx.export(exp, im, buf, opset_version=_TRACE_OPSET, dynamo=False, input_names=["images"],
                           output_names=_output_names(model), custom_opsets={_DOMAIN: 1}, do_constant_folding=True)
     proto = _lower_graph(onnx.load_from_string(buf.getvalue()), specs, opset)
-    for k, v in _metadata(model, hw, opset, rows, weight_offset, int4, zero_point).items():
+    for k, v in _metadata(model, hw, opset, rows, weight_offset, int4, zero_point, batch).items():
         meta = proto.metadata_props.add()
         meta.key, meta.value = k, str(v)
     _set_task_metadata(proto, model)  # segment / pose: task, kpt_shape (Ultralytics' keys for YOLO("x.onnx"))
