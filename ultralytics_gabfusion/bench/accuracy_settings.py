@@ -20,6 +20,7 @@ from ultralytics.utils.checks import check_yaml
 from .. import zoo
 from ..distill import load_teacher
 from ..preflight import model_task
+from ..provenance import PKG_ROOT
 from ..settings import (
     ADA_DIVS,
     MAX_BITS,
@@ -135,6 +136,21 @@ PRESETS: dict[str, dict] = {
                   "methods": ["n2uq", "pact", "lsq"], "bits": [4, 3], "ada": 0.01,
                   "arms": ["ptq", "ptq_gab", "ptq_gab_paper", "baseline", "gab", "gab_ada", "gab_paper",
                            "gab_paper_ada"]},
+    # Segmentation and pose on 2 CPU cores, about an hour each for 3 seeds (no shipped FP model for these tasks: the
+    # FP model is trained here per seed). The generated set of the shipped detector's kind (1-4 objects, >= 20 px; 16
+    # classes) at 160 px, 400/100 images; FP from scratch with AdamW lr 0.003 (as demo-scratch), validated only at its
+    # end; then W4A4 LSQ, 3 QAT epochs per arm. Measured on 2 cores: yolov5n-seg ~20 s per 400-image epoch (FP),
+    # ~40 s (QAT); yolo11n-pose ~13 s (FP). Absolute mAP stays small (an FP model of ~10 CPU minutes).
+    "seg-cpu": {"models": [str(PKG_ROOT / "cfg" / "models" / "yolov5n-seg.yaml")], "task": "segment",
+                "synth_train": 400, "synth_val": 100, "synth_max_objects": 4, "synth_min_size": 20, "imgsz": 160,
+                "batch": 16, "fp_epochs": 30, "fp_optimizer": "AdamW", "fp_lr0": 0.003, "fp_val": False, "epochs": 3,
+                "warmup_epochs": 0, "methods": ["lsq"], "bits": [4],
+                "arms": ["ptq", "ptq_gab", "baseline", "gab", "gab_ada"], "seeds": [0, 1, 2]},
+    "pose-cpu": {"models": ["yolo11n-pose"], "task": "pose", "synth_train": 400, "synth_val": 100,
+                 "synth_max_objects": 4, "synth_min_size": 20, "imgsz": 160, "batch": 16, "fp_epochs": 40,
+                 "fp_optimizer": "AdamW", "fp_lr0": 0.003, "fp_val": False, "epochs": 3, "warmup_epochs": 0,
+                 "methods": ["lsq"], "bits": [4], "arms": ["ptq", "ptq_gab", "baseline", "gab", "gab_ada"],
+                 "seeds": [0, 1, 2]},
 }
 # Ultralytics keys the bench sets itself (with the key to use instead, if any).
 RESERVED = {
