@@ -189,3 +189,26 @@ def test_onnx_predict_and_val_through_ultralytics(exported, tmp_path):
     assert m.box.nc == NC and 0.0 <= task_metric.map50 <= 1.0 and 0.0 <= task_metric.map <= 1.0
     assert f"metrics/mAP50-95({'M' if task == 'segment' else 'P'})" in m.results_dict
     assert sum(m.nt_per_image) > 0  # the val labels were read (instances of the task present)
+
+
+def test_yolo26_segment_head_exports_and_end2end_is_refused(tmp_path):
+    """YOLO26's Segment26 (Proto26) exports with parity in its one-to-many mode; the end-to-end mode is refused."""
+    from ultralytics.nn.tasks import SegmentationModel
+
+    from ultralytics_gabfusion.export import generated_images
+    from ultralytics_gabfusion.quant.convert import calibrate_activations, init_weight_quantizers, quantize_model
+
+    torch.manual_seed(0)
+    m = SegmentationModel("yolo26n-seg.yaml", nc=2, verbose=False)
+    x = generated_images(IMGSZ, n=1)
+    quantize_model(m, "lsq", 4, 4)
+    init_weight_quantizers(m)
+    calibrate_activations(m, [x])
+    m.eval()
+    info = export_qdq_onnx(m, tmp_path / "s26.onnx", imgsz=IMGSZ, images=x, verbose=False)
+    assert info["parity"]["ok"] and "mask_diff" in info["parity"]
+    assert [n for n, _ in graph_outputs(tmp_path / "s26.onnx")] == ["output0", "output1"]
+    m.end2end = True
+    with pytest.raises(ValueError, match="end-to-end"):
+        export_qdq_onnx(m, tmp_path / "e2e.onnx", imgsz=IMGSZ, images=x, verbose=False)
+    assert not (tmp_path / "e2e.onnx").exists()
