@@ -174,12 +174,16 @@ def _prepare(s: dict) -> tuple[str, list[tuple[str, str]], int]:
 
 
 def _label(ckpt: str) -> str:
-    """``W4A4 lsq`` from a quantized checkpoint's train args, else its file name."""
-    import torch
+    """``W4A4 lsq (name)``: the most common bits and method of the checkpoint's quantized convs, else its file name."""
+    from collections import Counter
+
+    from ..export import load_quantized_model
+    from ..quant.qconv import quant_convs
 
     try:
-        args = torch.load(ckpt, map_location="cpu", weights_only=False).get("train_args", {}) or {}
-        return f"W{args['w_bits']}A{args['a_bits']} {args.get('qat', '')}".strip() + f" ({Path(ckpt).stem})"
+        convs = [c for _, c in quant_convs(load_quantized_model(ckpt))]
+        (w, a, method), _ = Counter((c.w_bits, c.a_bits, c.method) for c in convs).most_common(1)[0]
+        return f"W{w}A{a} {method} ({Path(ckpt).stem})"
     except Exception:
         return Path(ckpt).stem
 
