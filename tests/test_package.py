@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import run_python
@@ -83,12 +85,14 @@ def test_quantizer_and_fusion_state_survive_half_bit_exactly():
     q.half()
     assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in q.state_dict().items())
 
-    conv = QuantConv2d(3, 4, 1, method="n2uq", w_bits=4, a_bits=4)
+    conv = QuantConv2d(3, 4, 1, method="n2uq", w_bits=4, a_bits=4, bias=True)
     with torch.no_grad():
         conv.input_shift.fill_(0.1234567)
     conv.half()
-    assert conv.weight.dtype == torch.float16  # the conv itself follows .half()
+    assert conv.weight.dtype == conv.bias.dtype == torch.float32  # a quantized conv keeps all of its own tensors
     assert conv.input_shift.dtype == torch.float32 and conv.input_shift.item() == torch.tensor(0.1234567).item()
+    fp_conv = QuantConv2d(3, 4, 1, method=None).half()
+    assert fp_conv.weight.dtype == torch.float16  # a conv without quantizers follows .half()
 
     g = GABFusion(1, n_branches=2, channels=8, form="paper")
     with torch.no_grad():
@@ -96,3 +100,31 @@ def test_quantizer_and_fusion_state_survive_half_bit_exactly():
     w = g.norm.weight.detach().clone()
     g.half()
     assert g.norm.weight.dtype == torch.float32 and torch.equal(g.norm.weight, w)
+
+
+def test_latent_weights_next_to_rounding_boundaries_survive_the_fp16_checkpoint(tmp_path):
+    """After QAT many latent weights sit next to a rounding boundary; Ultralytics' fp16 save must not move them.
+
+    Weights a hair above/below the midpoints between grid levels: rounded to float16 a share of them lands on the
+    other side (checked), so a checkpoint written with ``.half()`` must keep the quantized conv's weight in float32
+    for the reloaded model to quantize exactly like the one validated during training.
+    """
+    from ultralytics_gabfusion.quant.qconv import QuantConv2d
+
+    torch.manual_seed(0)
+    conv = QuantConv2d(16, 32, 3, method="lsq", w_bits=4, a_bits=4)
+    q = conv.weight_quant
+    q.init_from(conv.weight.detach())
+    step = q.step_size().detach().reshape(-1, 1, 1, 1)
+    k = torch.randint(-8, 7, conv.weight.shape).float()
+    eps = torch.empty(conv.weight.shape).uniform_(1e-5, 3e-4) * torch.where(torch.rand(conv.weight.shape) < 0.5, -1, 1)
+    with torch.no_grad():
+        conv.weight.copy_((k + 0.5 + eps) * step)
+    ref = conv.quantized_weight().detach().clone()
+    flipped = (q(conv.weight.detach().half().float()) != ref).float().mean().item()
+    assert flipped > 0.05  # plain fp16 rounding would change this many quantized weights
+
+    torch.save({"model": copy.deepcopy(conv).half(), "train_args": {}}, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"].float()
+    assert loaded.weight.dtype == torch.float32 and torch.equal(loaded.weight, conv.weight)
+    assert torch.equal(loaded.quantized_weight(), ref)

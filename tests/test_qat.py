@@ -338,3 +338,34 @@ def test_offset_grid_forward_matches_formula_float64(method):
     y.sum().backward()
     inside = ((x.detach() - b) / s > 0) & ((x.detach() - b) / s < 15)
     assert torch.equal(x.grad != 0, inside if method == "lsq" else ((x.detach() - b) >= 0) & (x.detach() - b < float(q.alpha)))
+
+
+@pytest.mark.parametrize("method", ["lsq", "n2uq"])
+def test_fp16_checkpoint_holds_exactly_the_model_that_was_validated(method, tmp_path):
+    """Ultralytics saves ``deepcopy(ema).half()``; the quantized model reloaded from it computes bit for bit what the
+    in-memory model (the one validated during training) computed. BN and conv tensors are perturbed off the float16
+    grid first, as training leaves them: plain fp16 rounding of them changes the outputs (checked)."""
+    import copy
+
+    from ultralytics_gabfusion.quant.qconv import QuantConvBlock
+
+    model = quantized("yolov5n", method, 3, 3)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantConvBlock):
+                for t in (m.conv.weight, m.bn.weight, m.bn.bias, m.bn.running_mean, m.bn.running_var):
+                    t.mul_(1 + 1e-3 * torch.rand(t.shape, generator=g))
+    x = images(2, seed=7)
+    with torch.no_grad():
+        ref = model(x)[0]
+        plain = copy.deepcopy(model)
+        for m in plain.modules():  # what fp16 storage of those tensors would do
+            if isinstance(m, QuantConvBlock):
+                for t in (m.conv.weight, m.bn.weight, m.bn.bias, m.bn.running_mean, m.bn.running_var):
+                    t.copy_(t.half().float())
+        assert not torch.equal(plain(x)[0], ref)
+    torch.save({"model": copy.deepcopy(model).half(), "train_args": {}}, tmp_path / "best.pt")
+    loaded = torch.load(tmp_path / "best.pt", weights_only=False)["model"].float().eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], ref)

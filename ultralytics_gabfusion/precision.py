@@ -43,25 +43,41 @@ class KeepFP32:
     fp32_names: tuple[str, ...] | None = None
 
     def _apply(self, fn, recurse=True):
-        names = self.fp32_names
-        own = [("p", k, t) for k, t in self._parameters.items()] + [("b", k, t) for k, t in self._buffers.items()]
-        own = [(kind, k, t) for kind, k, t in own if t is not None and (names is None or k in names)]
-        # detach() now: nn.Module._apply may swap a Parameter's data in place; the alias keeps the fp32 storage
-        keep = {(kind, k): t.detach() for kind, k, t in own if t.dtype == torch.float32}
-        super()._apply(fn, recurse)
-        for kind, k, _ in own:
-            new = self._parameters[k] if kind == "p" else self._buffers[k]
-            if new is None or new.dtype not in LOW_PRECISION:
-                continue
-            old = keep.get((kind, k))
-            restored = old.to(device=new.device) if old is not None else new.detach().float()
-            if kind == "p":
-                new.data = restored
-                if new.grad is not None and new.grad.dtype in LOW_PRECISION:
-                    new.grad = new.grad.float()
-            else:
-                self._buffers[k] = restored
-        return self
+        with kept_fp32(self, self.fp32_names):
+            return super()._apply(fn, recurse)
 
 
-__all__ = ["LOW_PRECISION", "KeepFP32", "autocast_off"]
+@contextlib.contextmanager
+def kept_fp32(module: torch.nn.Module, names: tuple[str, ...] | None = None):
+    """Inside the block, ``module``'s own float32 tensors may be cast (``.half()``); on exit they are float32 again.
+
+    Restored bit-exactly from the originals (only a device move is kept); a tensor that was not float32 before and
+    is float16/bfloat16 now is cast up to float32. ``names`` limits this to the named parameters and buffers.
+
+    Examples:
+        >>> bn = torch.nn.BatchNorm2d(4)
+        >>> with kept_fp32(bn):
+        ...     _ = bn.half()
+        >>> bn.weight.dtype
+        torch.float32
+    """
+    own = [("p", k, t) for k, t in module._parameters.items()] + [("b", k, t) for k, t in module._buffers.items()]
+    own = [(kind, k, t) for kind, k, t in own if t is not None and (names is None or k in names)]
+    # detach() now: nn.Module._apply may swap a Parameter's data in place; the alias keeps the fp32 storage
+    keep = {(kind, k): t.detach() for kind, k, t in own if t.dtype == torch.float32}
+    yield module
+    for kind, k, _ in own:
+        new = module._parameters[k] if kind == "p" else module._buffers[k]
+        if new is None or new.dtype not in LOW_PRECISION:
+            continue
+        old = keep.get((kind, k))
+        restored = old.to(device=new.device) if old is not None else new.detach().float()
+        if kind == "p":
+            new.data = restored
+            if new.grad is not None and new.grad.dtype in LOW_PRECISION:
+                new.grad = new.grad.float()
+        else:
+            module._buffers[k] = restored
+
+
+__all__ = ["LOW_PRECISION", "KeepFP32", "autocast_off", "kept_fp32"]

@@ -21,7 +21,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from ..precision import KeepFP32
+from ..precision import KeepFP32, kept_fp32
 from .registry import make_quantizer
 
 # Bumped when the pickled layout of these modules changes; checked when a checkpoint is unpickled.
@@ -46,7 +46,16 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         **kwargs: ``nn.Conv2d`` keyword arguments.
     """
 
-    fp32_names = ("input_shift",)  # the learnable N2UQ shift stays float32 when Ultralytics saves with .half()
+    @property
+    def fp32_names(self) -> tuple[str, ...] | None:
+        """Tensors that stay float32 when Ultralytics saves the model with ``.half()`` (None: all of the conv's own).
+
+        A quantized conv keeps its weight, bias and N2UQ ``input_shift`` in float32: at 2-4 bits a float16 rounding
+        of any of them moves some values across a rounding boundary of the grids downstream, and the saved model
+        would not be the one validated during training (see :class:`QuantConvBlock`). A float conv follows ``.half()``.
+        """
+        quantized = getattr(self, "weight_quant", None) is not None or getattr(self, "act_quant", None) is not None
+        return None if quantized else ("input_shift",)
 
     def __init__(self, *args, method=None, w_bits=None, a_bits=None, a_signed=True, a_offset=0.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -183,6 +192,19 @@ class QuantConvBlock(nn.Module):
     def __init__(self, conv: QuantConv2d, bn: nn.Module, act: nn.Module):
         super().__init__()
         self.conv, self.bn, self.act = conv, bn, act
+
+    def _apply(self, fn, recurse=True):
+        """``.half()`` leaves the BatchNorm float32, as the quantized conv's own tensors.
+
+        Ultralytics saves checkpoints as ``deepcopy(ema).half()``. At low bit-widths a float16 rounding of the BN
+        scale and shift moves some activations across a rounding boundary of the next layer's quantizer, and the
+        changes compound through the network: the reloaded checkpoint validated up to a few mAP points away from the
+        same weights validated in memory during training. Kept in float32, the round trip is exact.
+        """
+        if not isinstance(self.bn, nn.Module) or not recurse:
+            return super()._apply(fn, recurse)
+        with kept_fp32(self.bn):
+            return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply quantized conv, batch norm and activation."""
