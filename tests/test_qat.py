@@ -349,21 +349,22 @@ def test_fp16_checkpoint_holds_exactly_the_model_that_was_validated(method, tmp_
 
     from ultralytics_gabfusion.quant.qconv import QuantConvBlock
 
+    def block_tensors(model):
+        for m in model.modules():
+            if isinstance(m, QuantConvBlock):
+                yield from (m.conv.weight, m.bn.weight, m.bn.bias, m.bn.running_mean, m.bn.running_var)
+
     model = quantized("yolov5n", method, 3, 3)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, QuantConvBlock):
-                for t in (m.conv.weight, m.bn.weight, m.bn.bias, m.bn.running_mean, m.bn.running_var):
-                    t.mul_(1 + 1e-3 * torch.rand(t.shape, generator=g))
+        for t in block_tensors(model):
+            t.mul_(1 + 1e-3 * torch.rand(t.shape, generator=g))
     x = images(2, seed=7)
     with torch.no_grad():
         ref = model(x)[0]
         plain = copy.deepcopy(model)
-        for m in plain.modules():  # what fp16 storage of those tensors would do
-            if isinstance(m, QuantConvBlock):
-                for t in (m.conv.weight, m.bn.weight, m.bn.bias, m.bn.running_mean, m.bn.running_var):
-                    t.copy_(t.half().float())
+        for t in block_tensors(plain):  # what fp16 storage of those tensors would do
+            t.copy_(t.half().float())
         assert not torch.equal(plain(x)[0], ref)
     torch.save({"model": copy.deepcopy(model).half(), "train_args": {}}, tmp_path / "best.pt")
     loaded = torch.load(tmp_path / "best.pt", weights_only=False)["model"].float().eval()

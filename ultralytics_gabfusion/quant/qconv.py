@@ -201,7 +201,7 @@ class QuantConvBlock(nn.Module):
         changes compound through the network: the reloaded checkpoint validated up to a few mAP points away from the
         same weights validated in memory during training. Kept in float32, the round trip is exact.
         """
-        if not isinstance(self.bn, nn.Module) or not recurse:
+        if not recurse:
             return super()._apply(fn, recurse)
         with kept_fp32(self.bn):
             return super()._apply(fn, recurse)
