@@ -308,6 +308,19 @@ def _optional_float(lo: float) -> Callable[[str, Any], Any]:
     return check
 
 
+def _ema_tau(key, v):
+    """``qat_ema_tau``: None (Ultralytics' 2000), ``auto`` (sized to the run) or a positive number of updates."""
+    if v in (None, "", "none", "None"):
+        return None
+    if str(v).lower() == "auto":
+        return "auto"
+    try:
+        return as_float(key, v, 0.0, None, True)
+    except SettingsError:
+        raise SettingsError(f"'{key}={v}' must be auto, None (Ultralytics' 2000) or a number of optimizer updates > 0, "
+                            f"e.g. {key}=auto.") from None
+
+
 def _path_or_none(key, v):
     if v in (None, "", "none", "None"):
         return None
@@ -494,6 +507,13 @@ SETTINGS: dict[str, Setting] = {
                             _choice(*ACT_GRIDS)),
     "qat_lr": Setting(1.0, "learning-rate multiplier of quantizer parameters (N2UQ reference: 0.1)", _float_range(0.0, lo_open=True)),
     "qat_kernel": Setting("auto", "fake-quant kernels: auto (compiled on CUDA with Triton, reference on CPU), reference, compiled", _choice(*QAT_KERNELS)),
+    # Stability of the QAT run (stability.py)
+    "qat_bn": Setting("train", "BatchNorm in QAT: train (batch statistics, running statistics updated: Ultralytics) or "
+                      "freeze (running statistics used and kept; affine trained)", _choice("train", "freeze")),
+    "qat_bn_recalib": Setting(0, "training batches to re-estimate the EMA model's BatchNorm statistics on before each "
+                              "validation (0 = off)", _int_range(1, 1000, True)),
+    "qat_ema_tau": Setting(None, "EMA ramp time constant in optimizer updates: None (Ultralytics' 2000), auto (sized to "
+                           "the run: the EMA averages about its last tenth) or a number", _ema_tau),
     # GABFusion
     "gab": Setting("off", "GABFusion at the neck Concat nodes: balanced, learned, off", _choice(*GAB_MODES)),
     "gab_beta": Setting(0.1, "EMA factor of the per-branch gradient norms (balanced)", _float_range(0.0, 1.0, lo_open=True)),
@@ -567,6 +587,9 @@ class QATConfig:
     qat_act_grid: str
     qat_lr: float
     qat_kernel: str
+    qat_bn: str
+    qat_bn_recalib: int
+    qat_ema_tau: Any
     gab: str
     gab_beta: float
     gab_eta: float
@@ -665,6 +688,9 @@ def check_consistency(args) -> None:
     if get("gab") == "learned" and get("gab_form") == "grad":
         raise SettingsError("'gab=learned' trains alpha through the forward pass, which 'gab_form=grad' leaves untouched: "
                             "use gab_form=paper with gab=learned, or gab=balanced.")
+    if get("qat_bn") == "freeze" and (get("qat_bn_recalib") or 0) > 0:
+        raise SettingsError("'qat_bn=freeze' keeps the BatchNorm statistics fixed, 'qat_bn_recalib' re-estimates them: "
+                            "use one of them (qat_bn=train qat_bn_recalib=N, or qat_bn=freeze qat_bn_recalib=0).")
     if get("ada_attn") == "qada" and get("qat") == "none" and (get("ada") or 0) > 0:
         raise SettingsError("'ada_attn=qada' uses the student's quantizers: set qat=lsq|lsqplus|pact|n2uq or ada_attn=simam.")
 

@@ -70,6 +70,7 @@ from .resume import (
     shuffle_generator,
     truncate_results,
 )
+from .stability import auto_ema_tau, ema_decay, freeze_bn_stats, recalibrate_bn
 from .settings import PLUGIN_DEFAULTS, QATConfig, read_recipe, strip_plugin_keys
 
 
@@ -128,6 +129,7 @@ class GABTrainerMixin:
         if self.qat_config.quantized:
             set_qat_kernel(self.args.qat_kernel)  # process-wide; also in each DDP worker, which rebuilds the trainer
         self._ada = None
+        self._bn_images = []
         if self.args.gab != "off":
             FusionTelemetry().attach(self)  # on_train_epoch_end (CSV) and on_train_end (PNG, summary)
         if self.args.ada > 0:
@@ -171,24 +173,35 @@ class GABTrainerMixin:
         own_shuffle_generator(self.train_loader)
         if not self.resume:
             self._calibrate()
+        # kept as uint8 on the CPU (a batch of 16 at 640 px is ~20 MB); the same batches before every validation
+        self._bn_images = self._train_images(self.args.qat_bn_recalib, raw=True) if self.args.qat_bn_recalib else []
 
     @torch.no_grad()
     def _calibrate(self):
         model = unwrap_model(self.model)
         if not needs_calibration(model):
             return
-        n = self.args.qat_calib
+        calibrate_model(model, self._train_images(self.args.qat_calib), init=self.args.qat_init)
+
+    @torch.no_grad()
+    def _train_images(self, n: int, raw: bool = False) -> list:
+        """The first ``n`` batches of a fresh training loader (the run's augmentation), preprocessed unless ``raw``."""
         batch = max(self.batch_size // max(self.world_size, 1), 1)
         loader = self.get_dataloader(self.data["train"], batch_size=batch, rank=-1, mode="train")
         images = []
         for i, b in enumerate(loader):
             if i >= n:
                 break
-            images.append(self.preprocess_batch(b)["img"].float())
+            images.append(b["img"].clone() if raw else self.preprocess_batch(b)["img"].float())
         if hasattr(loader, "close"):
             loader.close()
-        calibrate_model(model, images, init=self.args.qat_init)
+        return images
 
+    def _model_train(self):
+        """Ultralytics' train mode; with ``qat_bn=freeze`` every BatchNorm then normalises with its running statistics."""
+        super()._model_train()
+        if self.args.qat_bn == "freeze":
+            freeze_bn_stats(self.model)
 
     # ------------------------------------------------------------------------------------ checkpoints, resume
     def save_model(self):
@@ -330,8 +343,19 @@ class GABTrainerMixin:
     # --------------------------------------------------------------------------------------------- ADA teacher
     def _setup_train(self):
         super()._setup_train()
+        if self.ema and self.args.qat_ema_tau is not None:
+            self.ema.decay = ema_decay(self._ema_tau())
         if self.args.ada > 0:
             self._setup_ada()
+
+    def _ema_tau(self) -> float:
+        """``qat_ema_tau`` in optimizer updates (``auto``: sized to this run's updates, see :func:`auto_ema_tau`)."""
+        if self.args.qat_ema_tau != "auto":
+            return float(self.args.qat_ema_tau)
+        updates = self.epochs * max(len(self.train_loader) // max(self.accumulate, 1), 1)
+        tau = auto_ema_tau(updates)
+        LOGGER.info(f"{PREFIX}EMA ramp: qat_ema_tau=auto -> {tau:.1f} updates (run: ~{updates} optimizer updates)")
+        return tau
 
     def _setup_ada(self):
         student = unwrap_model(self.model)
@@ -344,7 +368,14 @@ class GABTrainerMixin:
         )
 
     def validate(self):
-        """Validate the EMA model; with ADA on, val/ada_loss is computed like the training term."""
+        """Validate the EMA model; with ADA on, val/ada_loss is computed like the training term.
+
+        With ``qat_bn_recalib=N`` the EMA model's BatchNorm statistics are first re-estimated on N training batches
+        (the checkpoint saved after this validation keeps them).
+        """
+        if self.ema and self._bn_images:
+            p = next(self.ema.ema.parameters())
+            recalibrate_bn(self.ema.ema, (x.to(p.device).float() / 255 for x in self._bn_images))
         if self._ada is None or not self.ema:
             return super().validate()
         ema = self.ema.ema

@@ -105,6 +105,7 @@ def run_bench(s: dict) -> int:
                 fn = (quantize_ptq(s, fp_weights, data, seed, run_id, method, bits, arm) if is_step0(arm) else
                       train_qat(s, fp_weights, data, seed, run_id, method, bits, arm))
                 records.append(run_once(s, rec, fpr, fn))
+    report.annotate_stability(records, s)
     rows = report.aggregate(records, s)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in s.items() if k not in ("model_entries",)}
     result = {

@@ -36,6 +36,19 @@ def is_step0(arm: str) -> bool:
     return not ARM_SETTINGS[arm][3]
 
 
+def start_arm(arm: str) -> str:
+    """The step-0 arm a trained arm starts from (same conversion, calibration and GABFusion form); a step-0 arm: itself.
+
+    Examples:
+        >>> start_arm("gab_ada"), start_arm("ada"), start_arm("gab_paper")
+        ('ptq_gab', 'ptq', 'ptq_gab_paper')
+    """
+    gab, _, form, trained = ARM_SETTINGS[arm]
+    if not trained:
+        return arm
+    return "ptq" if gab == "off" else ("ptq_gab_paper" if form == "paper" else "ptq_gab")
+
+
 # The paper's QAT protocol = YOLOv5 hyp.VOC.yaml, every key Ultralytics has, as in the cfg/qat recipes (their
 # comment table says why box/cls keep Ultralytics' gains).
 PAPER_SCHEDULE = {"optimizer": "SGD", "lr0": 0.00334, "lrf": 0.15135, "momentum": 0.74832, "weight_decay": 0.00025,
@@ -52,4 +65,4 @@ METHOD_DEFAULTS = {
     "n2uq": {"qat_lr": 0.1, "ada_div": "js"},
 }
 
-__all__ = ["ARMS", "ARM_LABELS", "ARM_SETTINGS", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "is_step0"]
+__all__ = ["ARMS", "ARM_LABELS", "ARM_SETTINGS", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "is_step0", "start_arm"]

@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .arms import ARM_LABELS, is_step0
+from .arms import ARM_LABELS, is_step0, start_arm
 
 METRICS = ("mAP50", "mAP50_95")
 METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50-95"}
@@ -54,6 +54,28 @@ def summarize(values: list[float]) -> dict:
 
 def _ok(r: dict) -> bool:
     return r.get("status") in ("trained", "given")  # a reused stored result keeps its original status
+
+
+def annotate_stability(records: list[dict], s: dict) -> None:
+    """Add ``stability`` to every trained QAT record: its validated epochs against its own step-0 (PTQ) start.
+
+    ``stability = {"metric", "start", "lowest", "lowest_epoch", "below_start"}``: the step-0 arm's re-validated value
+    of the task's mAP50 (None when that arm was not run), the lowest validated epoch (the EMA model Ultralytics
+    validates after each epoch), its 1-based epoch, and how many epochs validated below the start (None without a
+    start). Records without per-epoch values (a result stored by an older bench) get none.
+    """
+    m50 = primary_prefix(s) + "mAP50"
+    ok = {(r["model"], r["seed"], r["method"], r["bits"], r["arm"]): r for r in records
+          if _ok(r) and r.get("kind") == "qat"}
+    for key, r in ok.items():
+        curve = [v for v in ((r.get("per_epoch") or {}).get(m50) or []) if v is not None]
+        if is_step0(r["arm"]) or not curve:
+            continue
+        start_rec = ok.get((*key[:4], start_arm(r["arm"])))
+        start = start_rec.get(m50) if start_rec else None
+        lowest = min(curve)
+        r["stability"] = {"metric": m50, "start": start, "lowest": lowest, "lowest_epoch": curve.index(lowest) + 1,
+                          "below_start": None if start is None else sum(v < start for v in curve)}
 
 
 def aggregate(records: list[dict], s: dict) -> list[dict]:
@@ -102,6 +124,15 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
                         row[f"recovered_{m}"] = _recovered(qat, fp, have, m) if not is_step0(arm) else None
                     row["epochs_run"] = [qat[k].get("epochs_run") for k in have]
                     row["size_bytes"] = _size([qat[k] for k in have])
+                    stab = [qat[k].get("stability") for k in have]
+                    if any(stab):
+                        row["stability"] = {
+                            "seeds": [k[1] for k, st in zip(have, stab) if st],
+                            "start": [st["start"] for st in stab if st],
+                            "lowest": summarize([st["lowest"] for st in stab if st]),
+                            "lowest_epoch": [st["lowest_epoch"] for st in stab if st],
+                            "below_start": [st["below_start"] for st in stab if st],
+                            "final": [qat[k].get(primary_prefix(s) + "mAP50") for k, st in zip(have, stab) if st]}
                     rows.append(row)
     return rows
 
@@ -183,6 +214,9 @@ def markdown(result: dict) -> str:
     lines += ["", *_table(rows, prefix)]
     if prefix:
         lines += ["", "### Box mAP of the same runs", "", *_table(rows, "")]
+    stab = stability_table(rows, prefix)
+    if stab:
+        lines += ["", *stab]
     if len(s["bits"]) > 1:
         lines += ["", *sweep_table(result)]
     if result.get("resumed"):
@@ -220,6 +254,32 @@ def _table(rows: list[dict], prefix: str) -> list[str]:
         note = f" (failed seeds {r['failed_seeds']})" if r["failed_seeds"] else ""
         lines.append(f"| {r['model']} | {bits} | {method} | {r['label']}{note} | {_fmt(r.get(m50))} | "
                      f"{_fmt(r.get(m95))} | {gap50} | {gap} | {gain50} | {gain} | {rec_txt} | {ep_txt} |")
+    return lines
+
+
+def stability_table(rows: list[dict], prefix: str = "") -> list[str]:
+    """Markdown lines: each trained arm's validated epochs against its own step-0 start, per seed (empty if none)."""
+    rows = [r for r in rows if r.get("stability")]
+    if not rows:
+        return []
+    l50 = metric_label(prefix + "mAP50")
+
+    def seeds(vals, f="{:.2f}", scale=100.0):
+        return " / ".join("—" if v is None else f.format(v * scale) for v in vals)
+
+    lines = [f"### Stability: every validated epoch against the run's own step-0 start ({l50}, per seed)", "",
+             "start = the arm's step-0 model (PTQ, or PTQ+GABFusion for GABFusion arms); lowest = the lowest "
+             "validated epoch (epoch in brackets); below = epochs validated below the start; final = the re-validated "
+             "best.pt.", "",
+             "| model | bits | method | arm | seeds | start | lowest (epoch) | epochs below start | final |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        st = r["stability"]
+        lowest = " / ".join(f"{100 * v:.2f} ({e})" for v, e in zip(st["lowest"]["values"], st["lowest_epoch"]))
+        below = " / ".join("—" if b is None else str(b) for b in st["below_start"])
+        lines.append(f"| {r['model']} | W{r['bits']}A{r['bits']} | {r['method']} | {r['label']} | "
+                     f"{'/'.join(map(str, st['seeds']))} | {seeds(st['start'])} | {lowest} | {below} | "
+                     f"{seeds(st['final'])} |")
     return lines
 
 
@@ -472,5 +532,5 @@ def plot_curves(result: dict, path: Path) -> Path | None:
     return path
 
 
-__all__ = ["aggregate", "markdown", "metric_label", "plot", "plot_curves", "plot_size", "primary_prefix", "summarize",
+__all__ = ["aggregate", "annotate_stability", "markdown", "stability_table", "metric_label", "plot", "plot_curves", "plot_size", "primary_prefix", "summarize",
            "sweep_table", "task_metrics"]

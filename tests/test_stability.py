@@ -1,0 +1,180 @@
+"""QAT stability keys: frozen BatchNorm (``qat_bn``), BatchNorm re-estimation before validation (``qat_bn_recalib``),
+the EMA ramp (``qat_ema_tau``) and the bench's per-run stability record."""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import train_kwargs
+from ultralytics_gabfusion.stability import auto_ema_tau, ema_decay, freeze_bn_stats, recalibrate_bn
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.SiLU(), nn.Conv2d(5, 4, 1),
+                         nn.BatchNorm2d(4)).double()
+
+
+def test_recalibrate_bn_is_the_plain_average_of_batch_statistics():
+    """Running mean/var after re-estimation = mean over batches of each batch's mean / unbiased variance (float64)."""
+    net = _net().eval()
+    batches = [torch.rand(3, 3, 6, 6, dtype=torch.float64) * (i + 1) for i in range(3)]
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert recalibrate_bn(net, batches) == 3
+    # expected: the first BN sees conv0(x); the second sees conv3(silu(bn1(conv0(x)))) with bn1 in batch mode
+    conv0, bn1, conv3 = net[0], net[1], net[3]
+    means1, vars1, means2, vars2 = [], [], [], []
+    for x in batches:
+        z = conv0(x)
+        means1.append(z.mean((0, 2, 3)))
+        vars1.append(z.var((0, 2, 3), unbiased=True))
+        zn = (z - z.mean((0, 2, 3), keepdim=True)) / torch.sqrt(z.var((0, 2, 3), unbiased=False, keepdim=True) + bn1.eps)
+        z2 = conv3(torch.nn.functional.silu(zn * bn1.weight[None, :, None, None] + bn1.bias[None, :, None, None]))
+        means2.append(z2.mean((0, 2, 3)))
+        vars2.append(z2.var((0, 2, 3), unbiased=True))
+    torch.testing.assert_close(net[1].running_mean, torch.stack(means1).mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net[1].running_var, torch.stack(vars1).mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net[4].running_mean, torch.stack(means2).mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net[4].running_var, torch.stack(vars2).mean(0), rtol=1e-12, atol=1e-12)
+    # flags, momentum and every other tensor as they were
+    assert not net.training and not any(m.training for m in net.modules())
+    assert net[1].momentum == 0.1 and net[4].momentum == 0.1
+    for k, v in net.state_dict().items():
+        if k in before:
+            assert torch.equal(v, before[k]), k
+    assert recalibrate_bn(net, []) == 0
+
+
+def test_recalibrate_bn_keeps_a_train_mode_model_in_train_mode():
+    net = _net().train()
+    recalibrate_bn(net, [torch.rand(2, 3, 4, 4, dtype=torch.float64)])
+    assert all(m.training for m in net.modules())
+
+
+def test_frozen_bn_trains_the_function_that_is_validated():
+    """With frozen BN a training step keeps the running statistics, and the train-mode forward is the eval forward."""
+    net = _net().train()
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    assert freeze_bn_stats(net) == 2
+    x = torch.rand(4, 3, 6, 6, dtype=torch.float64)
+    y_train = net(x)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    y_train.square().mean().backward()
+    opt.step()
+    for k, v in net.state_dict().items():
+        if k in stats:
+            assert torch.equal(v, stats[k]), k
+    assert net[0].training and not net[1].training
+    y_now = net(x)
+    torch.testing.assert_close(y_now, deepcopy(net).eval()(x), rtol=0, atol=0)
+    assert net[1].weight.grad is not None and net[1].weight.grad.abs().sum() > 0, "the BN affine still trains"
+
+
+def test_ema_ramp_formula():
+    d = ema_decay(40.0)
+    for x in (1, 10, 80):
+        assert d(x) == pytest.approx(0.9999 * (1 - math.exp(-x / 40.0)), rel=1e-15)
+    assert auto_ema_tau(80) == pytest.approx(80 / math.log(8))
+    assert auto_ema_tau(5) == 5.0 and auto_ema_tau(0) == 1.0
+    # the window 1/(1-d) at the run's end is about a tenth of the run
+    t = 500
+    assert 1 / (1 - ema_decay(auto_ema_tau(t), max_decay=1.0)(t)) == pytest.approx(t / 10)
+
+
+# ------------------------------------------------------------------------------------------ through the trainer
+def _bn_stats(model) -> dict:
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()
+            if k.endswith("running_mean") or k.endswith("running_var")}
+
+
+def test_trainer_recalib_and_ema_tau(tmp_path, tiny_data, trained_fp):
+    """qat_bn_recalib: the validated EMA (and the saved checkpoint) carries statistics re-estimated on the cached
+    batches; qat_ema_tau=auto: the EMA ramp is sized to the run."""
+    from ultralytics_gabfusion import GABTrainer
+
+    t = GABTrainer(overrides={"model": str(trained_fp), "data": str(tiny_data), "qat": "lsq", "w_bits": 4,
+                              "a_bits": 4, "qat_calib": 1, "qat_bn_recalib": 2, "qat_ema_tau": "auto",
+                              **train_kwargs(tmp_path, epochs=1, batch=4)})
+    t.train()
+    assert len(t._bn_images) == 2 and t._bn_images[0].dtype == torch.uint8
+    updates = 1 * max(len(t.train_loader) // t.accumulate, 1)
+    assert t.ema.decay(7) == pytest.approx(ema_decay(auto_ema_tau(updates))(7))
+    ema = t.ema.ema
+    again = deepcopy(ema)
+    recalibrate_bn(again, [x.float() / 255 for x in t._bn_images])
+    got, want, raw = _bn_stats(ema), _bn_stats(again), _bn_stats(t.model)
+    assert got.keys() == want.keys() and got
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(got[k], raw[k]) for k in got), "the EMA's statistics were re-estimated"
+    saved = torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)["model"].float()
+    for k, v in _bn_stats(saved).items():
+        torch.testing.assert_close(v, got[k], rtol=1e-6, atol=1e-7)
+
+
+def test_trainer_frozen_bn_keeps_fp_statistics(tmp_path, tiny_data, trained_fp):
+    """qat_bn=freeze: after QAT every BatchNorm still holds the FP checkpoint's running statistics."""
+    from ultralytics import YOLO
+
+    from ultralytics_gabfusion import GABTrainer
+
+    fp = _bn_stats(YOLO(str(trained_fp)).model)
+    t = GABTrainer(overrides={"model": str(trained_fp), "data": str(tiny_data), "qat": "lsq", "w_bits": 4,
+                              "a_bits": 4, "qat_calib": 1, "qat_bn": "freeze", **train_kwargs(tmp_path, epochs=1, batch=4)})
+    t.train()
+    assert not any(m.training for m in t.model.modules() if isinstance(m, nn.BatchNorm2d))
+    saved = _bn_stats(torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)["model"].float())
+    assert saved.keys() == fp.keys()
+    for k, v in saved.items():
+        torch.testing.assert_close(v, fp[k], rtol=0, atol=0)
+    w0 = YOLO(str(trained_fp)).model.model[1].conv.weight.float()
+    assert not torch.equal(t.model.model[1].conv.weight.detach().float(), w0), "the weights did train"
+
+
+# ------------------------------------------------------------------------------------------------- the bench
+def test_bench_records_lowest_epoch_and_epochs_below_start():
+    from ultralytics_gabfusion.bench.report import aggregate, annotate_stability, markdown
+
+    def rec(seed, arm, m50, curve=None):
+        return {"id": f"{arm}{seed}", "model": "m", "seed": seed, "kind": "qat" if arm != "fp" else "fp",
+                "method": "lsq" if arm != "fp" else None, "bits": 4 if arm != "fp" else None, "arm": arm,
+                "status": "trained", "mAP50": m50, "mAP50_95": m50 / 2, "epochs_run": len(curve or []),
+                "per_epoch": {"mAP50": curve} if curve else None}
+
+    recs = [rec(0, "fp", 0.9), rec(1, "fp", 0.9),
+            rec(0, "ptq", 0.80), rec(1, "ptq", 0.78), rec(0, "ptq_gab", 0.80), rec(1, "ptq_gab", 0.78),
+            rec(0, "baseline", 0.86, [0.70, 0.82, 0.86]), rec(1, "baseline", 0.85, [0.80, 0.83, 0.85]),
+            rec(0, "gab_ada", 0.87, [0.81, 0.79, 0.87]), rec(1, "gab_ada", 0.84, [0.60, 0.77, 0.84])]
+    s = {"models": ["m"], "seeds": [0, 1], "bits": [4], "methods": ["lsq"],
+         "arms": ["ptq", "ptq_gab", "baseline", "gab_ada"]}
+    annotate_stability(recs, s)
+    by = {r["id"]: r for r in recs}
+    assert by["baseline0"]["stability"] == {"metric": "mAP50", "start": 0.80, "lowest": 0.70, "lowest_epoch": 1,
+                                            "below_start": 1}
+    assert by["baseline1"]["stability"]["below_start"] == 0  # 0.80 is not below 0.78
+    assert by["gab_ada0"]["stability"]["below_start"] == 1 and by["gab_ada0"]["stability"]["lowest_epoch"] == 2
+    assert by["gab_ada1"]["stability"]["below_start"] == 2
+    assert "stability" not in by["ptq0"]
+    rows = {r["arm"]: r for r in aggregate(recs, s)}
+    st = rows["gab_ada"]["stability"]
+    assert st["below_start"] == [1, 2] and st["lowest"]["values"] == pytest.approx([0.79, 0.60])
+    result = {"settings": {**s, "imgsz": 160, "batch": 16, "fp_epochs": 1, "epochs": 3, "ada": 0.1},
+              "environment": {"hardware": "cpu", "torch": "t", "ultralytics": "u", "ultralytics_gabfusion": "p",
+                              "git_commit": None},
+              "data": {"generated": True, "n_train": 1, "n_val": 1, "imgsz": 160}, "rows": list(rows.values()),
+              "wall_s": 1.0}
+    md = markdown(result)
+    assert "### Stability" in md
+    assert "| m | W4A4 | lsq | +GABFusion+ADA | 0/1 | 80.00 / 78.00 | 79.00 (2) / 60.00 (1) | 1 / 2 | 87.00 / 84.00 |" in md
+    # a run whose step-0 arm was not run: lowest epoch recorded, no count
+    recs2 = [r for r in recs if r["arm"] not in ("ptq",)]
+    for r in recs2:
+        r.pop("stability", None)
+    annotate_stability(recs2, s)
+    assert {k: v for k, v in {r["id"]: r for r in recs2}["baseline0"]["stability"].items()} == \
+        {"metric": "mAP50", "start": None, "lowest": 0.70, "lowest_epoch": 1, "below_start": None}

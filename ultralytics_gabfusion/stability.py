@@ -1,0 +1,124 @@
+"""What keeps a QAT run from falling below its post-training-quantized start: BatchNorm handling and the EMA ramp.
+
+QAT starts from a trained model whose BatchNorm running statistics and weights already fit each other. Three things
+in Ultralytics' from-scratch training loop can undo that in the first epochs of a short fine-tuning run; each has a
+plugin key (see ``docs/RESULTS.md`` section 15 for what each costs or gains):
+
+- ``qat_bn=freeze``: BatchNorm layers normalise with their running statistics in training too (eval mode) and never
+  update them. The training forward is then exactly the forward that is validated and deployed, and the statistics
+  the FP model learned are not replaced by those of small, augmented, quantized batches.
+- ``qat_bn_recalib=N``: before each validation, the EMA model's BatchNorm statistics are re-estimated on ``N``
+  training batches (a plain average, quantizers on), so they describe the quantized network that is validated.
+- ``qat_ema_tau=T``: the time constant (optimizer updates) of ``ModelEMA``'s decay ramp. Ultralytics' 2000 suits
+  runs of many thousands of updates; a 10-epoch fine-tuning run of a few hundred updates then validates the raw
+  weights. ``auto`` sizes the ramp to the run, so that the EMA averages about its last tenth.
+
+Examples:
+    >>> import torch.nn as nn
+    >>> from ultralytics_gabfusion.stability import freeze_bn_stats
+    >>> m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
+    >>> freeze_bn_stats(m)
+    1
+    >>> m[1].training, m[0].training
+    (False, True)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+__all__ = ["freeze_bn_stats", "recalibrate_bn", "ema_decay", "auto_ema_tau", "BN_MODES"]
+
+BN_MODES = ("train", "freeze")
+EMA_MAX_DECAY = 0.9999  # Ultralytics' ModelEMA default
+
+
+def _batchnorms(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def freeze_bn_stats(model: nn.Module) -> int:
+    """Put every BatchNorm of ``model`` in eval mode: running statistics used and kept, affine still trained.
+
+    Args:
+        model (nn.Module): Model already in train mode (call after ``model.train()``).
+
+    Returns:
+        (int): Number of BatchNorm layers frozen.
+    """
+    bns = _batchnorms(model)
+    for m in bns:
+        m.eval()
+    return len(bns)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images) -> int:
+    """Re-estimate the BatchNorm running statistics of ``model`` from ``images`` (plain average over the batches).
+
+    The model runs in train mode (batch statistics, quantizers on, no gradients); each BatchNorm's running mean and
+    variance are reset and accumulated with ``momentum=None`` (a cumulative average), then momentum and the train/eval
+    flags of every module are restored. Nothing else changes: quantizer parameters are not re-initialised.
+
+    Args:
+        model (nn.Module): The model whose statistics are re-estimated (normally the EMA model before validation).
+        images (Iterable[torch.Tensor]): Preprocessed image batches on the model's device, float in [0, 1].
+
+    Returns:
+        (int): Number of batches used (0 leaves the model untouched).
+
+    Examples:
+        >>> import torch, torch.nn as nn
+        >>> m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        >>> recalibrate_bn(m, [torch.rand(2, 3, 8, 8)])
+        1
+    """
+    images = list(images)
+    bns = _batchnorms(model)
+    if not images or not bns:
+        return 0
+    flags = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in bns}
+    try:
+        model.train()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        param = next(model.parameters(), None)
+        for x in images:
+            model(x.to(param.device, param.dtype) if param is not None else x)
+    finally:
+        for m, mom in momenta.items():
+            m.momentum = mom
+        for m, t in flags.items():
+            m.training = t
+    return len(images)
+
+
+def auto_ema_tau(total_updates: int) -> float:
+    """``qat_ema_tau=auto``: the ramp whose averaging window at the run's end is about a tenth of the run.
+
+    Without the 0.9999 cap, ``d(x) = 1 - exp(-x / tau)`` averages over ``1 / (1 - d) = exp(x / tau)`` updates, so
+    ``tau = T / ln(T / 10)`` gives a window of ``T / 10`` at the last update ``T`` (``tau = T`` for runs under ~27
+    updates, where the window cannot shrink further). Too small a ``tau`` would freeze the EMA early in the run.
+
+    Examples:
+        >>> round(auto_ema_tau(80), 1)
+        38.5
+    """
+    t = max(float(total_updates), 1.0)
+    return t / max(math.log(t / 10.0), 1.0)
+
+
+def ema_decay(tau: float, max_decay: float = EMA_MAX_DECAY):
+    """Ultralytics' EMA decay ramp ``d(x) = max_decay * (1 - exp(-x / tau))`` with time constant ``tau``.
+
+    Examples:
+        >>> round(ema_decay(10.0)(10), 4)
+        0.6321
+    """
+    tau = float(tau)
+    return lambda x: max_decay * (1 - math.exp(-x / tau))
