@@ -100,13 +100,29 @@ def test_trainer_recalib_and_ema_tau(tmp_path, tiny_data, trained_fp):
     t = GABTrainer(overrides={"model": str(trained_fp), "data": str(tiny_data), "qat": "lsq", "w_bits": 4,
                               "a_bits": 4, "qat_calib": 1, "qat_bn_recalib": 2, "qat_ema_tau": "auto",
                               **train_kwargs(tmp_path, epochs=1, batch=4)})
+    seen = {}
+
+    def at_start(trainer):  # step 0: after calibration, before any training step
+        seen["model"] = deepcopy(trainer.model)
+
+    t.add_callback("on_train_start", at_start)
     t.train()
     assert len(t._bn_images) == 2 and t._bn_images[0].dtype == torch.uint8
+    images = [x.float() / 255 for x in t._bn_images]
+    # step 0: the converted model's statistics are re-estimated on the quantized network (not the FP ones)
+    start, again0 = _bn_stats(seen["model"]), deepcopy(seen["model"])
+    recalibrate_bn(again0, images)
+    from ultralytics import YOLO
+
+    fp = _bn_stats(YOLO(str(trained_fp)).model)
+    for k, v in _bn_stats(again0).items():
+        torch.testing.assert_close(start[k], v, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(start[k], fp[k]) for k in start)
     updates = 1 * max(len(t.train_loader) // t.accumulate, 1)
     assert t.ema.decay(7) == pytest.approx(ema_decay(auto_ema_tau(updates))(7))
     ema = t.ema.ema
     again = deepcopy(ema)
-    recalibrate_bn(again, [x.float() / 255 for x in t._bn_images])
+    recalibrate_bn(again, images)
     got, want, raw = _bn_stats(ema), _bn_stats(again), _bn_stats(t.model)
     assert got.keys() == want.keys() and got
     for k in got:

@@ -174,7 +174,14 @@ class GABTrainerMixin:
         if not self.resume:
             self._calibrate()
         # kept as uint8 on the CPU (a batch of 16 at 640 px is ~20 MB); the same batches before every validation
-        self._bn_images = self._train_images(self.args.qat_bn_recalib, raw=True) if self.args.qat_bn_recalib else []
+        n = self.args.qat_bn_recalib if self.qat_config.quantized else 0  # a float run keeps Ultralytics' behaviour
+        self._bn_images = self._train_images(n, raw=True) if n else []
+        if self._bn_images and not self.resume:  # step 0 too: the statistics of the quantized network, not the FP one
+            self._recalibrate_bn(unwrap_model(self.model))
+
+    def _recalibrate_bn(self, model):
+        p = next(model.parameters())
+        recalibrate_bn(model, (x.to(p.device).float() / 255 for x in self._bn_images))
 
     @torch.no_grad()
     def _calibrate(self):
@@ -374,8 +381,7 @@ class GABTrainerMixin:
         (the checkpoint saved after this validation keeps them).
         """
         if self.ema and self._bn_images:
-            p = next(self.ema.ema.parameters())
-            recalibrate_bn(self.ema.ema, (x.to(p.device).float() / 255 for x in self._bn_images))
+            self._recalibrate_bn(self.ema.ema)
         if self._ada is None or not self.ema:
             return super().validate()
         ema = self.ema.ema
