@@ -158,7 +158,6 @@ CASES = [
     ("ada < 0", "cli", TQ + " ada=-1", ["ada=-1", ">= 0"]),
     ("qat_bn typo", "cli", TQ + " qat_bn=frozen", ["qat_bn=frozen", "train, freeze", "Did you mean 'qat_bn=freeze'"]),
     ("qat_bn_recalib < 0", "cli", TQ + " qat_bn_recalib=-2", ["qat_bn_recalib=-2", "1..1000 or 0"]),
-    ("qat_bn_recalib with frozen BN", "cli", TQ + " qat_bn=freeze qat_bn_recalib=4", ["qat_bn=freeze", "qat_bn_recalib"]),
     ("qat_ema_tau = 0", "cli", TQ + " qat_ema_tau=0", ["qat_ema_tau=0", "auto", "> 0"]),
     ("qat_ema_tau word", "cli", TQ + " qat_ema_tau=fast", ["qat_ema_tau=fast", "auto"]),
     ("misspelt key", "sub", TQ + " w_bit=4", ["w_bit", "w_bits"]),

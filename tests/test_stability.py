@@ -133,21 +133,26 @@ def test_trainer_recalib_and_ema_tau(tmp_path, tiny_data, trained_fp):
         torch.testing.assert_close(v, got[k], rtol=1e-6, atol=1e-7)
 
 
-def test_trainer_frozen_bn_keeps_fp_statistics(tmp_path, tiny_data, trained_fp):
-    """qat_bn=freeze: after QAT every BatchNorm still holds the FP checkpoint's running statistics."""
+def test_trainer_frozen_bn_keeps_step0_statistics(tmp_path, tiny_data, trained_fp):
+    """qat_bn=freeze: the statistics re-estimated at step 0 are used in training and kept to the end (no
+    re-estimation before validation); without qat_bn_recalib they would be the FP checkpoint's."""
     from ultralytics import YOLO
 
     from ultralytics_gabfusion import GABTrainer
 
     fp = _bn_stats(YOLO(str(trained_fp)).model)
+    seen = {}
     t = GABTrainer(overrides={"model": str(trained_fp), "data": str(tiny_data), "qat": "lsq", "w_bits": 4,
-                              "a_bits": 4, "qat_calib": 1, "qat_bn": "freeze", **train_kwargs(tmp_path, epochs=1, batch=4)})
+                              "a_bits": 4, "qat_calib": 1, "qat_bn": "freeze", "qat_bn_recalib": 2,
+                              **train_kwargs(tmp_path, epochs=1, batch=4)})
+    t.add_callback("on_train_start", lambda tr: seen.setdefault("start", _bn_stats(tr.model)))
     t.train()
     assert not any(m.training for m in t.model.modules() if isinstance(m, nn.BatchNorm2d))
     saved = _bn_stats(torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)["model"].float())
-    assert saved.keys() == fp.keys()
+    assert saved.keys() == fp.keys() == seen["start"].keys()
     for k, v in saved.items():
-        torch.testing.assert_close(v, fp[k], rtol=0, atol=0)
+        torch.testing.assert_close(v, seen["start"][k], rtol=1e-6, atol=1e-7)
+    assert any(not torch.allclose(v, fp[k]) for k, v in saved.items()), "re-estimated at step 0"
     w0 = YOLO(str(trained_fp)).model.model[1].conv.weight.float()
     assert not torch.equal(t.model.model[1].conv.weight.detach().float(), w0), "the weights did train"
 

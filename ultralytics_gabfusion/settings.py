@@ -509,9 +509,10 @@ SETTINGS: dict[str, Setting] = {
     "qat_kernel": Setting("auto", "fake-quant kernels: auto (compiled on CUDA with Triton, reference on CPU), reference, compiled", _choice(*QAT_KERNELS)),
     # Stability of the QAT run (stability.py)
     "qat_bn": Setting("train", "BatchNorm in QAT: train (batch statistics, running statistics updated: Ultralytics) or "
-                      "freeze (running statistics used and kept; affine trained)", _choice("train", "freeze")),
-    "qat_bn_recalib": Setting(0, "training batches to re-estimate the EMA model's BatchNorm statistics on before each "
-                              "validation (0 = off)", _int_range(1, 1000, True)),
+                      "freeze (running statistics used and kept, after the step-0 re-estimation of qat_bn_recalib; affine trained)", _choice("train", "freeze")),
+    "qat_bn_recalib": Setting(8, "training batches on which BatchNorm statistics are re-estimated at step 0 and before each "
+                              "validation, quantized runs only (0 = off: Ultralytics' running statistics)",
+                              _int_range(1, 1000, True)),
     "qat_ema_tau": Setting(None, "EMA ramp time constant in optimizer updates: None (Ultralytics' 2000), auto (sized to "
                            "the run: the EMA averages about its last tenth) or a number", _ema_tau),
     # GABFusion
@@ -688,9 +689,6 @@ def check_consistency(args) -> None:
     if get("gab") == "learned" and get("gab_form") == "grad":
         raise SettingsError("'gab=learned' trains alpha through the forward pass, which 'gab_form=grad' leaves untouched: "
                             "use gab_form=paper with gab=learned, or gab=balanced.")
-    if get("qat_bn") == "freeze" and (get("qat_bn_recalib") or 0) > 0:
-        raise SettingsError("'qat_bn=freeze' keeps the BatchNorm statistics fixed, 'qat_bn_recalib' re-estimates them: "
-                            "use one of them (qat_bn=train qat_bn_recalib=N, or qat_bn=freeze qat_bn_recalib=0).")
     if get("ada_attn") == "qada" and get("qat") == "none" and (get("ada") or 0) > 0:
         raise SettingsError("'ada_attn=qada' uses the student's quantizers: set qat=lsq|lsqplus|pact|n2uq or ada_attn=simam.")
 

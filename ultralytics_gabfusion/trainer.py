@@ -377,10 +377,10 @@ class GABTrainerMixin:
     def validate(self):
         """Validate the EMA model; with ADA on, val/ada_loss is computed like the training term.
 
-        With ``qat_bn_recalib=N`` the EMA model's BatchNorm statistics are first re-estimated on N training batches
-        (the checkpoint saved after this validation keeps them).
+        With ``qat_bn_recalib=N`` (and BatchNorm not frozen) the EMA model's BatchNorm statistics are first re-estimated
+        on N training batches (the checkpoint saved after this validation keeps them).
         """
-        if self.ema and self._bn_images:
+        if self.ema and self._bn_images and self.args.qat_bn != "freeze":  # frozen: step-0 statistics kept
             self._recalibrate_bn(self.ema.ema)
         if self._ada is None or not self.ema:
             return super().validate()

@@ -26,7 +26,7 @@ from ..ptq import post_training_quantize
 from ..quant.mixed import model_size_bytes
 from ..trainer import GABTrainer
 from .accuracy_settings import synth_settings
-from .arms import ARM_SETTINGS, METHOD_DEFAULTS, PAPER_SCHEDULE
+from .arms import ARM_SETTINGS, METHOD_DEFAULTS, SCHEDULES
 from .common import write_json
 
 # Segmentation and pose runs: the task's own metrics next to the box ones, as Ultralytics names them (mask "(M)",
@@ -74,7 +74,7 @@ def fp_train_args(s: dict, data: str, seed: int, name: str) -> dict:
 
 
 def qat_train_args(s: dict, data: str, seed: int, name: str, method: str, bits: int, arm: str) -> dict:
-    """Keyword arguments of one QAT run: paper schedule < method defaults < recipe < extra keys < per-arm keys.
+    """Keyword arguments of one QAT run: schedule < method defaults < recipe < extra keys < per-arm keys.
 
     Args:
         s (dict): Resolved settings.
@@ -89,7 +89,7 @@ def qat_train_args(s: dict, data: str, seed: int, name: str, method: str, bits: 
         (dict): Keyword arguments of ``YOLO(fp).train(trainer=GABTrainer, ...)`` (or of PTQ for the ``ptq`` arm).
     """
     gab, use_ada, form, _ = ARM_SETTINGS[arm]
-    kw = {**PAPER_SCHEDULE, "qat_lr": METHOD_DEFAULTS[method]["qat_lr"]}
+    kw = {**SCHEDULES[s.get("schedule") or "stable"], "qat_lr": METHOD_DEFAULTS[method]["qat_lr"]}
     kw.update(s["recipe_cfg"])
     kw.update(s["extra"])
     kw.update(_train_common(s, data, seed, name))

@@ -56,6 +56,11 @@ PAPER_SCHEDULE = {"optimizer": "SGD", "lr0": 0.00334, "lrf": 0.15135, "momentum"
                   "hsv_h": 0.01041, "hsv_s": 0.54703, "hsv_v": 0.27739, "degrees": 0.0, "translate": 0.04591,
                   "scale": 0.75544, "shear": 0.0, "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5,
                   "mosaic": 0.85834, "mixup": 0.04266, "copy_paste": 0.0}
+# The recipes' schedule (cfg/qat/*.yaml, docs/RESULTS.md section 15): hyp.VOC's optimiser and augmentation, without the
+# warm-up (its bias lr 0.187 is a from-scratch value), BatchNorm statistics re-estimated at step 0 and before each
+# validation. 'paper' is hyp.VOC literally, with Ultralytics' BatchNorm handling.
+STABLE_SCHEDULE = {**PAPER_SCHEDULE, "warmup_epochs": 0, "qat_bn_recalib": 8}
+SCHEDULES = {"stable": STABLE_SCHEDULE, "paper": {**PAPER_SCHEDULE, "qat_bn_recalib": 0}}
 # Per-method defaults, as in cfg/qat/*.yaml: N2UQ trains its quantizer tensors at lr/10 (reference code), and the
 # paper found KL best for the uniform quantizers and JS for N2UQ.
 METHOD_DEFAULTS = {
@@ -65,4 +70,5 @@ METHOD_DEFAULTS = {
     "n2uq": {"qat_lr": 0.1, "ada_div": "js"},
 }
 
-__all__ = ["ARMS", "ARM_LABELS", "ARM_SETTINGS", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "is_step0", "start_arm"]
+__all__ = ["ARMS", "ARM_LABELS", "ARM_SETTINGS", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "SCHEDULES", "STABLE_SCHEDULE", "is_step0",
+           "start_arm"]

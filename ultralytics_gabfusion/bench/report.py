@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .arms import ARM_LABELS, is_step0, start_arm
+from .arms import ARM_LABELS, PAPER_SCHEDULE, STABLE_SCHEDULE, is_step0, start_arm
 
 METRICS = ("mAP50", "mAP50_95")
 METRIC_LABELS = {"mAP50": "mAP50", "mAP50_95": "mAP50-95"}
@@ -190,8 +190,11 @@ def markdown(result: dict) -> str:
          f"- FP: {s['fp_epochs']} epochs" + (f" (time budget {s['fp_time']} h)" if s.get("fp_time") else ""))
         + (f" ({', '.join(f'{k}={v}' for k, v in s['fp_extra'].items())})" if s.get("fp_extra") else "")
         + f"; QAT: {s['epochs']} epochs" + (f" (time budget {s['time']} h)" if s.get("time") else "")
-        + (f", recipe {s['recipe']}" if s.get("recipe") else ", paper schedule (hyp.VOC: SGD lr0 0.00334, lrf 0.15135, "
-           "momentum 0.74832, wd 0.00025)")
+        + (f", recipe {s['recipe']}" if s.get("recipe") else "")
+        + (", the paper's literal schedule (hyp.VOC with warm-up; Ultralytics' BatchNorm handling)"
+           if s.get("schedule") == "paper" else
+           ", the recipes' stable schedule (hyp.VOC with " +
+           ", ".join(f"{k}={v}" for k, v in STABLE_SCHEDULE.items() if PAPER_SCHEDULE.get(k) != v) + ")")
         + f"; ADA weight {s['ada']}",
         f"- seeds: {s['seeds']}" + (" (mean ± std over seeds)" if multi else " (one seed: run-to-run spread unmeasured)"),
         f"- hardware: {env['hardware']}; torch {env['torch']}, ultralytics {env['ultralytics']}, plugin "
