@@ -36,8 +36,10 @@ Examples:
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from ultralytics.cfg import cfg2dict
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -64,6 +66,7 @@ from .quant.quantizers import STEP_EPS
 from .resume import (
     atomic_replace,
     drop_resume_state,
+    get_rng_state,
     own_shuffle_generator,
     resume_state,
     set_rng_state,
@@ -175,7 +178,16 @@ class GABTrainerMixin:
             self._calibrate()
         # kept as uint8 on the CPU (a batch of 16 at 640 px is ~20 MB); the same batches before every validation
         n = self.args.qat_bn_recalib if self.qat_config.quantized else 0  # a float run keeps Ultralytics' behaviour
-        self._bn_images = self._train_images(n, raw=True) if n else []
+        if n:  # the same batches in a fresh and a resumed run: augmentation drawn from seeded, then restored, streams
+            rng = get_rng_state()
+            try:
+                seed = self.args.seed + 1 + max(RANK, 0)
+                random.seed(seed)
+                np.random.seed(seed)
+                torch.manual_seed(seed)
+                self._bn_images = self._train_images(n, raw=True)
+            finally:
+                set_rng_state(rng)
         if self._bn_images and not self.resume:  # step 0 too: the statistics of the quantized network, not the FP one
             self._recalibrate_bn(unwrap_model(self.model))
 
