@@ -36,6 +36,7 @@ from .quant.convert import (
 from .quant.mixed import BOPS_IMGSZ, conv_costs, format_totals, fp_totals, plan_totals, resolve_layer_bits
 from .quant.qconv import QuantConv2d, quant_convs, quantizers_disabled
 from .settings import QATConfig
+from .stability import recalibrate_bn
 from .version import __version__
 
 PREFIX = colorstr("gabfusion: ")
@@ -188,8 +189,13 @@ def needs_calibration(model) -> bool:
 
 
 @torch.no_grad()
-def calibrate_model(model, images: list, init: str = "mse") -> None:
+def calibrate_model(model, images: list, init: str = "mse", bn_images: list | None = None) -> None:
     """Data-dependent inits before training: GABFusion LayerNorm fit (if pending) and activation quantizers.
+
+    With ``bn_images`` (``qat_bn_recalib``) the activation quantizers are calibrated twice around a re-estimation of
+    the BatchNorm statistics: calibrate on the FP statistics, re-estimate the statistics of the quantized network,
+    re-calibrate every activation quantizer on them, re-estimate once more. The FP statistics describe a network
+    without quantization error; at W3A3 that mismatch alone cost ~18 mAP50 of the PTQ model (docs/RESULTS.md 15).
 
     Under torch.distributed each rank passes its own batches; they are gathered first (batch ``k`` of every rank,
     concatenated in rank order), so every rank calibrates on the union exactly as one process holding all the
@@ -217,6 +223,12 @@ def calibrate_model(model, images: list, init: str = "mse") -> None:
         k = calibrate_activations(model, images, init=init, bn=bn)
         LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {len(images[0])} images "
                     f"(BatchNorm on {'running' if bn == 'eval' else 'batch'} statistics)")
+        if bn_images:
+            recalibrate_bn(model, bn_images)
+            calibrate_activations(model, images, only_uninitialized=False, init=init, bn="eval")
+            n = recalibrate_bn(model, bn_images)
+            LOGGER.info(f"{PREFIX}BatchNorm statistics of the quantized network re-estimated on {n} batches, activation "
+                        f"quantizers re-calibrated on them")
     if distributed:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)

@@ -38,7 +38,7 @@ EMA_MAX_DECAY = 0.9999  # Ultralytics' ModelEMA default
 
 
 def _batchnorms(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def freeze_bn_stats(model: nn.Module) -> int:
@@ -66,7 +66,8 @@ def recalibrate_bn(model: nn.Module, images) -> int:
 
     Args:
         model (nn.Module): The model whose statistics are re-estimated (normally the EMA model before validation).
-        images (Iterable[torch.Tensor]): Preprocessed image batches on the model's device, float in [0, 1].
+        images (Iterable[torch.Tensor]): Image batches, float in [0, 1] or uint8 in [0, 255] (scaled here, batch by
+            batch, so a cached uint8 set never exists on the device as float); moved to the model's device.
 
     Returns:
         (int): Number of batches used (0 leaves the model untouched).
@@ -77,26 +78,36 @@ def recalibrate_bn(model: nn.Module, images) -> int:
         >>> recalibrate_bn(m, [torch.rand(2, 3, 8, 8)])
         1
     """
-    images = list(images)
     bns = _batchnorms(model)
-    if not images or not bns:
+    if not bns:
         return 0
     flags = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
+    saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns}
     try:
         model.train()
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
         param = next(model.parameters(), None)
+        n = 0
         for x in images:
-            model(x.to(param.device, param.dtype) if param is not None else x)
+            if param is not None:
+                x = x.to(param.device)
+            x = x.float() / 255 if x.dtype == torch.uint8 else x
+            model(x.to(param.dtype) if param is not None else x)
+            n += 1
     finally:
         for m, mom in momenta.items():
             m.momentum = mom
         for m, t in flags.items():
             m.training = t
-    return len(images)
+    if n == 0:  # nothing seen: put the statistics back as they were
+        for m, st in saved.items():
+            m.running_mean.copy_(st[0])
+            m.running_var.copy_(st[1])
+            m.num_batches_tracked.copy_(st[2])
+    return n
 
 
 def auto_ema_tau(total_updates: int) -> float:

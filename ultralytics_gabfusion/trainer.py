@@ -174,11 +174,10 @@ class GABTrainerMixin:
         """Build loaders and optimizer, then run the data-dependent inits before ``ModelEMA`` copies the model."""
         super()._build_train_pipeline()
         own_shuffle_generator(self.train_loader)
-        if not self.resume:
-            self._calibrate()
-        # kept as uint8 on the CPU (a batch of 16 at 640 px is ~20 MB); the same batches before every validation
+        # kept as uint8 on the CPU (a batch of 16 at 640 px is ~20 MB): the same batches at step 0 and before every
+        # validation, in a fresh and in a resumed run (augmentation drawn from seeded, then restored, RNG streams)
         n = self.args.qat_bn_recalib if self.qat_config.quantized else 0  # a float run keeps Ultralytics' behaviour
-        if n:  # the same batches in a fresh and a resumed run: augmentation drawn from seeded, then restored, streams
+        if n:
             rng = get_rng_state()
             try:
                 seed = self.args.seed + 1 + max(RANK, 0)
@@ -188,19 +187,16 @@ class GABTrainerMixin:
                 self._bn_images = self._train_images(n, raw=True)
             finally:
                 set_rng_state(rng)
-        if self._bn_images and not self.resume:  # step 0 too: the statistics of the quantized network, not the FP one
-            self._recalibrate_bn(unwrap_model(self.model))
-
-    def _recalibrate_bn(self, model):
-        p = next(model.parameters())
-        recalibrate_bn(model, (x.to(p.device).float() / 255 for x in self._bn_images))
+        if not self.resume:
+            self._calibrate()
 
     @torch.no_grad()
     def _calibrate(self):
         model = unwrap_model(self.model)
         if not needs_calibration(model):
             return
-        calibrate_model(model, self._train_images(self.args.qat_calib), init=self.args.qat_init)
+        calibrate_model(model, self._train_images(self.args.qat_calib), init=self.args.qat_init,
+                        bn_images=self._bn_images)
 
     @torch.no_grad()
     def _train_images(self, n: int, raw: bool = False) -> list:
@@ -393,7 +389,7 @@ class GABTrainerMixin:
         on N training batches (the checkpoint saved after this validation keeps them).
         """
         if self.ema and self._bn_images and self.args.qat_bn != "freeze":  # frozen: step-0 statistics kept
-            self._recalibrate_bn(self.ema.ema)
+            recalibrate_bn(self.ema.ema, self._bn_images)
         if self._ada is None or not self.ema:
             return super().validate()
         ema = self.ema.ema
