@@ -219,23 +219,34 @@ HYP_VOC = {"lr0": 0.00334, "lrf": 0.15135, "momentum": 0.74832, "weight_decay": 
            "flipud": 0.0, "fliplr": 0.5, "mosaic": 0.85834, "mixup": 0.04266, "copy_paste": 0.0}
 
 
-def test_shipped_recipes_follow_hyp_voc_and_load_with_stock_keys_plus_ours():
+def test_shipped_recipes_follow_the_stable_schedule_and_load_with_stock_keys_plus_ours():
+    """Recipes = the bench's stable schedule = hyp.VOC except the keys whose comment row says why they differ."""
+    import re
+
     from ultralytics.cfg import get_cfg
     from ultralytics.utils import YAML
 
+    from ultralytics_gabfusion.bench.arms import PAPER_SCHEDULE, SCHEDULES, STABLE_SCHEDULE
     from ultralytics_gabfusion.settings import check_consistency, validate_settings
     from ultralytics_gabfusion.trainer import plugin_cfg
 
+    assert PAPER_SCHEDULE == {"optimizer": "SGD", **HYP_VOC} and SCHEDULES["paper"]["qat_bn_recalib"] == 0
+    differ = {k for k in HYP_VOC if STABLE_SCHEDULE[k] != HYP_VOC[k]}
+    assert differ == {"warmup_epochs"}
     recipes = sorted((ROOT / "cfg" / "qat").glob("*.yaml"))
     assert len(recipes) == 8
     for f in recipes:
         r = YAML.load(f)
+        text = f.read_text()
         cfg = get_cfg(plugin_cfg(), r)  # raises on any key that is neither Ultralytics' nor ours
         check_consistency(validate_settings(vars(cfg)))
-        assert {k: r.get(k) for k in HYP_VOC} == HYP_VOC, f.name
+        assert {k: r.get(k, HYP_VOC.get(k)) for k in STABLE_SCHEDULE} == STABLE_SCHEDULE, f.name
         assert (r["box"], r["cls"], r["optimizer"]) == (7.5, 0.5, "SGD"), f.name  # v8 loss gains (see the recipe)
         for k in HYP_VOC:
-            assert f"#   {k} " in f.read_text(), f"{f.name}: {k} missing from the comment table"
+            row = re.search(rf"^#   {k} +(\S+) +(\S+)(.*)$", text, re.M)
+            assert row, f"{f.name}: {k} missing from the comment table"
+            if k in differ:
+                assert row.group(3).strip(), f"{f.name}: the {k} row must say why it differs from hyp.VOC"
 
 
 def test_qat_act_grid_key_is_validated_and_listed():
