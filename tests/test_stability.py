@@ -199,3 +199,26 @@ def test_bench_records_lowest_epoch_and_epochs_below_start():
     annotate_stability(recs2, s)
     assert {k: v for k, v in {r["id"]: r for r in recs2}["baseline0"]["stability"].items()} == \
         {"metric": "mAP50", "start": None, "lowest": 0.70, "lowest_epoch": 1, "below_start": None}
+
+
+def test_bench_schedules_stable_by_default_and_paper_literal(tmp_path):
+    """schedule=stable (default): hyp.VOC without warm-up, BatchNorm re-estimated; schedule=paper: hyp.VOC literally."""
+    from ultralytics_gabfusion.bench.accuracy_runs import qat_train_args
+    from ultralytics_gabfusion.bench.accuracy_settings import PRESETS, resolve_settings
+    from ultralytics_gabfusion.bench.arms import PAPER_SCHEDULE
+    from ultralytics_gabfusion.bench.common import BenchError
+
+    base = ["models=[yolov5n-synth160]", "imgsz=160", "methods=[lsq]", "bits=[4]", f"out={tmp_path / 'b'}"]
+    s = resolve_settings(base)
+    assert s["schedule"] == "stable"
+    a = qat_train_args(s, "d.yaml", 0, "r", "lsq", 4, "baseline")
+    assert a["warmup_epochs"] == 0 and a["qat_bn_recalib"] == 8 and a["lr0"] == PAPER_SCHEDULE["lr0"]
+    p = qat_train_args(resolve_settings([*base, "schedule=paper"]), "d.yaml", 0, "r", "lsq", 4, "baseline")
+    assert {k: p[k] for k in PAPER_SCHEDULE} == PAPER_SCHEDULE and p["qat_bn_recalib"] == 0
+    # a user's key still wins over the schedule
+    u = qat_train_args(resolve_settings([*base, "qat_bn_recalib=2"]), "d.yaml", 0, "r", "lsq", 4, "baseline")
+    assert u["qat_bn_recalib"] == 2
+    assert PRESETS["study-long-paper"]["schedule"] == "paper" and "schedule" not in PRESETS["study-long"]
+    with pytest.raises(BenchError, match="schedule"):
+        resolve_settings([*base, "schedule=fast"])
+    assert not (tmp_path / "b").exists(), "resolving settings writes nothing"
