@@ -157,6 +157,23 @@ def test_trainer_frozen_bn_keeps_step0_statistics(tmp_path, tiny_data, trained_f
     assert not torch.equal(t.model.model[1].conv.weight.detach().float(), w0), "the weights did train"
 
 
+def test_float_run_keeps_ultralytics_batchnorm(tmp_path, tiny_data, trained_fp):
+    """qat=none: no re-estimation (the default qat_bn_recalib applies to quantized runs only): the stock trainer."""
+    from ultralytics_gabfusion import GABTrainer
+
+    seen = {}
+    t = GABTrainer(overrides={"model": str(trained_fp), "data": str(tiny_data), **train_kwargs(tmp_path, epochs=1,
+                                                                                                 batch=4, val=False)})
+    t.add_callback("on_train_start", lambda tr: seen.setdefault("start", _bn_stats(tr.model)))
+    t.train()
+    from ultralytics import YOLO
+
+    fp = _bn_stats(YOLO(str(trained_fp)).model)
+    assert t.args.qat_bn_recalib == 8 and t._bn_images == []
+    for k, v in seen["start"].items():
+        torch.testing.assert_close(v, fp[k], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------- the bench
 def test_bench_records_lowest_epoch_and_epochs_below_start():
     from ultralytics_gabfusion.bench.report import aggregate, annotate_stability, markdown
