@@ -34,13 +34,14 @@ for b in 4 3; do
       launch "w${b}a${b}-s$s-$a" 0 bits=[$b] seeds=[$s] arms=[$a]
     done
   done
-  launch "w${b}a${b}-s0-step0" 5 bits=[$b] seeds=[0] arms=[ptq,ptq_gab,ptq_gab_paper]  # step 0 (one seed)
-  launch "w${b}a${b}-s0-gab_paper" 0 bits=[$b] seeds=[0] arms=[gab_paper]  # the paper's form: one seed
+  launch "w${b}a${b}-step0" 5 bits=[$b] arms=[ptq,ptq_gab]  # every seed's start (the stability table needs them)
+  launch "w${b}a${b}-s0-paper" 0 bits=[$b] seeds=[0] arms=[ptq_gab_paper,gab_paper]  # the paper's form: one seed
 done
 for p in "${pids[@]}"; do wait "$p"; done
 
 # the report from the stored results (nothing is trained here)
-bench report_only=True out="$OUT/study" > "$OUT/logs/report.log" 2>&1
+bench report_only=True arms=[ptq,ptq_gab,ptq_gab_paper,baseline,gab,gab_ada,gab_paper] out="$OUT/study" \
+  > "$OUT/logs/report.log" 2>&1
 # weights, images and val folders stay here (only the numbers, curves and logs are needed back)
 find "$OUT" -name "*.pt" -delete
 find "$OUT" -type d \( -name data -o -name val \) -prune -exec rm -rf {} +

@@ -56,6 +56,18 @@ def test_recalibrate_bn_keeps_a_train_mode_model_in_train_mode():
     assert all(m.training for m in net.modules())
 
 
+def test_recalibrate_bn_keeps_statistics_of_constant_channels():
+    """A channel whose input is constant on every batch (var ~0) keeps its old statistics; the others are re-estimated."""
+    net = _net().eval()
+    with torch.no_grad():
+        net[0].weight[2].zero_()  # channel 2 of the first BN sees only the bias: a constant
+        net[1].running_mean.fill_(0.5)
+        net[1].running_var.fill_(2.0)
+    recalibrate_bn(net, [torch.rand(3, 3, 6, 6, dtype=torch.float64) for _ in range(2)])
+    assert net[1].running_mean[2] == 0.5 and net[1].running_var[2] == 2.0
+    assert (net[1].running_var[[0, 1, 3, 4]] != 2.0).all() and (net[1].running_var > net[1].eps).all()
+
+
 def test_frozen_bn_trains_the_function_that_is_validated():
     """With frozen BN a training step keeps the running statistics, and the train-mode forward is the eval forward."""
     net = _net().train()

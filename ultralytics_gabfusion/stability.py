@@ -62,7 +62,9 @@ def recalibrate_bn(model: nn.Module, images) -> int:
 
     The model runs in train mode (batch statistics, quantizers on, no gradients); each BatchNorm's running mean and
     variance are reset and accumulated with ``momentum=None`` (a cumulative average), then momentum and the train/eval
-    flags of every module are restored. Nothing else changes: quantizer parameters are not re-initialised.
+    flags of every module are restored. Channels whose new variance is below the layer's ``eps`` (a constant input,
+    e.g. every value rounded to one level) or not finite keep their previous statistics. Nothing else changes:
+    quantizer parameters are not re-initialised.
 
     Args:
         model (nn.Module): The model whose statistics are re-estimated (normally the EMA model before validation).
@@ -102,11 +104,19 @@ def recalibrate_bn(model: nn.Module, images) -> int:
             m.momentum = mom
         for m, t in flags.items():
             m.training = t
-    if n == 0:  # nothing seen: put the statistics back as they were
-        for m, st in saved.items():
-            m.running_mean.copy_(st[0])
-            m.running_var.copy_(st[1])
-            m.num_batches_tracked.copy_(st[2])
+    for m, (mean, var, count) in saved.items():
+        if n == 0:  # nothing seen: put the statistics back as they were
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            continue
+        # A channel whose quantized input was constant on every batch (everything rounded to one level) re-estimates a
+        # variance of ~0; normalising with it would amplify any later difference by up to 1/sqrt(eps). Such channels,
+        # and non-finite ones, keep the statistics they had.
+        keep = ~torch.isfinite(m.running_var) | ~torch.isfinite(m.running_mean) | (m.running_var < m.eps)
+        if keep.any():
+            m.running_mean.copy_(torch.where(keep, mean, m.running_mean))
+            m.running_var.copy_(torch.where(keep, var, m.running_var))
     return n
 
 
