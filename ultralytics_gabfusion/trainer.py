@@ -550,10 +550,10 @@ def _log_ada_ratio(trainer):
         return
     ratio = crit.pop_ratio()
     share = crit.pop_grad_share() if hasattr(crit, "pop_grad_share") else None
-    if ratio is not None:
-        trainer.lr["ada/ratio"] = round(float(ratio), 6)  # saved with the lr columns of results.csv
+    if ratio is not None:  # saved with the lr columns of results.csv; significant digits, so a small ratio is not 0
+        trainer.lr["ada/ratio"] = float(f"{float(ratio):.6g}")
     if share is not None:
-        trainer.lr["ada/grad_ratio"] = round(float(share), 6)
+        trainer.lr["ada/grad_ratio"] = float(f"{float(share):.6g}")
     if ratio is not None or share is not None:
         what = task_noun(getattr(trainer.args, "task", "detect"))
         LOGGER.info(f"{PREFIX}weighted ADA / {what} loss = {ratio if ratio is not None else float('nan'):.3g}; "
