@@ -186,6 +186,30 @@ def test_float_run_keeps_ultralytics_batchnorm(tmp_path, tiny_data, trained_fp):
         torch.testing.assert_close(v, fp[k], rtol=0, atol=0)
 
 
+def test_run_saved_before_the_key_resumes_without_reestimation(tmp_path, tiny_data, trained_fp):
+    """A last.pt whose args lack qat_bn_recalib (written before the key existed) resumes as it was trained."""
+    from ultralytics_gabfusion import GABTrainer
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer):
+        raise Stop
+
+    t = GABTrainer(overrides={"model": str(trained_fp), "data": str(tiny_data), "qat": "lsq", "qat_calib": 1,
+                              "qat_bn_recalib": 1, **train_kwargs(tmp_path, epochs=2, batch=4, val=False)})
+    t.add_callback("on_train_epoch_end", stop)
+    with pytest.raises(Stop):
+        t.train()
+    t.save_model()
+    last = tmp_path / "run" / "weights" / "last.pt"
+    assert GABTrainer(overrides={"resume": str(last)}).args.qat_bn_recalib == 1
+    ck = torch.load(last, weights_only=False)
+    del ck["train_args"]["qat_bn_recalib"]
+    torch.save(ck, last)
+    assert GABTrainer(overrides={"resume": str(last)}).args.qat_bn_recalib == 0
+
+
 # ------------------------------------------------------------------------------------------------- the bench
 def test_bench_records_lowest_epoch_and_epochs_below_start():
     from ultralytics_gabfusion.bench.report import aggregate, annotate_stability, markdown

@@ -125,6 +125,8 @@ class GABTrainerMixin:
                 preflight_train({**merged, **config.as_dict(), **overrides}, overrides, task=self.TASK,
                                 trainer=type(self).__name__)
         super().__init__(base, overrides, _callbacks)
+        if self.resume and "qat_bn_recalib" not in vars(self.args):  # a run saved before the key existed resumes as
+            self.args.qat_bn_recalib = 0                               # it was trained: Ultralytics' statistics
         # the run's config: from the final args (a resumed run's come from its checkpoint), normalised back into them
         self.qat_config = QATConfig.from_keys(self.args)
         for k, v in self.qat_config.as_dict().items():
