@@ -36,10 +36,8 @@ Examples:
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from ultralytics.cfg import cfg2dict
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -66,9 +64,9 @@ from .quant.quantizers import STEP_EPS
 from .resume import (
     atomic_replace,
     drop_resume_state,
-    get_rng_state,
     own_shuffle_generator,
     resume_state,
+    rng_fork,
     set_rng_state,
     shuffle_generator,
     truncate_results,
@@ -180,15 +178,8 @@ class GABTrainerMixin:
         # validation, in a fresh and in a resumed run (augmentation drawn from seeded, then restored, RNG streams)
         n = self.args.qat_bn_recalib if self.qat_config.quantized else 0  # a float run keeps Ultralytics' behaviour
         if n:
-            rng = get_rng_state()
-            try:
-                seed = self.args.seed + 1 + max(RANK, 0)
-                random.seed(seed)
-                np.random.seed(seed)
-                torch.manual_seed(seed)
+            with rng_fork(self.args.seed + 1 + max(RANK, 0)):
                 self._bn_images = self._train_images(n, raw=True)
-            finally:
-                set_rng_state(rng)
         if not self.resume:
             self._calibrate()
 
