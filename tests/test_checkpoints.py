@@ -54,7 +54,10 @@ def test_stock_checkpoint_qat_val_export_resume(arch, data3, tmp_path):
 
     model.add_callback("on_fit_epoch_end", stop_after_first_epoch)
     with pytest.raises(Interrupt):
-        model.train(trainer=GABTrainer, data=str(data3), qat="lsq", w_bits=4, a_bits=4, qat_calib=1,
+        # qat_bn_recalib=0: these FP models saw one epoch from scratch (running variances still ~1); re-estimated on the
+        # quantized network many channels are nearly constant, and their folded BatchNorm amplifies float noise past
+        # the export's layer-local parity bound (the end-to-end outputs still match)
+        model.train(trainer=GABTrainer, data=str(data3), qat="lsq", w_bits=4, a_bits=4, qat_calib=1, qat_bn_recalib=0,
                     **train_kwargs(tmp_path / "qat", epochs=2))
     run = tmp_path / "qat" / "run"
     YOLO(str(run / "weights" / "last.pt")).train(trainer=GABTrainer, resume=True)

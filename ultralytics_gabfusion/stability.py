@@ -35,6 +35,7 @@ __all__ = ["freeze_bn_stats", "recalibrate_bn", "ema_decay", "auto_ema_tau", "BN
 
 BN_MODES = ("train", "freeze")
 EMA_MAX_DECAY = 0.9999  # Ultralytics' ModelEMA default
+DEAD_VAR_RATIO = 0.01  # a re-estimated variance under 1 % of the previous one marks a channel quantization made constant
 
 
 def _batchnorms(model: nn.Module):
@@ -62,8 +63,9 @@ def recalibrate_bn(model: nn.Module, images) -> int:
 
     The model runs in train mode (batch statistics, quantizers on, no gradients); each BatchNorm's running mean and
     variance are reset and accumulated with ``momentum=None`` (a cumulative average), then momentum and the train/eval
-    flags of every module are restored. Channels whose new variance is below the layer's ``eps`` (a constant input,
-    e.g. every value rounded to one level) or not finite keep their previous statistics. Nothing else changes:
+    flags of every module are restored. Channels whose new variance is below the layer's ``eps`` or below 1 % of the
+    previous one (an input quantization made (nearly) constant, e.g. every value rounded to one level), or not
+    finite, keep their previous statistics. Nothing else changes:
     quantizer parameters are not re-initialised.
 
     Args:
@@ -110,10 +112,12 @@ def recalibrate_bn(model: nn.Module, images) -> int:
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(count)
             continue
-        # A channel whose quantized input was constant on every batch (everything rounded to one level) re-estimates a
-        # variance of ~0; normalising with it would amplify any later difference by up to 1/sqrt(eps). Such channels,
-        # and non-finite ones, keep the statistics they had.
-        keep = ~torch.isfinite(m.running_var) | ~torch.isfinite(m.running_mean) | (m.running_var < m.eps)
+        # A channel whose quantized input is (nearly) constant (everything rounded to one or two levels) re-estimates a
+        # variance of ~0; normalising with it would amplify any later difference (another image, float rounding in an
+        # exported file) by up to 1/sqrt(eps). Such channels (variance below eps or below 1 % of what it was), and
+        # non-finite ones, keep the statistics they had.
+        keep = (~torch.isfinite(m.running_var) | ~torch.isfinite(m.running_mean) | (m.running_var < m.eps)
+                | (m.running_var < DEAD_VAR_RATIO * var))
         if keep.any():
             m.running_mean.copy_(torch.where(keep, mean, m.running_mean))
             m.running_var.copy_(torch.where(keep, var, m.running_var))
