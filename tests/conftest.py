@@ -49,6 +49,14 @@ def tiny_data(tmp_path_factory) -> Path:
     return Path(make_synthetic_dataset(out, n_train=16, n_val=8, imgsz=IMGSZ, seed=0, max_objects=6, workers=0))
 
 
+def bench_result(settings: dict, rows: list, **extra) -> dict:
+    """A minimal ``yolo-gab bench`` result around report ``rows`` (for rendering the markdown in report tests)."""
+    return {"settings": {"imgsz": 160, "batch": 16, "fp_epochs": 1, "epochs": 3, "ada": 0.1, **settings, **extra},
+            "environment": {"hardware": "cpu", "torch": "t", "ultralytics": "u", "ultralytics_gabfusion": "p",
+                            "git_commit": None},
+            "data": {"generated": True, "n_train": 1, "n_val": 1, "imgsz": 160}, "rows": rows, "wall_s": 1.0}
+
+
 def train_kwargs(tmp_path: Path, **kw) -> dict:
     """Common tiny-run training arguments (CPU, no plots, deterministic)."""
     base = dict(imgsz=IMGSZ, epochs=1, batch=8, workers=0, device="cpu", plots=False, project=str(tmp_path),

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import train_kwargs
+from conftest import bench_result, train_kwargs
 from ultralytics_gabfusion.stability import auto_ema_tau, ema_decay, freeze_bn_stats, recalibrate_bn
 
 
@@ -240,12 +240,7 @@ def test_bench_records_lowest_epoch_and_epochs_below_start():
     rows = {r["arm"]: r for r in aggregate(recs, s)}
     st = rows["gab_ada"]["stability"]
     assert st["below_start"] == [1, 2] and st["lowest"]["values"] == pytest.approx([0.79, 0.60])
-    result = {"settings": {**s, "imgsz": 160, "batch": 16, "fp_epochs": 1, "epochs": 3, "ada": 0.1},
-              "environment": {"hardware": "cpu", "torch": "t", "ultralytics": "u", "ultralytics_gabfusion": "p",
-                              "git_commit": None},
-              "data": {"generated": True, "n_train": 1, "n_val": 1, "imgsz": 160}, "rows": list(rows.values()),
-              "wall_s": 1.0}
-    md = markdown(result)
+    md = markdown(bench_result(s, list(rows.values())))
     assert "### Stability" in md
     assert "| m | W4A4 | lsq | +GABFusion+ADA | 0/1 | 80.00 / 78.00 | 79.00 (2) / 60.00 (1) | 1 / 2 | 87.00 / 84.00 |" in md
     # a run whose step-0 arm was not run: lowest epoch recorded, no count
