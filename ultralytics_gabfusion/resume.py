@@ -9,7 +9,6 @@ generator it can restore (:func:`own_shuffle_generator`).
 from __future__ import annotations
 
 import contextlib
-
 import os
 import random
 from copy import deepcopy

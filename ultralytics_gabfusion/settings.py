@@ -509,7 +509,8 @@ SETTINGS: dict[str, Setting] = {
     "qat_kernel": Setting("auto", "fake-quant kernels: auto (compiled on CUDA with Triton, reference on CPU), reference, compiled", _choice(*QAT_KERNELS)),
     # Stability of the QAT run (stability.py)
     "qat_bn": Setting("train", "BatchNorm in QAT: train (batch statistics, running statistics updated: Ultralytics) or "
-                      "freeze (running statistics used and kept, after the step-0 re-estimation of qat_bn_recalib; affine trained)", _choice("train", "freeze")),
+                      "freeze (running statistics used and kept, after the step-0 re-estimation of qat_bn_recalib; "
+                      "affine trained)", _choice("train", "freeze")),
     "qat_bn_recalib": Setting(8, "training batches on which BatchNorm statistics are re-estimated at step 0 and before each "
                               "validation, quantized runs only (0 = off: Ultralytics' running statistics)",
                               _int_range(1, 1000, True)),

@@ -101,10 +101,10 @@ HELP = {
     "report_only": "write the report from the stored results of an earlier (possibly interrupted or parallel) bench "
                    "with the same settings; nothing is trained, missing runs are listed",
     "preset": "demo (shipped FP model, CPU minutes), demo-scratch (FP trained here), cpu-study (3 seeds, 3 epochs, "
-              "~2 h CPU), study-long (3 seeds, 10 epochs, step-0 rows, both GABFusion forms; ~2 h CPU), study-long-paper (its "
-              "baseline with the paper's literal schedule), paper-voc "
-              "(VOC.yaml, 640 px, batch 64, early stopping, the paper's schedule), seg-cpu / pose-cpu (segmentation / pose from scratch on "
-              "the generated set, 3 seeds, ~1 h CPU each)",
+              "~2 h CPU), study-long (3 seeds, 10 epochs, step-0 rows, GABFusion and ADA arms; ~2 h CPU), "
+              "study-long-paper (its baseline with the paper's literal schedule), paper-voc (VOC.yaml, 640 px, batch "
+              "64, early stopping, the paper's schedule), seg-cpu / pose-cpu (segmentation / pose from scratch on the "
+              "generated set, 3 seeds, ~1 h CPU each)",
 }
 PRESETS: dict[str, dict] = {
     # The README's main command: from the shipped FP YOLOv5n (zoo), W4A4 LSQ PTQ, then baseline QAT and

@@ -70,5 +70,5 @@ METHOD_DEFAULTS = {
     "n2uq": {"qat_lr": 0.1, "ada_div": "js"},
 }
 
-__all__ = ["ARMS", "ARM_LABELS", "ARM_SETTINGS", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "SCHEDULES", "STABLE_SCHEDULE", "is_step0",
-           "start_arm"]
+__all__ = ["ARMS", "ARM_LABELS", "ARM_SETTINGS", "METHODS", "METHOD_DEFAULTS", "PAPER_SCHEDULE", "SCHEDULES",
+           "STABLE_SCHEDULE", "is_step0", "start_arm"]

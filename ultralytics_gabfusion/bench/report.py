@@ -91,6 +91,7 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
     """
     ok = [r for r in records if _ok(r)]
     metrics = task_metrics(s.get("task"))
+    m50 = primary_prefix(s) + "mAP50"
     fp = {(r["model"], r["seed"]): r for r in ok if r["kind"] == "fp"}
     qat = {(r["model"], r["seed"], r["method"], r["bits"], r["arm"]): r for r in ok if r["kind"] == "qat"}
     rows = []
@@ -132,7 +133,7 @@ def aggregate(records: list[dict], s: dict) -> list[dict]:
                             "lowest": summarize([st["lowest"] for st in stab if st]),
                             "lowest_epoch": [st["lowest_epoch"] for st in stab if st],
                             "below_start": [st["below_start"] for st in stab if st],
-                            "final": [qat[k].get(primary_prefix(s) + "mAP50") for k, st in zip(have, stab) if st]}
+                            "final": [qat[k].get(m50) for k, st in zip(have, stab) if st]}
                     rows.append(row)
     return rows
 
@@ -535,5 +536,5 @@ def plot_curves(result: dict, path: Path) -> Path | None:
     return path
 
 
-__all__ = ["aggregate", "annotate_stability", "markdown", "stability_table", "metric_label", "plot", "plot_curves", "plot_size", "primary_prefix", "summarize",
-           "sweep_table", "task_metrics"]
+__all__ = ["aggregate", "annotate_stability", "markdown", "metric_label", "plot", "plot_curves", "plot_size",
+           "primary_prefix", "stability_table", "summarize", "sweep_table", "task_metrics"]
