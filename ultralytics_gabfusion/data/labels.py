@@ -1,7 +1,8 @@
 """YOLO label lines of one synthetic image for the three tasks: detect boxes, segment polygons, pose keypoints.
 
-All three are derived from what the renderer tracks (:class:`.render.SynthSample`): the tight box of each object's
+All three are derived from what the renderer tracks (:class:`SynthSample`): the tight box of each object's
 visible pixels, the ownership map (which object each pixel shows) and each object's full drawn mask.
+``SynthSample`` and ``TASKS`` live here, below :mod:`.render`, which imports both.
 
 Coordinates are in the pixel-edge frame of the stored image (pixel ``c`` spans ``[c, c + 1)``, the frame of the
 detect boxes), normalised by the image side and written with 6 decimals.
@@ -25,21 +26,51 @@ Only numpy and OpenCV are needed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:  # render imports this module
-    from .render import SynthSample
-
-__all__ = ["FLIP_IDX", "KPT_NAMES", "KPT_SHAPE", "POLY_EPS", "TASKS", "extreme_keypoints", "label_text", "outline"]
+__all__ = [
+    "FLIP_IDX",
+    "KPT_NAMES",
+    "KPT_SHAPE",
+    "POLY_EPS",
+    "TASKS",
+    "SynthSample",
+    "extreme_keypoints",
+    "label_text",
+    "outline",
+]
 
 TASKS = ("detect", "segment", "pose")
 KPT_NAMES = ("top", "right", "bottom", "left")
 KPT_SHAPE = [len(KPT_NAMES), 3]
 FLIP_IDX = [0, 3, 2, 1]  # top and bottom stay, right <-> left under a horizontal flip
 POLY_EPS = 0.5  # px; the pixel staircase of a straight edge deviates up to 0.5 px from the edge
+
+
+class SynthSample(NamedTuple):
+    """One rendered image before JPEG encoding (made by :func:`.render.render_sample`, read by :func:`label_text`).
+
+    Attributes:
+        image: ``(imgsz, imgsz, 3)`` uint8 BGR image.
+        boxes: ``(N, 4)`` int array of ``x1, y1, x2, y2`` pixel edges (exclusive x2/y2) of the visible
+            drawn pixels of each labelled object.
+        classes: ``(N,)`` int array of class ids in ``0..15``.
+        jpeg_quality: Quality the image is stored with (part of the augmentation).
+        owner: ``(imgsz, imgsz)`` int32 map: index (into ``boxes``) of the labelled object each pixel shows,
+            -1 for background and distractors.
+        drawn: Per object ``(x, y, mask)``: its full drawn shape (bool, alpha >= 0.5, before any occlusion)
+            and the image position of the mask's top-left pixel.
+    """
+
+    image: np.ndarray
+    boxes: np.ndarray
+    classes: np.ndarray
+    jpeg_quality: int
+    owner: np.ndarray | None = None
+    drawn: tuple = ()
 
 
 def _fmt(v: float) -> str:

@@ -25,13 +25,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from numbers import Integral
-from typing import Any, NamedTuple
+from typing import Any
 
 import cv2
 import numpy as np
 
 from .draw import _SIZE_HI, SHAPES, _render_distractor, _render_object, _sample_size
-from .labels import TASKS
+from .labels import TASKS, SynthSample
 
 __all__ = [
     "CLASS_NAMES",
@@ -131,29 +131,6 @@ class SynthConfig:
         if d["task"] == "detect":  # likewise: detect records (and the fingerprints holding them) stay as they were
             d.pop("task")
         return {"version": SYNTH_VERSION, **d}
-
-
-class SynthSample(NamedTuple):
-    """One rendered image before JPEG encoding.
-
-    Attributes:
-        image: ``(imgsz, imgsz, 3)`` uint8 BGR image.
-        boxes: ``(N, 4)`` int array of ``x1, y1, x2, y2`` pixel edges (exclusive x2/y2) of the visible
-            drawn pixels of each labelled object.
-        classes: ``(N,)`` int array of class ids in ``0..15``.
-        jpeg_quality: Quality the image is stored with (part of the augmentation).
-        owner: ``(imgsz, imgsz)`` int32 map: index (into ``boxes``) of the labelled object each pixel shows,
-            -1 for background and distractors.
-        drawn: Per object ``(x, y, mask)``: its full drawn shape (bool, alpha >= 0.5, before any occlusion)
-            and the image position of the mask's top-left pixel.
-    """
-
-    image: np.ndarray
-    boxes: np.ndarray
-    classes: np.ndarray
-    jpeg_quality: int
-    owner: np.ndarray | None = None
-    drawn: tuple = ()
 
 
 def size_class(longest_side: float) -> int:
