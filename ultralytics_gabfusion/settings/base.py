@@ -1,0 +1,20 @@
+"""The plugin's choice lists, its bit range and :class:`SettingsError`: what every other settings module imports."""
+
+from __future__ import annotations
+
+# The one list of quantizer names and the one bit range (quant.registry maps the names to classes).
+QUANT_METHODS = ("lsq", "lsqplus", "pact", "n2uq")
+QAT_METHODS = ("none", *QUANT_METHODS)
+MIN_BITS, MAX_BITS = 2, 8
+GAB_MODES = ("balanced", "learned", "off")
+GAB_FORMS = ("grad", "paper")  # GABFusion: balancing in the backward pass only, or the paper's alpha + LayerNorm
+ADA_ATTNS = ("simam", "qada")
+ADA_DIVS = ("kl", "js")
+ACT_GRIDS = ("auto", "signed", "unsigned")  # activation grids of quant.grids
+QAT_KERNELS = ("auto", "reference", "compiled")  # fake-quant kernels of quant.kernels
+
+
+class SettingsError(ValueError):
+    """A mistake in the user's keys or values, found before any work starts; commands print it without a traceback."""
+
+    __module__ = "ultralytics_gabfusion.settings"  # its public home, as tracebacks and doctests name it
