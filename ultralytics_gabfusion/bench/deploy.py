@@ -35,18 +35,34 @@ Examples:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from ultralytics import YOLO
 from ultralytics.utils import LOGGER
 
+from .. import zoo
+from ..data import make_synthetic_dataset
+from ..export import export_qdq_onnx, load_quantized_model
+from ..export.openvino import compile_model, conv_precisions, export_openvino, require_openvino
 from ..provenance import environment
+from ..ptq import post_training_quantize
+from ..quant.grids import snap_zero_points
+from ..quant.qconv import quant_convs
 from ..settings import as_int, as_int_list, as_list, as_str_list, parse_key_values, unknown_key_error
 from .common import BenchError, cli_value, write_json
+
+# onnx, onnxruntime and openvino are imported where they are used: openvino is optional (the `deploy` extra) and
+# require_openvino() turns its absence into one line; onnx and onnxruntime are heavy and only needed by a run.
+# The package's own modules are imported above: torch and Ultralytics dominate the import either way, so
+# `yolo-gab bench deploy help` costs the same.
 
 RUNTIMES = ("onnxruntime", "openvino")
 DEFAULTS: dict[str, Any] = {
@@ -90,8 +106,6 @@ def help_text() -> str:
 
 
 def _bits_setting(v: str) -> tuple[int, int]:
-    import re
-
     m = re.fullmatch(r"w([2-8])a([2-8])", str(v).strip().lower())
     if not m:
         raise BenchError(f"ptq: '{v}' is not a W<b>A<b> setting with bits in 2..8, e.g. ptq=[w8a8,w4a4].")
@@ -120,8 +134,6 @@ def resolve_settings(argv: list[str]) -> dict:
     s["threads"] = as_int("threads", s["threads"] if s["threads"] is not None else (os.cpu_count() or 1), 1)
     s["ptq"] = [_bits_setting(v) for v in as_list("ptq", s["ptq"])]
     if s["model"] is None:
-        from .. import zoo
-
         s["model"] = str(zoo.path("yolov5n-synth160"))
         s["_card"] = zoo.card("yolov5n-synth160")
     s["model"] = str(Path(s["model"]).resolve())
@@ -145,13 +157,9 @@ def resolve_settings(argv: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------------ preparation
 def _prepare(s: dict) -> tuple[str, list[tuple[str, str]], int]:
     """Data, the quantized checkpoints (PTQ when none given) and the validation size."""
-    from ultralytics import YOLO
-
     out = Path(s["out"])
     data = s["data"]
     if data is None:  # the shipped model: regenerate its own set (deterministic) under out/data
-        from ..data import make_synthetic_dataset
-
         d = s["_card"]["data"]
         data = str(make_synthetic_dataset(out / "data", n_train=d["n_train"], n_val=d["n_val"], imgsz=d["imgsz"],
                                           seed=d["seed"], max_objects=d["max_objects"], min_size=d["min_size"]))
@@ -161,8 +169,6 @@ def _prepare(s: dict) -> tuple[str, list[tuple[str, str]], int]:
     if s["quantized"]:
         models += [(_label(q), q) for q in s["quantized"]]
     else:
-        from ..ptq import post_training_quantize
-
         for w, a in s["ptq"]:
             f = out / "models" / f"ptq-w{w}a{a}.pt"
             if not f.exists():
@@ -175,11 +181,6 @@ def _prepare(s: dict) -> tuple[str, list[tuple[str, str]], int]:
 
 def _label(ckpt: str) -> str:
     """``W4A4 lsq (name)``: the most common bits and method of the checkpoint's quantized convs, else its file name."""
-    from collections import Counter
-
-    from ..export import load_quantized_model
-    from ..quant.qconv import quant_convs
-
     try:
         convs = [c for _, c in quant_convs(load_quantized_model(ckpt))]
         (w, a, method), _ = Counter((c.w_bits, c.a_bits, c.method) for c in convs).most_common(1)[0]
@@ -190,11 +191,6 @@ def _label(ckpt: str) -> str:
 
 def _export(s: dict, name: str, ckpt: str, fp: bool, data: str, val_imgsz: int) -> dict:
     """Write every (runtime, imgsz, batch) file of one model; returns ``{runtime: {(imgsz, batch): path}}``."""
-    from ultralytics import YOLO
-
-    from ..export import export_qdq_onnx
-    from ..export.openvino import export_openvino
-
     d = Path(s["out"]) / "files" / name.split(" (")[0].replace(" ", "-").lower()
     d.mkdir(parents=True, exist_ok=True)
     shapes = sorted({(val_imgsz, 1), *((v, 1) for v in s["imgsz"]), (max(s["imgsz"]), s["batch"])})
@@ -227,8 +223,6 @@ class _Runner:
     """One compiled model of one file: ``call()`` runs it once on a fixed random input."""
 
     def __init__(self, runtime: str, path: Path, threads: int, precision: str | None = None):
-        import numpy as np
-
         self.runtime, self.path, self.precision = runtime, path, precision
         if runtime == "onnxruntime":
             import onnxruntime as ort
@@ -242,8 +236,6 @@ class _Runner:
             self.x = np.random.default_rng(0).random(shape, dtype=np.float32)
             self.call = lambda: self.sess.run(None, {self.name: self.x})
         else:
-            from ..export.openvino import compile_model
-
             self.compiled = compile_model(path, threads=threads, precision=precision)
             shape = list(self.compiled.input(0).get_shape())
             self.x = np.random.default_rng(0).random(shape, dtype=np.float32)
@@ -294,8 +286,6 @@ def _executes(runtime: str, path: Path, threads: int, runner: _Runner | None) ->
         k = ort_conv_kernels(path, threads)
         n_int = sum(v for op, v in k.items() if op in _ORT_INT_CONVS)
     else:
-        from ..export.openvino import conv_precisions
-
         k = conv_precisions(runner.compiled)
         n_int = sum(v for p, v in k.items() if p in ("u8", "i8"))
     return ", ".join(f"{v} {p}" for p, v in k.items()), n_int, sum(k.values())
@@ -309,8 +299,6 @@ def _size_mb(path: Path) -> float:
 
 def _val(path, data: str, imgsz: int, out: Path) -> dict:
     """mAP50 / mAP50-95 (%) of a checkpoint or exported file, validated by Ultralytics on ``data``'s val split."""
-    from ultralytics import YOLO
-
     m = YOLO(str(path), task="detect").val(data=data, imgsz=imgsz, batch=1, workers=0, plots=False, verbose=False,
                                            project=str(out / "val"), name="v", exist_ok=True)
     return {"mAP50": round(100 * float(m.box.map50), 2), "mAP50_95": round(100 * float(m.box.map), 2)}
@@ -318,10 +306,6 @@ def _val(path, data: str, imgsz: int, out: Path) -> dict:
 
 def _val_snapped(ckpt: str, data: str, imgsz: int, out: Path) -> dict:
     """mAP of the checkpoint with its activation offsets on integer zero points (what the exported files hold)."""
-    from ultralytics import YOLO
-
-    from ..quant.grids import snap_zero_points
-
     y = YOLO(ckpt)
     snap_zero_points(y.model)
     m = y.val(data=data, imgsz=imgsz, batch=1, workers=0, plots=False, verbose=False, project=str(out / "val"),
@@ -335,8 +319,6 @@ def run_deploy(s: dict) -> dict:
     out = Path(s["out"])
     out.mkdir(parents=True, exist_ok=True)
     if "openvino" in s["runtimes"]:
-        from ..export.openvino import require_openvino
-
         try:
             require_openvino()
         except ImportError as e:
@@ -457,7 +439,7 @@ def report_table(result: dict) -> str:
 
 def _plot(result: dict, path: Path) -> None:
     """Latency at the largest size against mAP50 of each file, one marker per runtime."""
-    import matplotlib
+    import matplotlib  # slow to import: loaded only when the plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,6 +17,9 @@ import math
 import statistics
 from pathlib import Path
 
+import torch
+
+from ..quant.mixed import model_bops
 from .arms import ARM_LABELS, PAPER_SCHEDULE, STABLE_SCHEDULE, is_step0, start_arm
 
 METRICS = ("mAP50", "mAP50_95")
@@ -302,10 +305,6 @@ def _weights_gbops(weights, imgsz: int) -> float | None:
     except (OSError, TypeError, ValueError):
         return None
     if key not in _GBOPS:
-        import torch  # heavy: loaded only when a sweep is reported
-
-        from ..quant.mixed import model_bops
-
         try:
             ckpt = torch.load(f, map_location="cpu", weights_only=False)
             _GBOPS[key] = model_bops((ckpt.get("ema") or ckpt["model"]).float(), int(imgsz)) / 1e9

@@ -12,6 +12,7 @@ from ..preflight import check_imgsz, check_writable_dir
 from ..quant.qconv import is_quantized
 from ..settings import PLUGIN_KEYS
 from .inputs import load_quantized_model
+from .openvino import export_openvino
 from .parity import ParityError, _fmt_parity
 from .qdq import export_qdq_onnx
 
@@ -138,8 +139,6 @@ def _export_quantized(net, model, path: Path, ov: dict) -> int:
                 f"parity check on {what}")
     try:
         if fmt == "openvino":
-            from .openvino import export_openvino
-
             res = export_openvino(net, out, imgsz=imgsz, images=images)
             print(f"Exported {res['dir']} ({res['int8_convs']}/{res['convs']} convolutions on INT8 kernels)")
             res = res["onnx"]

@@ -50,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..settings import ACT_GRIDS  # the one list, validated there
 from .probe import conv_hooks, probe_image
+from .quantizers import FakeQuantizer
 
 __all__ = ["ACT_GRIDS", "SILU_MIN", "GELU_MIN", "input_lower_bounds", "grid_signed", "fixed_offset", "snap_zero_points"]
 OFFSET_METHODS = ("lsq", "pact")  # methods without a learnable offset: their unsigned grid gets a fixed one
@@ -236,8 +237,6 @@ def snap_zero_points(model: nn.Module) -> list[dict]:
         >>> row["zero_point"], round(q.fixed_offset, 4)
         (6, -0.3)
     """
-    from .quantizers import FakeQuantizer
-
     rows = []
     for name, m in model.named_modules():
         q = getattr(m, "act_quant", None)
