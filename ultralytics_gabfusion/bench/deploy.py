@@ -167,7 +167,7 @@ def _prepare(s: dict) -> tuple[str, list[tuple[str, str]], int]:
     val_imgsz = s["val_imgsz"] or int(fp_args.get("imgsz") or 640)
     models = [("FP", s["model"])]
     if s["quantized"]:
-        models += [(_label(q), q) for q in s["quantized"]]
+        models += [(_label(s, q), q) for q in s["quantized"]]
     else:
         for w, a in s["ptq"]:
             f = out / "models" / f"ptq-w{w}a{a}.pt"
@@ -179,10 +179,18 @@ def _prepare(s: dict) -> tuple[str, list[tuple[str, str]], int]:
     return data, models, val_imgsz
 
 
-def _label(ckpt: str) -> str:
+def _quantized_net(s: dict, ckpt: str):
+    """The model of quantized checkpoint ``ckpt``, loaded once per run and handed to every step that needs it."""
+    nets = s.setdefault("_nets", {})
+    if ckpt not in nets:
+        nets[ckpt] = load_quantized_model(ckpt)
+    return nets[ckpt]
+
+
+def _label(s: dict, ckpt: str) -> str:
     """``W4A4 lsq (name)``: the most common bits and method of the checkpoint's quantized convs, else its file name."""
     try:
-        convs = [c for _, c in quant_convs(load_quantized_model(ckpt))]
+        convs = [c for _, c in quant_convs(_quantized_net(s, ckpt))]
         (w, a, method), _ = Counter((c.w_bits, c.a_bits, c.method) for c in convs).most_common(1)[0]
         return f"W{w}A{a} {method} ({Path(ckpt).stem})"
     except Exception:
@@ -208,12 +216,12 @@ def _export(s: dict, name: str, ckpt: str, fp: bool, data: str, val_imgsz: int) 
                         shutil.copy(ckpt, src)  # Ultralytics writes next to the weights: keep the user's folder clean
                         f = YOLO(str(src)).export(format=fmt, imgsz=sz, batch=b, verbose=False)
                         shutil.move(str(f), str(target))
-                elif rt == "onnxruntime":
-                    export_qdq_onnx(ckpt, target, imgsz=sz, batch=b, images=data if check else None, check=check,
-                                    verbose=False)
+                elif rt == "onnxruntime":  # the exporters never modify the model: one load serves every file
+                    export_qdq_onnx(_quantized_net(s, ckpt), target, imgsz=sz, batch=b, images=data if check else None,
+                                    check=check, verbose=False)
                 else:
-                    export_openvino(ckpt, target, imgsz=sz, batch=b, images=data if check else None, check=check,
-                                    verbose=False)
+                    export_openvino(_quantized_net(s, ckpt), target, imgsz=sz, batch=b,
+                                    images=data if check else None, check=check, verbose=False)
             files[rt][(sz, b)] = target
     return files
 
@@ -326,6 +334,7 @@ def run_deploy(s: dict) -> dict:
     data, models, val_imgsz = _prepare(s)
     LOGGER.info(f"bench deploy: {len(models)} models x {s['runtimes']}, val at {val_imgsz} px on {data}")
     files = {name: _export(s, name, ckpt, name == "FP", data, val_imgsz) for name, ckpt in models}
+    s.pop("_nets", None)  # the loaded quantized models are not needed past the exports
 
     # rows: FP in each runtime (OpenVINO FP at float32 and at the plugin's default precision), quantized in each
     rows = []

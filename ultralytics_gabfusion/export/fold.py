@@ -3,7 +3,8 @@
 :func:`_build_export_model` deep-copies a fake-quant model and replaces every
 :class:`~ultralytics_gabfusion.quant.qconv.QuantConv2d` by an :class:`_ExportConv` whose weight is the BN-folded
 integer grid and whose quantizers are :mod:`.nodes` specs, built only from each quantizer's
-:meth:`~ultralytics_gabfusion.quant.quantizers.FakeQuantizer.export_spec`.
+:meth:`~ultralytics_gabfusion.quant.quantizers.FakeQuantizer.export_spec`; the copy comes back ready to trace (head
+in its ONNX export mode), so :mod:`.qdq` makes one call here for the whole deployment copy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import C2f, Detect
-from ultralytics.nn.tasks import guess_model_task
 
 from ..quant.qconv import QuantConv2d, QuantConvBlock, quant_convs
 from .nodes import _CONTAINER_RANGE, _ActSpec, _container, _GabqOp, _N2UQSpec, _WeightSpec
@@ -205,10 +205,14 @@ def _convert_conv(name: str, conv: QuantConv2d, bn, weight_offset: str, specs: d
     return _ExportConv(conv, weight, bias.float(), a_spec, w_spec)
 
 
-def _build_export_model(model: nn.Module, weight_offset: str, int4: bool = True):
-    """Deep copy of ``model`` with BN folded and every QuantConv2d replaced by an :class:`_ExportConv`.
+def _build_export_model(model: nn.Module, imgsz: tuple[int, int], weight_offset: str, int4: bool = True):
+    """Deep copy of ``model`` with BN folded and every QuantConv2d replaced by an :class:`_ExportConv`, ready to trace.
 
     ``int4=False`` stores 4-bit integers in 8-bit containers (with the range ``Clip``), which INT8 kernels execute.
+    The copy is prepared for tracing at ``imgsz`` (``(h, w)``) by :func:`_prepare_for_onnx`.
+
+    Returns:
+        (tuple): the prepared copy, ``{spec key: spec}`` of its quantizers and the per-layer summary rows.
     """
     _check_head(model)
     m = copy.deepcopy(model).float().eval()
@@ -230,7 +234,7 @@ def _build_export_model(model: nn.Module, weight_offset: str, int4: bool = True)
                         setattr(new, a, getattr(child, a))
                 setattr(mod, child_name, new)
     rows.sort(key=lambda r: _natural_key(r["name"]))
-    return m, specs, rows
+    return _prepare_for_onnx(m, imgsz), specs, rows
 
 
 def _natural_key(name: str):
@@ -262,13 +266,8 @@ def _prepare_for_onnx(m: nn.Module, imgsz: tuple[int, int]) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Task heads: output names and metadata as Ultralytics' own format=onnx export writes them
+# Task heads
 # ----------------------------------------------------------------------------------------------------------------
-def _task(model: nn.Module) -> str:
-    """The Ultralytics task of ``model`` (``detect``, ``segment``, ``pose``, ...), from its head when not set."""
-    return getattr(model, "task", None) or guess_model_task(model)
-
-
 def _check_head(model: nn.Module) -> None:
     """Refuse heads whose ONNX output the exporter and its parity check do not describe (end-to-end heads)."""
     if bool(getattr(model, "end2end", False)):
@@ -276,28 +275,3 @@ def _check_head(model: nn.Module) -> None:
             f"{type(model.model[-1]).__name__} is in end-to-end (NMS-free) mode, which the Q/DQ exporter does not "
             "support: set model.end2end = False to export the one-to-many head (decoded anchors, NMS at inference)."
         )
-
-
-def _output_names(model: nn.Module) -> list[str]:
-    """ONNX output names: ``output0`` (decoded anchors), plus ``output1`` (mask prototypes) for segmentation."""
-    return ["output0", "output1"] if _task(model) == "segment" else ["output0"]
-
-
-def _task_metadata(model: nn.Module) -> dict:
-    """The task keys of the ONNX ``metadata_props``: ``task``, and for pose ``kpt_shape`` (and ``kpt_names``)."""
-    meta = {"task": _task(model)}
-    if meta["task"] == "pose":
-        meta["kpt_shape"] = model.model[-1].kpt_shape
-        if hasattr(model, "kpt_names"):
-            meta["kpt_names"] = model.kpt_names
-    return meta
-
-
-def _set_task_metadata(proto, model: nn.Module) -> None:
-    """Write :func:`_task_metadata` into ``proto.metadata_props`` (replacing a value already there)."""
-    props = {p.key: p for p in proto.metadata_props}
-    for k, v in _task_metadata(model).items():
-        if k not in props:
-            props[k] = proto.metadata_props.add()
-            props[k].key = k
-        props[k].value = str(v)

@@ -36,7 +36,7 @@ from pathlib import Path
 from ultralytics.utils import LOGGER, YAML
 
 from .inputs import load_quantized_model
-from .qdq import export_qdq_onnx
+from .qdq import _export_qdq
 
 INSTALL_HINT = "pip install 'ultralytics-gabfusion[deploy]' (or pip install openvino)"
 
@@ -103,12 +103,10 @@ def compile_model(xml_or_onnx, batch: int | None = None, threads: int | None = N
     return core.compile_model(model, "CPU", config)
 
 
-def _ultralytics_metadata(onnx_file: Path) -> dict:
-    """The ONNX file's Ultralytics ``metadata_props`` as the Python values Ultralytics writes to metadata.yaml."""
-    import onnx
-
+def _ultralytics_metadata(proto) -> dict:
+    """The Q/DQ graph's Ultralytics ``metadata_props`` as the Python values Ultralytics writes to metadata.yaml."""
     meta = {}
-    for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props:
+    for p in proto.metadata_props:
         try:
             meta[p.key] = ast.literal_eval(p.value)
         except (ValueError, SyntaxError):
@@ -154,7 +152,7 @@ def export_openvino(model, out=None, imgsz=640, images=None, check: bool = True,
     ov = require_openvino()
     src_path = Path(model) if isinstance(model, (str, Path)) else None
     out = _output_dir(out, src_path)
-    net = load_quantized_model(model)
+    net = load_quantized_model(model)  # loaded once (from a path), handed to the Q/DQ export and its parity check
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -162,12 +160,12 @@ def export_openvino(model, out=None, imgsz=640, images=None, check: bool = True,
     name = out.name.removesuffix("_openvino_model") or "model"
     try:
         onnx_file = tmp / f"{name}.onnx"
-        res = export_qdq_onnx(net, onnx_file, imgsz=imgsz, images=images, check=check, zero_point="snap", int4=False,
-                              batch=batch, verbose=verbose, **parity_tol)
+        res, proto = _export_qdq(net, onnx_file, imgsz=imgsz, images=images, check=check, zero_point="snap",
+                                 int4=False, batch=batch, verbose=verbose, **parity_tol)
         ov_model = ov.convert_model(str(onnx_file))
         xml = tmp / f"{name}.xml"
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)  # float layers (Detect decode) stay float32
-        YAML.save(tmp / "metadata.yaml", _ultralytics_metadata(onnx_file))
+        YAML.save(tmp / "metadata.yaml", _ultralytics_metadata(proto))  # the graph in hand, not the file read back
         onnx_file.unlink()
         prec = conv_precisions(compile_model(xml))
         int8 = sum(n for p, n in prec.items() if p in ("u8", "i8"))

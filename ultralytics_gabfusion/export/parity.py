@@ -362,7 +362,16 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
     """
     t = _tolerance(tol)
     model = load_quantized_model(model, require_quantized=False)
-    ref_model, x, out_t, out_o = _run_both(model, onnx_file, images)
+    return _check_parity(model, onnx_file, images, t, raise_error=raise_error)
+
+
+@torch.no_grad()
+def _check_parity(model: nn.Module, onnx_file, images, t: dict, raise_error: bool = True, proto=None,
+                  copy_model: bool = True) -> dict:
+    """:func:`check_parity` of a loaded ``model`` with the tolerance ``t``; what the exporter already holds is handed
+    down: ``proto``, the ``onnx.ModelProto`` of ``onnx_file`` (read from the file when None), and ``copy_model=False``
+    when ``model`` is the exporter's private float32 eval copy, then the reference itself (else a copy is made)."""
+    ref_model, x, out_t, out_o = _run_both(model, onnx_file, images, copy_model)
     (y_t, p_t), (y_o, p_o) = out_t, out_o
     head = _head_info(ref_model, y_t)
     spread = _anchor_spread(out_t, out_o, head, t["conf"], t["top_k"])
@@ -396,9 +405,11 @@ def check_parity(model, onnx_file, images, raise_error: bool = True, **tol) -> d
     if p_t is not None:
         res["protos_max_abs_diff"] = float((p_o - p_t).abs().max())
     fails = _output_fails(spread, ref, t)
-    import onnx
+    if proto is None:
+        import onnx
 
-    local = _layer_parity(ref_model, onnx.load(str(onnx_file)), x, t)
+        proto = onnx.load(str(onnx_file))
+    local = _layer_parity(ref_model, proto, x, t)
     res["layers_checked"] = local["layers"]
     res["layer_act"] = {"value": local["worst_act"][0], "limit": local["worst_act"][1], "layer": local["worst_act"][2]}
     res["layer_conv"] = {"value": local["worst_conv"][0], "limit": local["worst_conv"][1], "layer": local["worst_conv"][2]}
@@ -423,8 +434,9 @@ def _tolerance(tol: dict) -> dict:
     return {**PARITY_DEFAULTS, **tol}
 
 
-def _run_both(model: nn.Module, onnx_file, images):
-    """Run the PyTorch reference (an eval float32 copy of ``model``) and the ONNX file on the same images.
+def _run_both(model: nn.Module, onnx_file, images, copy_model: bool = True):
+    """Run the PyTorch reference (an eval float32 copy of ``model``, or ``model`` itself when not ``copy_model``) and
+    the ONNX file on the same images.
 
     Returns:
         (tuple): ``(ref_model, x, out_torch, out_onnx)``, each output ``(decoded (N, 4+nc+extra, anchors), mask
@@ -436,7 +448,7 @@ def _run_both(model: nn.Module, onnx_file, images):
     x = load_images(images, (h, w))
     if tuple(x.shape[2:]) != (h, w):
         raise ValueError(f"images are {tuple(x.shape[2:])}, the ONNX model expects {(h, w)}")
-    ref_model = copy.deepcopy(model).float().eval()
+    ref_model = copy.deepcopy(model).float().eval() if copy_model else model
     out_t = _outputs(ref_model(x))
     runs = [sess.run(None, {inp.name: x[i : i + 1].numpy()}) for i in range(len(x))]
     out_o = tuple(torch.cat([torch.from_numpy(r[j]) for r in runs]) for j in range(len(runs[0])))

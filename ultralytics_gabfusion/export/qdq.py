@@ -13,14 +13,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from ultralytics import __version__ as ul_version
+from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import LOGGER
 
 from ..quant.grids import snap_zero_points
 from ..version import __version__
-from .fold import _build_export_model, _check_initialized, _output_names, _prepare_for_onnx, _set_task_metadata
+from .fold import _build_export_model, _check_initialized
 from .inputs import _imgsz_pair, generated_images, load_images, load_quantized_model
 from .nodes import _DOMAIN, _lower_graph
-from .parity import PARITY_DEFAULTS, _fmt_parity, check_parity
+from .parity import PARITY_DEFAULTS, _check_parity, _fmt_parity, _tolerance
 
 # onnx is imported inside the functions that use it: it is slow to import and only needed once a graph is written.
 
@@ -34,9 +35,36 @@ def _log(msg: str, verbose: bool = True) -> None:
         LOGGER.info(msg)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The file's outputs and metadata, as Ultralytics' own format=onnx export writes them
+# ----------------------------------------------------------------------------------------------------------------
+def _task(model: nn.Module) -> str:
+    """The Ultralytics task of ``model`` (``detect``, ``segment``, ``pose``, ...), from its head when not set."""
+    return getattr(model, "task", None) or guess_model_task(model)
+
+
+def _output_names(model: nn.Module) -> list[str]:
+    """ONNX output names: ``output0`` (decoded anchors), plus ``output1`` (mask prototypes) for segmentation."""
+    return ["output0", "output1"] if _task(model) == "segment" else ["output0"]
+
+
+def _task_metadata(model: nn.Module) -> dict:
+    """The task keys of the ONNX ``metadata_props``: ``task``, and for pose ``kpt_shape`` (and ``kpt_names``)."""
+    meta = {"task": _task(model)}
+    if meta["task"] == "pose":
+        meta["kpt_shape"] = model.model[-1].kpt_shape
+        if hasattr(model, "kpt_names"):
+            meta["kpt_names"] = model.kpt_names
+    return meta
+
+
 def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: str, int4: bool = True,
               zero_point: str = "snap", batch: int = 1) -> dict:
-    """``metadata_props`` of the file: Ultralytics' keys (so ``YOLO("model.onnx")`` works) and ``quantization``."""
+    """``metadata_props`` of the file: Ultralytics' keys (so ``YOLO("model.onnx")`` works) and ``quantization``.
+
+    The task keys of :func:`_task_metadata` (segment / pose: ``task``, ``kpt_shape``) replace the default ``task``
+    in place and follow the other keys.
+    """
     names = getattr(model, "names", None) or {i: f"class{i}" for i in range(int(getattr(model.model[-1], "nc", 80)))}
     if isinstance(names, (list, tuple)):
         names = dict(enumerate(names))
@@ -55,7 +83,7 @@ def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: st
         "layers": [{k: r[k] for k in ("name", "method", "w_bits", "a_bits", "weight", "weight_range", "act")} for r in rows],
     }
     data = model.args.get("data", "") if isinstance(getattr(model, "args", None), dict) else ""
-    return {
+    meta = {
         "description": f"Ultralytics {yaml_file} model, {'/'.join(methods)} Q/DQ export by ultralytics-gabfusion"
         + (f", trained on {data}" if data else ""),
         "author": "Ultralytics / ultralytics-gabfusion",
@@ -74,6 +102,8 @@ def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: st
         "end2end": False,
         "quantization": json.dumps(quant, default=str),
     }
+    meta.update(_task_metadata(model))
+    return meta
 
 
 def export_qdq_onnx(
@@ -141,6 +171,19 @@ def export_qdq_onnx(
         >>> info["int_types"]  # doctest: +SKIP
         ['INT4', 'INT8', 'UINT8']
     """
+    return _export_qdq(model, file, imgsz, opset, images, check, weight_offset, zero_point, int4, batch, verbose,
+                       **parity_tol)[0]
+
+
+def _export_qdq(model, file=None, imgsz=640, opset: int = 21, images=None, check: bool = True,
+                weight_offset: str = "add", zero_point: str = "exact", int4: bool = True, batch: int = 1,
+                verbose: bool = True, **parity_tol):
+    """:func:`export_qdq_onnx`, also returning the written ``onnx.ModelProto`` (for callers that read the graph or
+    its metadata: no reload of the file).
+
+    The model is loaded once (when a path is given) and handed down: the exported copy and the parity reference
+    are built from it, never from the file again.
+    """
     _check_options(opset, weight_offset, zero_point, parity_tol)
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r} is not valid: a positive integer.")
@@ -151,22 +194,25 @@ def export_qdq_onnx(
     file = _output_file(file, src_path)
     _check_initialized(model)
     snapped = []
-    if zero_point == "snap":
+    own_copy = zero_point == "snap"
+    if own_copy:
         model = copy.deepcopy(model)  # the caller's model keeps its trained offsets
         snapped = snap_zero_points(model)
+        model.float().eval()  # already what the parity reference needs: check_parity uses it without another copy
         moved = [r for r in snapped if r["snapped"] is not None]
         if moved:
             _log(f"Q/DQ ONNX: {len(moved)} activation grid offsets moved to integer zero points (largest move "
                  f"{max(abs(r['shift_steps']) for r in moved):.2f} step); zero_point=exact keeps them", verbose)
     stride = int(max(model.stride)) if hasattr(model, "stride") else 32
     hw = _imgsz_pair(imgsz, stride)
-    proto, rows = _trace_qdq(model, hw, opset, weight_offset, verbose, int4, zero_point, batch)
+    proto, data, rows = _trace_qdq(model, hw, opset, weight_offset, verbose, int4, zero_point, batch)
     out_shape, ops, int_types = _graph_summary(proto)
     result = {"file": str(file), "opset": opset, "imgsz": list(hw), "output_shape": out_shape, "ops": ops,
               "int_types": int_types, "layers": rows, "zero_points": snapped, "parity": None, "images": None}
-    _save_checked(proto, file, result, verbose, check=check, model=model, images=images, hw=hw, parity_tol=parity_tol)
-    _log(f"Q/DQ ONNX: saved {file} ({file.stat().st_size / 1e6:.1f} MB, opset {opset}, integer types {int_types})", verbose)
-    return result
+    _save_checked(proto, data, file, result, verbose, check=check, model=model, own_copy=own_copy, images=images,
+                  hw=hw, parity_tol=parity_tol)
+    _log(f"Q/DQ ONNX: saved {file} ({len(data) / 1e6:.1f} MB, opset {opset}, integer types {int_types})", verbose)
+    return result, proto
 
 
 def _check_options(opset: int, weight_offset: str, zero_point: str, parity_tol: dict) -> None:
@@ -199,12 +245,12 @@ def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset:
     """Trace the deployment copy of ``model`` with ``gabq::`` placeholders, lower them, add metadata, check.
 
     Returns:
-        (tuple): the checked ``onnx.ModelProto`` and the per-layer rows.
+        (tuple): the checked ``onnx.ModelProto``, its serialization (checked, and written as is) and the per-layer
+        rows.
     """
     import onnx
 
-    exp, specs, rows = _build_export_model(model, weight_offset, int4)
-    exp = _prepare_for_onnx(exp, hw)
+    exp, specs, rows = _build_export_model(model, hw, weight_offset, int4)
     im = torch.zeros(batch, int(getattr(model, "yaml", {}).get("channels", 3)), *hw)
     _log(f"Q/DQ ONNX: tracing {len(rows)} quantized convs at {hw[0]}x{hw[1]} (batch {batch})", verbose)
 
@@ -217,9 +263,9 @@ def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset:
     for k, v in _metadata(model, hw, opset, rows, weight_offset, int4, zero_point, batch).items():
         meta = proto.metadata_props.add()
         meta.key, meta.value = k, str(v)
-    _set_task_metadata(proto, model)  # segment / pose: task, kpt_shape (Ultralytics' keys for YOLO("x.onnx"))
-    onnx.checker.check_model(proto, full_check=True)
-    return proto, rows
+    data = proto.SerializeToString()  # once: the checker reads these bytes and the file gets them
+    onnx.checker.check_model(data, full_check=True)
+    return proto, data, rows
 
 
 def _graph_summary(proto):
@@ -235,26 +281,28 @@ def _graph_summary(proto):
     return out_shape, ops, int_types
 
 
-def _save_checked(proto, file: Path, result: dict, verbose: bool, check: bool, model: nn.Module, images, hw,
-                  parity_tol: dict) -> None:
-    """Write ``proto`` under a temporary name next to ``file``, check parity (``check``), then rename it to ``file``.
+def _save_checked(proto, data: bytes, file: Path, result: dict, verbose: bool, check: bool, model: nn.Module,
+                  own_copy: bool, images, hw, parity_tol: dict) -> None:
+    """Write ``data`` (``proto`` serialized) under a temporary name next to ``file``, check parity (``check``), then
+    rename it to ``file``.
 
     Parity runs on ``images``, or on :func:`generated_images` when None, and fills ``result["parity"]`` and
-    ``result["images"]``. On any failure the temporary file is removed and ``file`` is left untouched.
+    ``result["images"]``; it gets ``proto`` rather than reading the file back, and ``model`` itself as its reference
+    when ``own_copy`` (the exporter's private float32 eval copy). On any failure the temporary file is removed and
+    ``file`` is left untouched.
     """
-    import onnx
-
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.onnx")
     try:
-        onnx.save(proto, str(tmp))
+        tmp.write_bytes(data)  # what onnx.save writes for a model without external data
         if check:
             if images is None:
                 x, result["images"] = generated_images(hw, n=4), "generated synthetic images (no data given)"
             else:
                 x = load_images(images, hw)
                 result["images"] = f"{len(x)} image(s) from {images if not torch.is_tensor(images) else 'a tensor'}"
-            result["parity"] = check_parity(model, tmp, x, **parity_tol)
+            result["parity"] = _check_parity(model, tmp, x, _tolerance(parity_tol), proto=proto,
+                                             copy_model=not own_copy)
             _log(f"Q/DQ ONNX parity on {result['images']}: {_fmt_parity(result['parity'])}", verbose)
         os.replace(tmp, file)
     finally:
