@@ -1,8 +1,8 @@
 """Bad input, as a user types it: one table of commands and calls that must fail fast, clearly and cleanly.
 
-Each case must end with a non-zero exit status (CLI) or a typed exception (Python API) whose message names the
-key or file and says what to do, within seconds (before any dataset scan, calibration or training), and leave the
-filesystem as it was: no run folder, checkpoint, export or dataset, complete or partial.
+Each case must end with a non-zero exit status (CLI, its error on one line) or a typed exception (Python API) whose
+message names the key or file and says what to do, within seconds (before any dataset scan, calibration or
+training), and leave the filesystem as it was: no run folder, checkpoint, export or dataset, complete or partial.
 
 Most CLI cases run ``cli.main(argv)`` in this process (the same parse and dispatch as the console script, without
 ~3 s of imports each); a few run as real subprocesses to check the console exit status and that no traceback is
@@ -223,10 +223,50 @@ CASES = [
      ["imgsz=-1", "positive multiple", "imgsz=32"]),
     ("export imgsz not a stride multiple", "cli", "export model={q} imgsz=100 save_dir={tmp}/out",
      ["imgsz=100", "multiple", "96"]),
+    ("export batch=0 to OpenVINO", "cli", "export model={q} format=openvino batch=0 save_dir={tmp}/out",
+     ["batch=0", "positive integer"]),
+    ("export batch=-1", "cli", "export model={q} format=onnx batch=-1 save_dir={tmp}/out",
+     ["batch=-1", "positive integer"]),
+    ("export batch not a number", "sub", "export model={q} format=openvino batch=abc save_dir={tmp}/out",
+     ["batch=abc", "positive integer"]),
+    ("export FP batch=0", "cli", "export model={fp} format=onnx batch=0", ["batch=0", "positive integer"]),
+    ("export opset=0", "cli", "export model={q} opset=0 save_dir={tmp}/out", ["opset=0", "opset=21"]),
+    ("export opset not a number", "cli", "export model={q} opset=abc save_dir={tmp}/out", ["opset=abc", "opset=21"]),
+    ("export data missing", "cli", "export model={q} data={root}/nope.yaml save_dir={tmp}/out", ["data=", "nope.yaml"]),
     # bench
     ("bench empty methods", "cli", "bench methods=[] out={tmp}/bench", ["methods", "empty"]),
     ("bench unknown arm", "cli", "bench arms=[baseline,fancy] out={tmp}/bench", ["fancy", "gab_ada"]),
     ("bench seeds not integers", "cli", "bench seeds=[a,b] out={tmp}/bench", ["seeds", "integer"]),
+    # bench deploy: model= is the FP reference, quantized= the quantized checkpoints
+    ("deploy quantized model=", "cli", "bench deploy model={q} quantized=[{q}] data={data} out={tmp}/d",
+     ["model={q}", "quantized checkpoint", "FP checkpoint", "quantized=[...]"]),
+    ("deploy FP checkpoint in quantized=", "cli", "bench deploy model={fp} quantized=[{fp}] data={data} out={tmp}/d",
+     ["quantized:", "fp.pt", "no quantized layers"]),
+    ("deploy model not a checkpoint", "cli", "bench deploy model={notckpt} quantized=[{q}] data={data} out={tmp}/d",
+     ["notes.pt", "not a readable"]),
+    ("deploy data not a YAML", "cli", "bench deploy model={fp} quantized=[{q}] data={fp} out={tmp}/d",
+     ["data=", "not a data YAML"]),
+    ("deploy val_imgsz not a multiple of 32", "cli",
+     "bench deploy model={fp} quantized=[{q}] data={data} val_imgsz=100 out={tmp}/d",
+     ["val_imgsz=100", "multiple of 32"]),
+    ("deploy imgsz=0", "cli", "bench deploy model={fp} quantized=[{q}] data={data} imgsz=[0] out={tmp}/d",
+     ["imgsz=0", ">= 32"]),
+    ("deploy batch=0", "cli", "bench deploy model={fp} quantized=[{q}] data={data} batch=0 out={tmp}/d",
+     ["batch=0", ">= 1"]),
+    ("deploy runs=2", "cli", "bench deploy model={fp} quantized=[{q}] data={data} runs=2 out={tmp}/d",
+     ["runs=2", ">= 5"]),
+    ("deploy warmup=-1", "cli", "bench deploy model={fp} quantized=[{q}] data={data} warmup=-1 out={tmp}/d",
+     ["warmup=-1", ">= 0."]),
+    ("deploy threads=0", "cli", "bench deploy model={fp} quantized=[{q}] data={data} threads=0 out={tmp}/d",
+     ["threads=0", ">= 1"]),
+    ("deploy nothing quantized", "sub", "bench deploy model={fp} ptq=[] data={data} out={tmp}/d",
+     ["ptq is empty", "quantized="]),
+    # sensitivity
+    ("sensitivity quantized model", "cli",
+     "sensitivity model={q} data={data} qat=lsq w_bits=4 a_bits=4 imgsz=64 project={tmp}/runs",
+     ["model={q}", "quantized checkpoint", "FP checkpoint"]),
+    ("sensitivity images=0", "cli", "sensitivity model={fp} data={data} qat=lsq imgsz=64 images=0 project={tmp}/runs",
+     ["images=0", "positive integer"]),
     # synth
     ("synth train=0", "cli", "synth out={tmp}/s train=0 val=2 imgsz=64", ["n_train", "1"]),
     ("synth read-only out", "sub", "synth out={readonly}/s train=2 val=2 imgsz=64", ["out=", "cannot write"]),
@@ -241,6 +281,7 @@ CASES = [
     ("api: truncated model", "api", "trainer_truncated", ["truncated.pt", "not a readable"]),
     ("api: Q/DQ export of an FP model", "api", "qdq_fp", ["no quantized layers", "export(format='onnx')"]),
     ("api: synth into an edited set", "api", "synth_edited", ["edited", "overwrite=True"]),
+    ("api: PTQ of a quantized checkpoint", "api", "ptq_quantized", ["q-w4a4-lsq.pt", "quantized checkpoint", "FP"]),
 ]
 
 
@@ -263,6 +304,11 @@ def _api_call(name: str, e: dict, tmp: Path):
         from ultralytics_gabfusion.export import export_qdq_onnx, load_quantized_model
 
         return export_qdq_onnx(load_quantized_model(e["fp"], require_quantized=False), tmp / "fp.onnx", imgsz=64)
+    if name == "ptq_quantized":
+        from ultralytics_gabfusion.ptq import post_training_quantize
+
+        return post_training_quantize(e["q"], data=str(e["data"]), qat="lsq", w_bits=4, a_bits=4, imgsz=64,
+                                      project=str(tmp / "runs"), device="cpu")
     if name == "synth_edited":
         from ultralytics_gabfusion.data import make_synthetic_dataset
 
@@ -299,6 +345,7 @@ def test_bad_input(name, kind, command, words, env, tmp_path, monkeypatch, capsy
         starts = [i for i, ln in enumerate(err.splitlines()) if ln.startswith("yolo-gab")]
         msg = "\n".join(err.splitlines()[starts[-1]:]) if starts else ""
         assert msg, f"no 'yolo-gab ...: error:' line in stderr: {err[-2000:]}"
+        assert len(msg.splitlines()) == 1, f"the error is not one line: {msg}"
     dt = time.perf_counter() - t0
     for w in words:
         assert w.format(**fmt) in msg, f"{w!r} not in the message: {msg}"

@@ -100,7 +100,8 @@ def load_model_file(model: Any, key: str = "model"):
                 warnings.simplefilter("ignore")
                 net, _ = load_checkpoint(str(path), device="cpu")
         except Exception as e:  # truncated zip, pickle of something else, format mismatch: one clear message
-            raise ValueError(f"{key}={model} is not a readable Ultralytics checkpoint ({type(e).__name__}: {e}). "
+            why = " ".join(str(e).split())  # one line: the loader's own message may span several
+            raise ValueError(f"{key}={model} is not a readable Ultralytics checkpoint ({type(e).__name__}: {why}). "
                              "Pass a .pt written by Ultralytics or yolo-gab (an interrupted copy is often truncated).") from None
         return net, dict(getattr(net, "yaml", {}) or {})
     if path.suffix not in (".yaml", ".yml"):
@@ -112,10 +113,37 @@ def load_model_file(model: Any, key: str = "model"):
         raise FileNotFoundError(f"{key}={model}: model YAML not found (neither on disk nor among Ultralytics' model "
                                 "YAMLs such as yolov5s.yaml, yolo11s.yaml).") from None
     except Exception as e:
-        raise ValueError(f"{key}={model} is not a readable model YAML ({type(e).__name__}: {e}).") from None
+        why = " ".join(str(e).split())  # one line: the loader's own message may span several
+        raise ValueError(f"{key}={model} is not a readable model YAML ({type(e).__name__}: {why}).") from None
     if not isinstance(cfg, dict) or "backbone" not in cfg or "head" not in cfg:
         raise ValueError(f"{key}={model} is not a model definition (no 'backbone:'/'head:' lists); a data YAML goes in data=.")
     return None, cfg
+
+
+def check_fp_checkpoint(model: Any, key: str = "model", use: str = "", hint: str = ""):
+    """Load ``model`` (a ``.pt`` checkpoint) and refuse it when it is quantized: where an FP model is the starting point
+    or the reference (sensitivity, post-training quantization, bench deploy's ``model=``).
+
+    ``preflight_train`` lets a quantized checkpoint through when its own qat/w_bits/a_bits are given (QAT goes on);
+    these commands have no such case.
+
+    Args:
+        model: The checkpoint path.
+        key (str): The key that named it, for the message.
+        use (str): What needs the FP model, e.g. ``"sensitivity"``.
+        hint (str): What to pass instead, appended to the message.
+
+    Returns:
+        (nn.Module | None): The loaded FP model; None for a model YAML (no weights to check).
+
+    Raises:
+        FileNotFoundError | ValueError: As :func:`load_model_file`, or a quantized model.
+    """
+    net, _ = load_model_file(model, key)
+    if net is not None and has_quant_modules(net):
+        raise ValueError(f"{key}={model} is a quantized checkpoint; {use or 'this command'} needs the FP model"
+                         f"{': ' + hint if hint else ''}.")
+    return net
 
 
 def _task_of(net, cfg: dict) -> str | None:
@@ -200,7 +228,8 @@ def check_data(data: Any, imgsz: Any = None, task: str = "detect") -> dict:
     try:
         raw = YAML.load(s) if Path(s).is_file() else {}
     except Exception as e:
-        raise ValueError(f"data={data}: not readable YAML ({type(e).__name__}: {e}).") from None
+        why = " ".join(str(e).split())  # one line: the loader's own message may span several
+        raise ValueError(f"data={data}: not readable YAML ({type(e).__name__}: {why}).") from None
     if Path(s).is_file() and not isinstance(raw, dict):
         raise ValueError(f"data={data} must hold 'key: value' pairs (path, train, val, names), not a {type(raw).__name__}.")
     try:
@@ -417,5 +446,5 @@ def _check_teacher_matches(student, merged: dict, nc: int, data: dict) -> None:
 
 
 __all__ = ["TASK_MODELS", "TASK_TRAINERS", "build_float_model", "check_data", "check_writable_dir", "check_explicit_keys",
-           "check_imgsz", "check_layer_bits", "check_resume", "check_task", "load_model_file", "model_task",
-           "preflight_train", "task_noun"]
+           "check_fp_checkpoint", "check_imgsz", "check_layer_bits", "check_resume", "check_task", "load_model_file",
+           "model_task", "preflight_train", "task_noun"]

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from ultralytics.utils import LOGGER
 
+from .preflight import check_fp_checkpoint
 from .trainer import GABTrainer
 from .version import __version__
 
@@ -42,11 +43,15 @@ def post_training_quantize(model: str | os.PathLike, file: str | os.PathLike | N
         (Path): The checkpoint, loadable with ``YOLO(path)`` wherever the package is installed.
 
     Raises:
-        ValueError: ``qat`` missing or ``none``, or any invalid plugin key (raised before anything is written).
+        ValueError: ``qat`` missing or ``none``, ``model`` already quantized, or any invalid plugin key (raised before
+            anything is written).
     """
     if str(overrides.get("qat", "none")).lower() == "none":
         raise ValueError("post_training_quantize needs a quantizer: pass qat=lsq|lsqplus|pact|n2uq (and w_bits, "
                          "a_bits).")
+    check_fp_checkpoint(model, "model", "post-training quantization",
+                        "pass the FP checkpoint it was made from (the trainer would otherwise take it as a QAT run to "
+                        "continue)")
     if float(overrides.get("ada", 0) or 0) > 0:
         overrides["ada"] = 0.0  # no loss is computed: a teacher would be loaded for nothing
     trainer = GABTrainer(overrides={**overrides, "model": str(model), **_NO_TRAINING})

@@ -53,6 +53,7 @@ from ultralytics.utils import LOGGER, TQDM
 
 from . import zoo
 from .fusion import GABFusion
+from .preflight import check_fp_checkpoint
 from .quant.convert import _layer_index
 from .quant.mixed import average_act_bits, average_bits, conv_costs, fp_bops, model_rows, plan_bops
 from .quant.qconv import quant_convs
@@ -263,6 +264,8 @@ def layer_sensitivity(model: str | os.PathLike, metric: str = "kl", images: int 
         model = zoo.verify(str(model))
     if not Path(str(model)).is_file():
         raise FileNotFoundError(f"model={model}: file not found; pass a trained FP .pt checkpoint.")
+    check_fp_checkpoint(model, "model", "sensitivity",
+                        "pass the FP checkpoint it was made from (each layer is quantized in turn from FP)")
     overrides = {"name": "sensitivity", **overrides, "ada": 0.0}
     t0 = time.perf_counter()
     trainer = GABTrainer(overrides={**overrides, "model": str(model), **_NO_TRAINING})

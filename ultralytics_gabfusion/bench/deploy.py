@@ -53,9 +53,10 @@ from ..data import make_synthetic_dataset
 from ..export import export_qdq_onnx, load_quantized_model
 from ..export.openvino import compile_model, conv_precisions, export_openvino, require_openvino
 from ..provenance import environment
+from ..preflight import check_fp_checkpoint, load_model_file
 from ..ptq import post_training_quantize
 from ..quant.grids import snap_zero_points
-from ..quant.qconv import quant_convs
+from ..quant.qconv import is_quantized, quant_convs
 from ..settings import as_int, as_int_list, as_list, as_str_list, parse_key_values, unknown_key_error
 from .common import BenchError, cli_value, write_json
 
@@ -115,8 +116,13 @@ def _bits_setting(v: str) -> tuple[int, int]:
 def resolve_settings(argv: list[str]) -> dict:
     """Parse and check the keys; resolve the shipped-model defaults.
 
+    The checkpoints are loaded here, after the cheap checks: ``model=`` must be an FP checkpoint (the reference)
+    and every ``quantized=`` entry a quantized one. The quantized models are kept (``s["_nets"]``) for the label and
+    the exports, so each file is read once.
+
     Raises:
-        BenchError: Unknown key, bad value, missing file (exit status 2; nothing is written).
+        BenchError: Unknown key, bad value, missing file, a checkpoint of the wrong kind (exit status 2; nothing is
+            written).
     """
     user = parse_key_values(argv)
     for k in user:
@@ -130,7 +136,7 @@ def resolve_settings(argv: list[str]) -> dict:
             raise BenchError(f"imgsz={v} must be a multiple of 32.")
     s["batch"] = as_int("batch", s["batch"], 1)
     s["runs"] = as_int("runs", s["runs"], 5)
-    s["warmup"] = as_int("warmup", s["warmup"], 0, allow_zero=True)
+    s["warmup"] = as_int("warmup", s["warmup"], 0)
     s["threads"] = as_int("threads", s["threads"] if s["threads"] is not None else (os.cpu_count() or 1), 1)
     s["ptq"] = [_bits_setting(v) for v in as_list("ptq", s["ptq"])]
     if s["model"] is None:
@@ -148,10 +154,40 @@ def resolve_settings(argv: list[str]) -> dict:
         raise BenchError("data= is required for a model other than the shipped one (calibration and validation).")
     if s["data"] is not None and not Path(str(s["data"])).is_file():
         raise BenchError(f"data={s['data']}: file not found.")
+    if s["data"] is not None and Path(str(s["data"])).suffix.lower() not in (".yaml", ".yml"):
+        raise BenchError(f"data={s['data']} is not a data YAML: pass the dataset's .yaml (calibration and validation "
+                         "read its splits).")
     if s["val_imgsz"] is not None:
         s["val_imgsz"] = as_int("val_imgsz", s["val_imgsz"], 32)
+        if s["val_imgsz"] % 32:
+            raise BenchError(f"val_imgsz={s['val_imgsz']} must be a multiple of 32 (the exported graphs are static).")
+    if not s["quantized"] and not s["ptq"]:
+        raise BenchError("ptq is empty and quantized= is not given: no quantized model to compare with FP; pass "
+                         "ptq=[w8a8] or quantized=[q.pt].")
     s["out"] = str(Path(str(s["out"])).resolve())
+    _check_checkpoints(s)
     return s
+
+
+def _check_checkpoints(s: dict) -> None:
+    """``model=`` an FP ``.pt`` checkpoint, each ``quantized=`` entry a quantized one; keeps what the run needs of
+    them: the FP model's training imgsz (``s["_fp_imgsz"]``) and the quantized models (``s["_nets"]``)."""
+    try:
+        if Path(s["model"]).suffix != ".pt":
+            raise ValueError(f"model={s['model']} is not a .pt checkpoint: pass the FP checkpoint.")
+        fp = check_fp_checkpoint(s["model"], "model", "bench deploy",  # the reference every row is compared with
+                                 "pass the FP checkpoint the quantized models were made from, and this one in "
+                                 "quantized=[...]")
+        s["_fp_imgsz"] = int((getattr(fp, "args", None) or {}).get("imgsz") or 640)  # train_args over defaults
+        nets = s["_nets"] = {}
+        for q in s["quantized"]:
+            net, _ = load_model_file(q, "quantized")
+            if net is None or not is_quantized(net):
+                raise ValueError(f"quantized: {q} has no quantized layers: pass quantized checkpoints (QAT or PTQ of "
+                                 "model=), or leave quantized= out to compare PTQ models.")
+            nets[q] = net
+    except (ValueError, FileNotFoundError) as e:
+        raise BenchError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------ preparation
@@ -163,8 +199,7 @@ def _prepare(s: dict) -> tuple[str, list[tuple[str, str]], int]:
         d = s["_card"]["data"]
         data = str(make_synthetic_dataset(out / "data", n_train=d["n_train"], n_val=d["n_val"], imgsz=d["imgsz"],
                                           seed=d["seed"], max_objects=d["max_objects"], min_size=d["min_size"]))
-    fp_args = (getattr(YOLO(s["model"]), "ckpt", None) or {}).get("train_args") or {}
-    val_imgsz = s["val_imgsz"] or int(fp_args.get("imgsz") or 640)
+    val_imgsz = s["val_imgsz"] or s["_fp_imgsz"]
     models = [("FP", s["model"])]
     if s["quantized"]:
         models += [(_label(s, q), q) for q in s["quantized"]]

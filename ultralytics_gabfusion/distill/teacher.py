@@ -162,8 +162,9 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         with _loadable_path(path) as p:
             model, ckpt = load_checkpoint(p, device="cpu")
     except Exception as e:  # Ultralytics reports damaged files as TypeError/RuntimeError/...: one user-facing error
+        why = " ".join(str(e).split())  # one line: the loader's own message may span several
         raise ValueError(
-            f"{path} is not a readable Ultralytics checkpoint ({type(e).__name__}: {e}). "
+            f"{path} is not a readable Ultralytics checkpoint ({type(e).__name__}: {why}). "
             f"Pass teacher= a full-precision checkpoint saved by Ultralytics, or set ada=0"
         ) from e
     if (isinstance(ckpt, dict) and ckpt.get("modelopt")) or has_quant_modules(model):

@@ -11,10 +11,10 @@ from ultralytics.utils import LOGGER
 from ..preflight import check_imgsz, check_writable_dir
 from ..quant.qconv import is_quantized
 from ..settings import PLUGIN_KEYS
-from .inputs import load_quantized_model
+from .inputs import _image_files, load_quantized_model
 from .openvino import export_openvino
 from .parity import ParityError, _fmt_parity
-from .qdq import export_qdq_onnx
+from .qdq import SUPPORTED_OPSETS, export_qdq_onnx
 
 _IGNORED_FOR_QDQ = ("half", "int8", "dynamic", "simplify", "nms", "optimize", "keras", "quantize", "batch", "workspace")
 
@@ -33,6 +33,8 @@ def export_main(overrides: dict) -> int:
     * quantized checkpoint, any other format: ``ValueError`` (other formats would trace the fake-quant graph in
       float, or have no integer-grid representation).
     * full-precision model: handed to Ultralytics' exporter, ``YOLO(model).export(**overrides)``.
+    * checked first, before any file is written: ``batch`` a positive integer (both paths), ``opset`` 21 and
+      ``data=`` holding images (quantized models).
 
     Args:
         overrides (dict): Parsed ``key=value`` pairs (plugin keys and ``trainer`` are ignored with a warning).
@@ -54,6 +56,7 @@ def export_main(overrides: dict) -> int:
     if model is None:
         raise ValueError("export needs model=, e.g. yolo-gab export model=runs/qat/weights/best.pt format=onnx")
     _drop_training_keys(ov)
+    _check_batch(ov)
     path = Path(str(model))
     net = None
     if path.suffix == ".pt":
@@ -75,6 +78,17 @@ def _check_export_imgsz(net, imgsz) -> None:
     """
     if imgsz is not None:
         check_imgsz(imgsz, int(max(net.stride)) if hasattr(net, "stride") else 32)
+
+
+def _check_batch(ov: dict) -> None:
+    """Refuse a ``batch`` that is not a positive integer (both exporters: Ultralytics fails deep in tracing on 0 or
+    -1, and the Q/DQ path would ignore it and write a file); ``2.0`` is taken as 2."""
+    v = ov.get("batch")
+    if v is None:
+        return
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) or v < 1:
+        raise ValueError(f"batch={v} is not valid: the batch size must be a positive integer, e.g. batch=1.")
+    ov["batch"] = int(v)
 
 
 def _drop_training_keys(ov: dict) -> None:
@@ -111,6 +125,11 @@ def _export_quantized(net, model, path: Path, ov: dict) -> int:
     if fmt == "openvino" and zero_point != "snap":
         raise ValueError("format=openvino needs integer zero points (zero_point=snap, the default for OpenVINO): "
                          "float offsets would keep every convolution in float.")
+    opset = ov.get("opset")
+    if opset is not None and (isinstance(opset, bool) or opset not in SUPPORTED_OPSETS):  # 0 is no default here
+        raise ValueError(f"opset={opset} is not supported by the Q/DQ exporter: use opset=21 (INT4/UINT4 need 21) or "
+                         "leave opset out.")
+    opset = int(opset or SUPPORTED_OPSETS[-1])
     for k in _IGNORED_FOR_QDQ:
         v = ov.get(k)
         if v in (None, False, "") or (k == "batch" and v == 1):
@@ -123,18 +142,23 @@ def _export_quantized(net, model, path: Path, ov: dict) -> int:
     if imgsz is None:
         args = getattr(net, "args", None)
         imgsz = (args.get("imgsz") if isinstance(args, dict) else None) or 640
-    opset = ov.get("opset") or 21
+    data = ov.get("data")
+    if data:  # the parity images are found now: a wrong data= fails before the output folder is made
+        try:
+            found = _image_files(str(data))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data={data}: {e}") from None
+        if not found:
+            raise ValueError(f"data={data}: no images found (the parity check runs on its val images).")
+        images, what = str(data), f"val images of data={data}"
+    else:
+        images, what = None, "generated synthetic images (pass data=... to use real validation images)"
     file = ov.get("file")
     default = path.with_suffix(".onnx") if fmt == "onnx" else path.with_name(f"{path.stem}_openvino_model")
     if file is None and ov.get("save_dir"):
         file = Path(ov["save_dir"]) / default.name
     out = Path(str(file or default))
     check_writable_dir(out.parent, "save_dir" if ov.get("save_dir") and not ov.get("file") else "file")
-    data = ov.get("data")
-    if data:
-        images, what = str(data), f"val images of data={data}"
-    else:
-        images, what = None, "generated synthetic images (pass data=... to use real validation images)"
     LOGGER.info(f"yolo-gab export: {'Q/DQ ONNX' if fmt == 'onnx' else 'OpenVINO INT8'} export of {model}; "
                 f"parity check on {what}")
     try:
@@ -143,7 +167,7 @@ def _export_quantized(net, model, path: Path, ov: dict) -> int:
             print(f"Exported {res['dir']} ({res['int8_convs']}/{res['convs']} convolutions on INT8 kernels)")
             res = res["onnx"]
         else:
-            res = export_qdq_onnx(net, out, imgsz=imgsz, opset=int(opset), images=images, zero_point=zero_point,
+            res = export_qdq_onnx(net, out, imgsz=imgsz, opset=opset, images=images, zero_point=zero_point,
                                   int4=int4)
             print(f"Exported {res['file']}")
     except ParityError as e:

@@ -50,7 +50,8 @@ def load_quantized_model(model, require_quantized: bool = True) -> nn.Module:
                 warnings.simplefilter("ignore")
                 model, _ = load_checkpoint(str(path))
         except Exception as e:  # torch/pickle raise many types on a corrupt file: report one clear error
-            raise ValueError(f"{path} is not a readable Ultralytics checkpoint ({type(e).__name__}: {e}).") from None
+            why = " ".join(str(e).split())  # one line: the loader's own message may span several
+            raise ValueError(f"{path} is not a readable Ultralytics checkpoint ({type(e).__name__}: {why}).") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"expected a model or a .pt checkpoint path, got {type(model).__name__}.")
     if require_quantized and not is_quantized(model):
