@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the test suite in its own virtual environment (created and filled on first use).
-# Usage: bash scripts/test.sh [pytest args...]
+# Usage: bash scripts/test.sh [pytest args...]   (GAB_TEST_WORKERS=N: N parallel workers, default 2; 0: none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${GAB_VENV:-.venv-test}"
@@ -14,4 +14,10 @@ PY="$VENV/bin/python"
 export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=false
 export YOLO_CONFIG_DIR="${YOLO_CONFIG_DIR:-$PWD/.yolo_config}"
 "$PY" -c "from ultralytics_gabfusion.offline import setup_offline_env; setup_offline_env()"
+# Two workers (one thread each, see tests/conftest.py); a test file runs on one worker, so its module fixtures are
+# built once. GAB_TEST_WORKERS=0 runs the suite in this process.
+WORKERS="${GAB_TEST_WORKERS:-2}"
+if [ "$WORKERS" -gt 0 ]; then
+  exec "$PY" -m pytest -q -n "$WORKERS" --dist loadfile "$@"
+fi
 exec "$PY" -m pytest -q "$@"

@@ -5,6 +5,7 @@ The environment is set before anything imports Ultralytics, so no test can downl
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,9 @@ sys.path.insert(0, str(ROOT))
 from ultralytics_gabfusion.offline import setup_offline_env  # noqa: E402  (imports no Ultralytics)
 
 setup_offline_env(_CFG_DIR)
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Under pytest-xdist (scripts/test.sh runs two workers on two cores) each worker and the processes it starts get one
+# thread: the tiny models here gain little from intra-op threads, and two workers x two threads would oversubscribe.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 import pytest  # noqa: E402
 
@@ -40,13 +43,36 @@ def run_python(code: str, cwd=None, timeout=600):
                           timeout=timeout)
 
 
+def shared_build(tmp_path_factory, name: str, build) -> dict:
+    """Build an expensive test artefact once per test run, shared by every pytest-xdist worker.
+
+    ``build(folder)`` writes into ``folder`` and returns a JSON-able dict of paths; the first worker builds under a
+    file lock, the others wait and read the result. Without xdist this is a plain session cache.
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base folder, common to all workers
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.json"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({k: str(v) for k, v in build(folder).items()}))
+    return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A generated 16-class detection set (16 train / 8 val images at 64 px); returns data.yaml."""
-    from ultralytics_gabfusion.data import make_synthetic_dataset
 
-    out = tmp_path_factory.mktemp("data") / "synth"
-    return Path(make_synthetic_dataset(out, n_train=16, n_val=8, imgsz=IMGSZ, seed=0, max_objects=6, workers=0))
+    def build(folder):
+        from ultralytics_gabfusion.data import make_synthetic_dataset
+
+        return {"data": make_synthetic_dataset(folder / "synth", n_train=16, n_val=8, imgsz=IMGSZ, seed=0,
+                                               max_objects=6, workers=0)}
+
+    return shared_build(tmp_path_factory, "tiny-data", build)["data"]
 
 
 def bench_result(settings: dict, rows: list, **extra) -> dict:
@@ -69,15 +95,19 @@ def train_kwargs(tmp_path: Path, **kw) -> dict:
 @pytest.fixture(scope="session")
 def fp_ckpt(tiny_data, tmp_path_factory) -> dict:
     """Tiny FP checkpoints of yolov5s and yolo11s trained 1 epoch with the stock trainer: {'yolov5s': path, ...}."""
-    from ultralytics import YOLO
 
-    out = {}
-    for arch in ("yolov5s", "yolo11s"):
-        d = tmp_path_factory.mktemp(f"fp-{arch}")
-        YOLO(f"{arch}.yaml").train(data=str(tiny_data), **train_kwargs(d, val=False))
-        out[arch] = d / "run" / "weights" / "last.pt"
-        assert out[arch].exists()
-    return out
+    def build(folder):
+        from ultralytics import YOLO
+
+        out = {}
+        for arch in ("yolov5s", "yolo11s"):
+            d = folder / arch
+            YOLO(f"{arch}.yaml").train(data=str(tiny_data), **train_kwargs(d, val=False))
+            out[arch] = d / "run" / "weights" / "last.pt"
+            assert out[arch].exists()
+        return out
+
+    return shared_build(tmp_path_factory, "fp-ckpt", build)
 
 
 # The package will ship a long-trained FP detector here; until then the tests train their own "real model".
@@ -110,11 +140,14 @@ def trained_fp(tiny_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def task_data(tmp_path_factory) -> dict:
     """Generated segment and pose sets (8 train / 4 val images, 64 px): ``{"segment": data.yaml, "pose": data.yaml}``."""
-    from ultralytics_gabfusion.data import make_synthetic_dataset
 
-    return {t: Path(make_synthetic_dataset(tmp_path_factory.mktemp(f"data-{t}") / "synth", task=t, n_train=8, n_val=4,
-                                           imgsz=IMGSZ, seed=0, max_objects=4, workers=0))
-            for t in ("segment", "pose")}
+    def build(folder):
+        from ultralytics_gabfusion.data import make_synthetic_dataset
+
+        return {t: make_synthetic_dataset(folder / t / "synth", task=t, n_train=8, n_val=4, imgsz=IMGSZ, seed=0,
+                                          max_objects=4, workers=0) for t in ("segment", "pose")}
+
+    return shared_build(tmp_path_factory, "task-data", build)
 
 
 TASK_MODELS = {"segment": "cfg/models/yolov5n-seg.yaml", "pose": "yolov8n-pose.yaml"}  # smallest of each task
@@ -123,13 +156,17 @@ TASK_MODELS = {"segment": "cfg/models/yolov5n-seg.yaml", "pose": "yolov8n-pose.y
 @pytest.fixture(scope="session")
 def task_fp_ckpt(task_data, tmp_path_factory) -> dict:
     """FP checkpoints trained 1 epoch with the stock task trainer: ``{"segment": last.pt, "pose": last.pt}``."""
-    from ultralytics import YOLO
 
-    out = {}
-    for task, model in TASK_MODELS.items():
-        d = tmp_path_factory.mktemp(f"fp-{task}")
-        YOLO(str(ROOT / model) if model.startswith("cfg/") else model).train(
-            data=str(task_data[task]), **train_kwargs(d, val=False, batch=4))
-        out[task] = d / "run" / "weights" / "last.pt"
-        assert out[task].exists()
-    return out
+    def build(folder):
+        from ultralytics import YOLO
+
+        out = {}
+        for task, model in TASK_MODELS.items():
+            d = folder / task
+            YOLO(str(ROOT / model) if model.startswith("cfg/") else model).train(
+                data=str(task_data[task]), **train_kwargs(d, val=False, batch=4))
+            out[task] = d / "run" / "weights" / "last.pt"
+            assert out[task].exists()
+        return out
+
+    return shared_build(tmp_path_factory, "task-fp-ckpt", build)

@@ -35,7 +35,9 @@ def quantized(arch, method, w_bits=4, a_bits=4, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("arch", ["yolov5s", "yolo11s"])
+# The per-layer tests below use the n scale of each family: the same layers and blocks as yolov5s / yolo11s (only
+# the channel widths differ), at a quarter of the weights to quantize and search.
+@pytest.mark.parametrize("arch", ["yolov5n", "yolo11n"])
 @pytest.mark.parametrize("method", METHODS)
 def test_levels_per_channel_and_tensor(arch, method):
     """Every quantized weight has <= 2^b values per output channel, every quantized input <= 2^b per tensor."""
@@ -140,10 +142,10 @@ def test_w8a8_close_to_fp(method):
     """
     from ultralytics_gabfusion.quant.convert import calibrate_activations, init_weight_quantizers, quantize_model
 
-    fp = bn_calibrated_fp("yolov5s")
+    fp = bn_calibrated_fp("yolov5n")
     med = {}
     for bits in (8, 4):
-        q = build("yolov5s")
+        q = build("yolov5n")
         q.load_state_dict(fp.state_dict())
         quantize_model(q, method, bits, bits)
         init_weight_quantizers(q)
@@ -157,7 +159,7 @@ def test_w8a8_close_to_fp(method):
 def test_training_steps_lower_the_loss(method):
     from ultralytics_gabfusion.quant.convert import quantizer_parameters
 
-    model = quantized("yolov5s", method, 4, 4)
+    model = quantized("yolov5n", method, 4, 4)
     model.train()
     from ultralytics.cfg import get_cfg
 
