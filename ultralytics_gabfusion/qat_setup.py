@@ -36,7 +36,7 @@ from .quant.convert import (
 from .quant.mixed import BOPS_IMGSZ, conv_costs, format_totals, fp_totals, plan_totals, resolve_layer_bits
 from .quant.qconv import QuantConv2d, quant_convs, quantizers_disabled
 from .settings import QATConfig
-from .stability import recalibrate_bn
+from .stability import bn_statistics, recalibrate_bn, shift_bn_statistics
 from .version import __version__
 
 PREFIX = colorstr("gabfusion: ")
@@ -196,6 +196,8 @@ def calibrate_model(model, images: list, init: str = "mse", bn_images: list | No
     the BatchNorm statistics: calibrate on the FP statistics, re-estimate the statistics of the quantized network,
     re-calibrate every activation quantizer on them, re-estimate once more. The FP statistics describe a network
     without quantization error; at W3A3 that mismatch alone cost ~18 mAP50 of the PTQ model (docs/RESULTS.md 15).
+    Trained statistics are re-estimated as a shift (:func:`~.stability.shift_bn_statistics`): they move only by what
+    quantization changes, so W8A8 keeps the FP model's statistics (docs/RESULTS.md 16).
 
     Under torch.distributed each rank passes its own batches; they are gathered first (batch ``k`` of every rank,
     concatenated in rank order), so every rank calibrates on the union exactly as one process holding all the
@@ -224,11 +226,16 @@ def calibrate_model(model, images: list, init: str = "mse", bn_images: list | No
         LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {len(images[0])} images "
                     f"(BatchNorm on {'running' if bn == 'eval' else 'batch'} statistics)")
         if bn_images:
-            recalibrate_bn(model, bn_images)
+            # trained statistics: kept and moved by the shift quantization causes; fresh ones: plainly re-estimated
+            base = bn_statistics(model) if bn == "eval" else None
+            reestimate = (lambda: shift_bn_statistics(model, bn_images, base)) if base else (
+                lambda: recalibrate_bn(model, bn_images))
+            reestimate()
             calibrate_activations(model, images, only_uninitialized=False, init=init, bn="eval")
-            n = recalibrate_bn(model, bn_images)
-            LOGGER.info(f"{PREFIX}BatchNorm statistics of the quantized network re-estimated on {n} batches, activation "
-                        f"quantizers re-calibrated on them")
+            n = reestimate()
+            LOGGER.info(f"{PREFIX}BatchNorm statistics of the quantized network re-estimated on {n} batches "
+                        f"({'trained statistics moved by the quantization shift' if base else 'plain average'}), "
+                        f"activation quantizers re-calibrated on them")
     if distributed:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
