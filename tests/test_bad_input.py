@@ -157,6 +157,7 @@ CASES = [
     ("unknown gab mode", "cli", TQ + " gab=balance", ["gab=balance", "balanced"]),
     ("ada < 0", "cli", TQ + " ada=-1", ["ada=-1", ">= 0"]),
     ("qat_bn typo", "cli", TQ + " qat_bn=frozen", ["qat_bn=frozen", "train, freeze", "Did you mean 'qat_bn=freeze'"]),
+    ("qat_act_zp typo", "cli", TQ + " qat_act_zp=foo", ["qat_act_zp=foo", "float, integer"]),
     ("qat_bn_recalib < 0", "cli", TQ + " qat_bn_recalib=-2", ["qat_bn_recalib=-2", "1..1000 or 0"]),
     ("qat_ema_tau = 0", "cli", TQ + " qat_ema_tau=0", ["qat_ema_tau=0", "auto", "> 0"]),
     ("qat_ema_tau word", "cli", TQ + " qat_ema_tau=fast", ["qat_ema_tau=fast", "auto"]),

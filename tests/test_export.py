@@ -35,8 +35,10 @@ NC = 16
 
 # ------------------------------------------------------------------------------------------------ helpers
 def build_quantized(cfg: str, method: str, bits: int, images: torch.Tensor, gab: bool = False, seed: int = 0,
-                    layer_bits: dict | None = None):
-    """A calibrated fake-quant DetectionModel with non-trivial BN, quantizer and head state (eval mode)."""
+                    layer_bits: dict | None = None, **policy):
+    """A calibrated fake-quant DetectionModel with non-trivial BN, quantizer and head state (eval mode).
+
+    ``policy``: further :func:`quantize_model` keywords (``act_grid``, ``act_zp``)."""
     from ultralytics.nn.tasks import DetectionModel
 
     from ultralytics_gabfusion.quant.convert import calibrate_activations, init_weight_quantizers, quantize_model
@@ -57,7 +59,7 @@ def build_quantized(cfg: str, method: str, bits: int, images: torch.Tensor, gab:
             mod.reset_running_stats()
     for seq in m.model[-1].cv3:
         torch.nn.init.zeros_(seq[-1].bias)
-    quantize_model(m, method, bits, bits, layer_bits=layer_bits)
+    quantize_model(m, method, bits, bits, layer_bits=layer_bits, **policy)
     init_weight_quantizers(m)
     calibrate_activations(m, [images])
     m.train()
@@ -141,6 +143,35 @@ def test_zero_point_snap_gives_integer_zero_points(lsq_v5, images, tmp_path):
     with pytest.raises(ValueError, match="zero_point="):
         export_qdq_onnx(lsq_v5, tmp_path / "bad.onnx", imgsz=IMGSZ, zero_point="round", verbose=False)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize("method,act_grid", [("lsq", "auto"), ("lsqplus", "auto"), ("pact", "signed")])
+def test_integer_zero_points_export_exact_equals_snap(method, act_grid, images, tmp_path):
+    """qat_act_zp=integer: every activation grid is already on an integer zero point, so snap_zero_points moves
+    nothing and zero_point=exact writes the same plain Q/DQ graph as zero_point=snap, with parity."""
+    from ultralytics_gabfusion.quant.grids import snap_zero_points
+
+    m = build_quantized("yolov5n.yaml", method, 4, images, act_grid=act_grid, act_zp="integer")
+    assert snap_zero_points(copy.deepcopy(m)) == []
+    infos, graphs = {}, {}
+    for zp in ("exact", "snap"):
+        infos[zp] = export_qdq_onnx(m, tmp_path / f"{zp}.onnx", imgsz=IMGSZ, images=images, zero_point=zp,
+                                    verbose=False)
+        p = infos[zp]["parity"]
+        assert p["ok"] and p["unmatched"] == 0, p
+        g = onnx.load(str(tmp_path / f"{zp}.onnx")).graph
+        graphs[zp] = ([(n.name, n.op_type, list(n.input), list(n.output), str(n.attribute)) for n in g.node],
+                      {i.name: i.SerializeToString() for i in g.initializer})
+    assert infos["snap"]["zero_points"] == [] and infos["exact"]["layers"] == infos["snap"]["layers"]
+    assert graphs["exact"] == graphs["snap"]
+    nodes, inits = graphs["exact"]
+    assert not [n for n in nodes if n[0].endswith(("/ActSubOffset", "/ActAddOffset"))]  # no float offset around Q/DQ
+    zps = {k: int(numpy_helper.to_array(onnx.TensorProto.FromString(v))) for k, v in inits.items()
+           if k.endswith(".act/a_zero_point")}
+    if act_grid == "signed":  # the symmetric signed grid: zero point 0, INT4 (the first conv reads the image: UINT8)
+        assert set(zps.values()) == {0}
+    else:  # the SiLU offset (LSQ) / learned beta (LSQ+) as integer zero points
+        assert sum(z != 0 for z in zps.values()) >= len(zps) // 2
 
 
 def test_lsq_w4a4_yolov5s(lsq_v5, lsq_v5_onnx, images):

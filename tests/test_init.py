@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ultralytics_gabfusion.quant import make_quantizer
-from ultralytics_gabfusion.quant.init import quant_error, refine_mse
+from ultralytics_gabfusion.quant.init import choose_zero_point, quant_error, refine_mse
 
 C = 16
 RANGED = [("lsq", "weight"), ("lsq", "act"), ("lsqplus", "weight"), ("lsqplus", "act"), ("pact", "act"),
@@ -165,3 +165,40 @@ def test_calibration_bn_modes():
     assert torch.equal(_act_state(f1), _act_state(f2))  # untrained statistics: batch statistics
     with pytest.raises(ValueError, match="bn='running' is not a calibration BatchNorm mode"):
         calibrate_activations(fresh, [x], bn="running")
+
+
+@pytest.mark.parametrize("method", ["lsq", "lsqplus", "pact"])
+def test_integer_zero_point_calibration_picks_the_cheaper_neighbour(method):
+    """qat_act_zp=integer: of s*floor(off/s) and s*ceil(off/s) the one with the lower error on the tensor is kept.
+
+    Offset -2.4 steps: the forward rounds to -2, but 90% of the values sit at -2.9 steps, which only the grid
+    starting at -3 steps represents."""
+    s, b = 0.1, -0.24
+    x = torch.cat([torch.full((900,), -2.9 * s), torch.linspace(-2 * s, 10 * s, 100)])
+    extra = {} if method == "lsqplus" else {"fixed_offset": b}
+    q = make_quantizer(method, "act", 4, signed=False, act_zp="integer", **extra)
+    with torch.no_grad():
+        if method == "pact":
+            q.alpha.fill_(15 * s)
+        else:
+            q.step.fill_(s)
+        if method == "lsqplus":
+            q.offset.fill_(b)
+    q._mark_initialized()
+    before = float(quant_error(q, x).sum())
+    assert float(q.grid()["offset"]) == pytest.approx(-2 * s)  # nearest multiple
+    assert choose_zero_point(q, x)
+    assert float(q.grid()["offset"]) == pytest.approx(-3 * s) and float(quant_error(q, x).sum()) < before
+    assert not choose_zero_point(q, x)  # already on a multiple
+    flat = torch.linspace(-2 * s, 10 * s, 1000)  # nothing below -2 steps: the nearest multiple kept, offset untouched
+    q2 = copy.deepcopy(q)
+    q2.set_grid_offset(b)
+    assert not choose_zero_point(q2, flat) and float(q2.grid()["offset"]) == pytest.approx(-2 * s)
+    assert (q2.offset.item() if method == "lsqplus" else q2.fixed_offset) == pytest.approx(b)
+    q2.act_zp = "float"  # float offsets: nothing to choose
+    assert not choose_zero_point(q2, x)
+
+
+def test_signed_pact_zero_point_is_fixed_by_its_grid():
+    q = make_quantizer("pact", "act", 4, signed=True, act_zp="integer").init_from(torch.randn(1000))
+    assert not choose_zero_point(q, torch.randn(1000))

@@ -205,9 +205,10 @@ def test_bad_input_errors():
         quantize_model(model, "lsq", 4, 4)
 
 
-@pytest.mark.parametrize("method", ["lsqplus", "n2uq"])
-def test_qat_run_checkpoint_roundtrip_fresh_process(method, tmp_path, tiny_data, fp_ckpt):
-    """QAT from an FP .pt; the saved best.pt rebuilt in a fresh process gives bit-identical quantized outputs."""
+@pytest.mark.parametrize("method,act_zp", [("lsqplus", "integer"), ("n2uq", "float")])
+def test_qat_run_checkpoint_roundtrip_fresh_process(method, act_zp, tmp_path, tiny_data, fp_ckpt):
+    """QAT from an FP .pt; the saved best.pt rebuilt in a fresh process gives bit-identical quantized outputs (and,
+    trained with qat_act_zp=integer, keeps its integer-zero-point grids: nothing for the export's snap to move)."""
     from ultralytics import YOLO
 
     from ultralytics_gabfusion import GABTrainer
@@ -215,7 +216,7 @@ def test_qat_run_checkpoint_roundtrip_fresh_process(method, tmp_path, tiny_data,
 
     model = YOLO(str(fp_ckpt["yolov5s"]))
     model.train(trainer=GABTrainer, data=str(tiny_data), qat=method, w_bits=3, a_bits=3, qat_calib=2,
-                **train_kwargs(tmp_path))
+                qat_act_zp=act_zp, **train_kwargs(tmp_path))
     best = Path(model.trainer.best)
     ckpt = torch.load(best, weights_only=False)
     m = ckpt["model"].float().eval()
@@ -223,6 +224,9 @@ def test_qat_run_checkpoint_roundtrip_fresh_process(method, tmp_path, tiny_data,
     assert qs and all(bool(q.initialized) for q in qs)
     for q in qs:  # quantizer state is stored in fp32 despite Ultralytics' fp16 checkpoints
         assert all(p.dtype == torch.float32 for p in q.parameters())
+    assert m.gabfusion["qat_act_zp"] == act_zp  # the run's keys, recorded with the model
+    want_int = act_zp == "integer"
+    assert all(c.act_quant.integer_zero_point == want_int for _, c in quant_convs(m) if c.act_quant is not None)
     x = images(2, seed=9)
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
@@ -237,10 +241,15 @@ def test_qat_run_checkpoint_roundtrip_fresh_process(method, tmp_path, tiny_data,
         f"ref = torch.load(r'{tmp_path / 'ref.pt'}')\n"
         "with torch.no_grad(): out = m(x)[0]\n"
         "print('EQUAL', torch.equal(out, ref))\n"
+        "from ultralytics_gabfusion.quant.grids import snap_zero_points\n"
+        "acts = [c.act_quant for c in m.modules() if getattr(c, 'act_quant', None) is not None]\n"
+        "print('INTEGER', sorted({q.integer_zero_point for q in acts}), 'MOVES', len(snap_zero_points(m)))\n"
     )
     r = run_python(code)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "EQUAL True" in r.stdout
+    if want_int:
+        assert "INTEGER [True] MOVES 0" in r.stdout
 
 
 def test_optimizer_groups(tmp_path, tiny_data, fp_ckpt):

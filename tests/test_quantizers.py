@@ -235,6 +235,100 @@ def test_lsqplus_matches_formulas(bits, signed, role, kernel):
         assert set(grads) == {"step"} and "offset" in dict(q.named_buffers())
 
 
+# ------------------------------------------------------------------------------- integer zero points (qat_act_zp)
+# Every formula on the reference ops; one case per method on the compiled kernels (their first compile is slow).
+ZP_CASES = [("lsqplus", 4, False, "reference"), ("lsqplus", 3, True, "reference"), ("lsqplus", 2, False, "reference"),
+            ("lsq", 4, False, "reference"), ("lsq", 3, False, "reference"),
+            ("lsqplus", 4, False, "compiled"), ("lsq", 4, False, "compiled")]
+
+
+@pytest.mark.parametrize("method,bits,signed,kernel_name", ZP_CASES)
+def test_integer_zero_point_lsq_matches_formulas(method, bits, signed, kernel_name):
+    """act_zp=integer, float64: y = s*clamp(round((x - off_int)/s), n, p) + off_int with off_int = s*round(off/s);
+    dy/dbeta as LSQ+ without the rounding (STE), dy/ds = LSQ's + round(off/s) * dy/doff (product rule)."""
+    from ultralytics_gabfusion.quant import kernels
+    from ultralytics_gabfusion.quant.grids import SILU_MIN
+
+    if kernel_name == "compiled" and not kernels.compiled_available("cpu"):
+        pytest.skip("no C++ compiler for torch.compile on this machine")
+    g = gen(bits * 10 + signed + 3000)
+    n, p = int_range(bits, signed)
+    s = 0.04 + 0.06 * torch.rand(1, generator=g, dtype=DT)  # SILU_MIN/s in -7..-2.8
+    if method == "lsqplus":
+        off = s * (-2.1 - 0.3 * torch.rand(1, generator=g, dtype=DT))  # round(off/s) = -2, 0.1..0.4 step away
+        q = set_params(make_quantizer("lsqplus", "act", bits, signed=signed, act_zp="integer"), step=s, offset=off)
+    else:
+        off = torch.tensor([SILU_MIN], dtype=DT)
+        q = set_params(make_quantizer("lsq", "act", bits, signed=signed, fixed_offset=SILU_MIN, act_zp="integer"),
+                       step=s)
+    k = torch.round(off / s)
+    off_int = s * k
+    assert float((off / s - k).abs()) > 0.05 and int(k) != 0  # the offset really moves, by a whole number of steps
+    x = codes(A_SHAPE, n, p, g) * s + off_int
+    with kernels.use_qat_kernel(kernel_name):
+        y, G, dx, grads = run(q, x)
+    assert not kernels._state["failed"], "compiled kernels failed and fell back to the reference path"
+    assert_close(y, s * torch.clamp(torch.round((x - off_int) / s), n, p) + off_int)
+    assert_close(y / s, torch.round(y / s))  # every level an integer multiple of s: integer zero point -k
+    N = x.numel() / x.shape[0]
+    _, dx_ref, ds_lsq, db_lsq = ref_lsq(x, s, off_int, n, p, G, N, False)
+    assert_close(dx, dx_ref)
+    assert_close(grads["step"], ds_lsq + k * db_lsq)
+    if method == "lsqplus":
+        assert_close(grads["offset"], db_lsq)
+    else:
+        assert set(grads) == {"step"}
+    grid = q.grid()
+    assert_close(grid["offset"], off_int) and (grid["qmin"], grid["qmax"]) == (n, p)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("signed", [False, True])
+def test_integer_zero_point_pact_matches_formulas(bits, signed):
+    """act_zp=integer PACT, float64: canonical with the SiLU offset b: off_int = s*round(b/s), s = alpha/L; signed:
+    off_int = -2^(b-1)*s, s = 2alpha/L (the symmetric signed grid); y = off_int + PACT(x - off_int) with clip L*s;
+    dalpha = c * sum(G, above) + (k*c/L) * sum(G, outside), c = ds/dalpha * L (1 or 2), k = off_int/s."""
+    from ultralytics_gabfusion.quant.grids import SILU_MIN
+
+    L, h = 2**bits - 1, 2 ** (bits - 1)
+    alpha = torch.tensor([0.9 if bits > 2 else 0.6], dtype=DT)
+    c = 2 if signed else 1
+    s = c * alpha / L
+    k = torch.tensor([-float(h)], dtype=DT) if signed else torch.round(SILU_MIN / s)
+    off_int = s * k
+    extra = {} if signed else {"fixed_offset": SILU_MIN}
+    q = set_params(make_quantizer("pact", "act", bits, signed=signed, act_zp="integer", **extra), alpha=alpha)
+    x = codes(A_SHAPE, 0, L, gen(bits + 7 * signed)) * s + off_int
+    y, G, dx, grads = run(q, x)
+    v = (x - off_int) / s
+    assert_close(y, s * torch.clamp(torch.round(v), 0, L) + off_int)
+    assert_close(y / s, torch.round(y / s))
+    above, below = v >= L, v < 0
+    assert_close(dx, G * ~(above | below))
+    assert_close(grads["alpha"], (c * (G * above).sum() + k * c / L * (G * (above | below)).sum()).reshape(1))
+    grid = q.grid()
+    if signed:  # the symmetric signed integer grid, zero point 0
+        assert float(grid["offset"]) == 0.0 and (grid["qmin"], grid["qmax"]) == (-h, h - 1)
+    else:
+        assert_close(grid["offset"], off_int) and (grid["qmin"], grid["qmax"]) == (0, L)
+    assert_close(grid["scale"], s)
+
+
+def test_act_zp_is_configuration_and_old_pickles_read_float():
+    """act_zp is a plain attribute (pickled with the model); quantizers pickled before it existed read 'float'."""
+    import pickle
+
+    q = make_quantizer("lsqplus", "act", 4, signed=False, act_zp="Integer")
+    assert q.act_zp == "integer" and q.integer_zero_point and "act_zp='integer'" in repr(q)
+    assert pickle.loads(pickle.dumps(q)).integer_zero_point
+    assert not make_quantizer("lsqplus", "weight", 4, channels=2, act_zp="integer").integer_zero_point  # acts only
+    del q.act_zp  # as a quantizer pickled by an earlier release
+    old = pickle.loads(pickle.dumps(q))
+    assert old.act_zp == "float" and not old.integer_zero_point
+    with pytest.raises(ValueError, match="act_zp='int' is not valid; allowed: float, integer"):
+        make_quantizer("lsq", "act", 4, act_zp="int")
+
+
 def test_lsq_per_tensor_weight_uses_all_elements_for_g(kernel):
     bits, n, p = 4, -8, 7
     g = gen(7)

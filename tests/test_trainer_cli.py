@@ -260,3 +260,32 @@ def test_qat_act_grid_key_is_validated_and_listed():
         validate_settings({"qat_act_grid": "uint"})
     assert "qat_act_grid" in help_text()
     assert "`qat_act_grid`" in (ROOT / "README.md").read_text()
+
+
+def test_qat_act_zp_key_reaches_config_and_every_activation_quantizer():
+    """qat_act_zp: validated (float | integer), a QATConfig field, stored on every LSQ/LSQ+/PACT activation quantizer
+    by the model set-up and recorded in model.gabfusion; N2UQ (thresholds, no offset grid) is left as it is."""
+    import copy
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    from ultralytics_gabfusion.qat_setup import build_structure
+    from ultralytics_gabfusion.quant.qconv import quant_convs
+    from ultralytics_gabfusion.settings import ACT_ZPS, PLUGIN_DEFAULTS, QATConfig, help_text, validate_settings
+
+    assert ACT_ZPS == ("float", "integer") and PLUGIN_DEFAULTS["qat_act_zp"] == "float"
+    assert validate_settings({"qat_act_zp": "Integer"})["qat_act_zp"] == "integer"
+    with pytest.raises(ValueError, match="'qat_act_zp=int' is not valid. Allowed values: float, integer. Did you mean"):
+        validate_settings({"qat_act_zp": "int"})
+    assert "qat_act_zp" in help_text() and "`qat_act_zp`" in (ROOT / "README.md").read_text()
+    fp = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
+    for method, zp in (("lsq", "integer"), ("lsqplus", "integer"), ("pact", "integer"), ("n2uq", "integer"),
+                       ("lsqplus", "float")):
+        # qat_init=paper, qat_act_grid=unsigned: no MSE search over the weights, no grid probe (not what is tested)
+        cfg = QATConfig.from_keys({"qat": method, "qat_act_zp": zp, "qat_init": "paper", "qat_act_grid": "unsigned"})
+        m = build_structure(copy.deepcopy(fp), cfg)
+        acts = [c.act_quant for _, c in quant_convs(m) if c.act_quant is not None]
+        want = zp == "integer" and method != "n2uq"
+        assert acts and all(q.integer_zero_point == want for q in acts), (method, zp)
+        assert not any(c.weight_quant.integer_zero_point for _, c in quant_convs(m))
+        assert m.gabfusion["qat_act_zp"] == zp

@@ -80,11 +80,12 @@ def build_structure(model, cfg: QATConfig, weights=None, verbose: bool = False, 
         layer_bits = resolve_mixed_precision(model, cfg, verbose, costs)
         summary = precision_summary(model, cfg, layer_bits, costs) if verbose else ""
         rows = quantize_model(model, cfg.qat, cfg.w_bits, cfg.a_bits, cfg.qat_first_bits, cfg.qat_head_bits,
-                              cfg.qat_skip, cfg.qat_act_grid, layer_bits)
+                              cfg.qat_skip, cfg.qat_act_grid, layer_bits, cfg.qat_act_zp)
         if verbose:
             table = format_policy(rows, unquantized_layers(model))
             LOGGER.info(f"{PREFIX}W{cfg.w_bits}A{cfg.a_bits} {cfg.qat} precision policy:\n{table}\n{summary}")
-            LOGGER.info(f"{PREFIX}fake-quant kernels: qat_kernel={cfg.qat_kernel}")
+            LOGGER.info(f"{PREFIX}fake-quant kernels: qat_kernel={cfg.qat_kernel}; activation grid offsets: "
+                        f"qat_act_zp={cfg.qat_act_zp}")
     if weights:
         model.load(weights, verbose=verbose)
         has_trained_gab = any(isinstance(m, GABFusion) for m in weights.modules())

@@ -302,6 +302,7 @@ def layer_sensitivity(model: str | os.PathLike, metric: str = "kl", images: int 
         "format": "ultralytics-gabfusion sensitivity v1",
         "model": str(model), "data": str(args.data), "qat": args.qat, "w_bits": args.w_bits, "a_bits": args.a_bits,
         "qat_first_bits": args.qat_first_bits, "qat_head_bits": args.qat_head_bits, "qat_act_grid": args.qat_act_grid,
+        "qat_act_zp": args.qat_act_zp,
         "gab": args.gab, "imgsz": args.imgsz, "metric": metric, "images": n_img, "seed": args.seed,
         "reference": reference, "spearman": corr, "compute": compute_summary(qmodel, costs, imgsz),
         "wall_s": round(time.perf_counter() - t0, 1), "rows": rows,

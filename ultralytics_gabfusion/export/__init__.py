@@ -48,6 +48,9 @@ Emitted operators (``b`` = bits; container = element type of the tensor holding 
   ``zero_point="snap"`` first moves each movable offset to the nearest multiple of its step
   (:func:`~ultralytics_gabfusion.quant.grids.snap_zero_points`), giving plain ``QuantizeLinear ->
   DequantizeLinear`` with integer zero point ``z``: the pattern integer runtimes execute (:mod:`.openvino`).
+  A model trained with ``qat_act_zp=integer`` already has every such offset on a multiple of its step (signed
+  PACT: the symmetric signed grid, zero point 0), so both modes write that plain Q/DQ graph and the snap moves
+  nothing.
 * **N2UQ activations**: ``count = sum_i (beta1*x > T_i)`` over the 2^b-1 learned thresholds (compared in the
   ``beta1``-scaled domain exactly as the PyTorch forward, ``torch.bucketize``: ``x == T`` does not count), output
   ``count*Delta*beta2 + input_shift``. For b <= 4: ``Mul(beta1) -> Unsqueeze(-1) -> Greater(T[L]) -> Cast(INT32)

@@ -17,7 +17,9 @@ The policy (paper silent; standard practice, configurable through the ``qat_*`` 
 - every other conv (``Conv``/``DWConv`` blocks anywhere, including C3/C3k2/SPPF/C2PSA internals): ``w_bits``/``a_bits``;
 - activation grids (``qat_act_grid``, see :mod:`.grids`): ``auto`` gives an unsigned grid to inputs fed by SiLU/ReLU
   outputs (or concats, pools, upsamples and sums of them) and a signed grid to the others (GABFusion/LayerNorm
-  outputs, convs without activation); ``signed``/``unsigned`` force one grid on every conv but the first.
+  outputs, convs without activation); ``signed``/``unsigned`` force one grid on every conv but the first;
+- activation grid offsets (``qat_act_zp``): ``float`` trains them as they are, ``integer`` on multiples of the step
+  (integer zero points; LSQ, LSQ+ and PACT activation quantizers, see :func:`.quantizers.integer_offset`).
 
 Examples:
     >>> from ultralytics.nn.tasks import DetectionModel
@@ -39,9 +41,9 @@ from ultralytics.nn.modules.block import DFL, Proto
 from ultralytics.nn.modules.conv import Conv, DWConv
 from ultralytics.nn.modules.head import OBB, Detect, Pose, Segment
 
-from ..settings import check_bits
+from ..settings import ACT_ZPS, check_bits
 from .grids import ACT_GRIDS, fixed_offset, grid_signed, input_lower_bounds
-from .init import check_init_mode, refine_mse
+from .init import check_init_mode, choose_zero_point, refine_mse
 from .qconv import QuantConv2d, QuantConvBlock, quant_convs
 from .quantizers import FakeQuantizer
 
@@ -165,7 +167,8 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
 
 
 def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int = 4, first_bits: int = 8,
-                   head_bits: int = 8, skip=None, act_grid: str = "auto", layer_bits: dict | None = None) -> list[dict]:
+                   head_bits: int = 8, skip=None, act_grid: str = "auto", layer_bits: dict | None = None,
+                   act_zp: str = "float") -> list[dict]:
     """Swap every quantizable conv of ``model`` in place for its fake-quantized version.
 
     ``Conv``/``DWConv`` blocks become :class:`QuantConvBlock` (keeping ``.i .f .type .np`` on top-level layers),
@@ -182,6 +185,7 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
         skip (Iterable[int] | None): Layer indices to leave in full precision.
         act_grid (str): Activation grids: ``auto`` (from what feeds each conv), ``signed`` or ``unsigned``.
         layer_bits (dict[int, int] | None): Per-layer bits of the ordinary convs (mixed precision, see :func:`plan_policy`).
+        act_zp (str): Activation grid offsets in training: ``float`` or ``integer`` (multiples of the step).
 
     Returns:
         (list[dict]): The per-layer policy table (see :func:`format_policy`).
@@ -190,6 +194,8 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
         ValueError: On an unknown method or grid, bits outside 2..8, or a model without convs.
     """
     w_bits, a_bits = check_bits("w_bits", w_bits), check_bits("a_bits", a_bits)
+    if act_zp not in ACT_ZPS:
+        raise ValueError(f"qat_act_zp={act_zp!r} is not valid. Allowed values: {', '.join(ACT_ZPS)}.")
     if any(isinstance(m, QuantConv2d) for m in model.modules()):
         raise ValueError("model is already quantized; build a fresh model (or load its checkpoint) instead of converting twice.")
     rows = plan_policy(model, w_bits, a_bits, first_bits, head_bits, skip, act_grid, layer_bits)
@@ -206,12 +212,12 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
             if type(child) in block_types and full + ".conv" in by_name:
                 r = by_name[full + ".conv"]
                 qconv = QuantConv2d.from_float(child.conv, method if r["method"] != "fp" else None, r["w_bits"], r["a_bits"],
-                                           r["a_signed"], r["a_offset"])
+                                           r["a_signed"], r["a_offset"], act_zp)
                 new = QuantConvBlock(qconv, child.bn, child.act)
             elif isinstance(child, nn.Conv2d) and not isinstance(child, QuantConv2d) and full in by_name:
                 r = by_name[full]
                 new = QuantConv2d.from_float(child, method if r["method"] != "fp" else None, r["w_bits"], r["a_bits"],
-                                         r["a_signed"], r["a_offset"])
+                                         r["a_signed"], r["a_offset"], act_zp)
             else:
                 swap(child, full)
                 continue
@@ -340,7 +346,9 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
     """Initialise activation quantizers from data, progressively through the network.
 
     Each activation quantizer is re-initialised from its input on every batch and the inits are averaged over batches;
-    downstream quantizers see the already-quantized upstream outputs. For N2UQ the conv's ``input_shift`` is set to the
+    downstream quantizers see the already-quantized upstream outputs. Under ``qat_act_zp=integer`` with ``init=mse``,
+    each batch then sets the averaged offset on the cheaper of its two neighbouring multiples of the step
+    (:func:`.init.choose_zero_point`), so the last batch decides. For N2UQ the conv's ``input_shift`` is set to the
     mean difference between input and quantized input over all calibration batches, with the final thresholds.
     BatchNorm running statistics are never changed.
 
@@ -395,6 +403,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
             else:
                 for n, p in q.named_parameters():
                     p.copy_((old[n] * k + p) / (k + 1))
+        if init == "mse" and q.integer_zero_point:  # qat_act_zp=integer: floor or ceil of off/s, on the averaged range
+            choose_zero_point(q, x)
         if m.input_shift is not None:
             flat = x.reshape(-1)
             if flat.numel() > _SHIFT_SAMPLES:

@@ -28,7 +28,8 @@ signed grid at 4 bits, against 0.80x for a plain unsigned grid).
 Integer zero points (:func:`snap_zero_points`): integer kernels (OpenVINO's INT8 convolutions, onnxruntime's
 QLinearConv) take an activation grid ``offset + k*s`` only when ``offset = -z*s`` for an integer zero point ``z``.
 The SiLU offset is not a multiple of the step, so for deployment each movable offset is rounded to the nearest
-multiple: every level moves by less than half a step (measured in docs/RESULTS.md).
+multiple: every level moves by less than half a step (measured in docs/RESULTS.md). ``qat_act_zp=integer`` trains
+on those rounded offsets instead (:func:`.quantizers.integer_offset`), so the snap finds nothing to move.
 
 Examples:
     >>> from ultralytics.nn.tasks import DetectionModel
@@ -219,8 +220,10 @@ def snap_zero_points(model: nn.Module) -> list[dict]:
     The grid ``b + k*s`` then equals ``(k' - z)*s`` with ``k' = k`` (unsigned grids: ``k'`` in ``[0, 2^b-1]``), which
     is exactly ``QuantizeLinear``/``DequantizeLinear`` with zero point ``z``: no float ``Sub``/``Add`` around them, so
     runtimes can run the conv on the integers. Only the offset moves (by at most half a step); scales and ranges stay.
-    Grids already on an integer zero point (offset 0 included) are left as they are; grids that cannot move (signed
-    PACT, whose zero point is ``(2^b-1)/2``; N2UQ thresholds) are reported with ``snapped=None``.
+    Grids already on an integer zero point (offset 0 included; every grid of a model trained with
+    ``qat_act_zp=integer``, whose forward uses exactly these offsets) are left as they are and not reported; grids
+    that cannot move (signed PACT under ``qat_act_zp=float``, whose zero point is ``(2^b-1)/2``; N2UQ thresholds)
+    are reported with ``snapped=None``.
 
     Args:
         model (nn.Module): A quantized model (quantizers initialised); typically a deployment copy.
@@ -247,7 +250,7 @@ def snap_zero_points(model: nn.Module) -> list[dict]:
             continue
         s, b = float(spec.scale), float(spec.offset)
         z = round(-b / s)
-        if abs(b + z * s) <= 1e-6 * s:
+        if abs(b + z * s) <= 1e-6 * s * max(1, abs(z)):  # on a multiple up to the float32 rounding of z*s
             continue
         new = -z * s
         ok = q.set_grid_offset(new)

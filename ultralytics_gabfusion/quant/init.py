@@ -23,6 +23,11 @@ What the range factor ``c`` scales, per method:
 The search is coarse-to-fine over ``c``: 11 points from x0.03 to x10 (x1.78 apart), then 9 points from x0.75 to
 x1.33 around the best (20 quantizer forwards per tensor).
 
+Integer zero points (``qat_act_zp=integer``): the search runs the quantizer's own forward, so every candidate range
+is scored with its offset already on a multiple of the step. Afterwards :func:`choose_zero_point` compares the two
+multiples around the offset, ``s*floor(off/s)`` and ``s*ceil(off/s)``, and keeps the one with the lower quantization
+error on the same tensor (the nearest one, which the forward would round to anyway, unless the other costs less).
+
 Examples:
     >>> import torch
     >>> from ultralytics_gabfusion.quant import make_quantizer
@@ -39,11 +44,13 @@ Examples:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .quantizers import STEP_EPS, FakeQuantizer, positive
 
-__all__ = ["INIT_MODES", "refine_mse", "quant_error"]
+__all__ = ["INIT_MODES", "refine_mse", "quant_error", "choose_zero_point"]
 
 INIT_MODES = ("mse", "paper")
 _MSE_COARSE = torch.logspace(-1.5, 1.0, 11)  # range x 0.03 .. x 10 around the published init (x1.78 apart)
@@ -109,6 +116,16 @@ def quant_error(q: FakeQuantizer, x: torch.Tensor) -> torch.Tensor:
     return rows.square().sum(1)
 
 
+def _search_sample(q: FakeQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32; per-tensor inputs above ``_MSE_MAX_SAMPLES`` elements subsampled (seeded) for the searches."""
+    x = x.detach().float()
+    if not q.channels and x.numel() > _MSE_MAX_SAMPLES:
+        # Random (seeded) rather than strided: a stride can alias with the channel/row layout of the tensor.
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        x = x.reshape(-1)[torch.randint(x.numel(), (_MSE_MAX_SAMPLES,), generator=gen, device=x.device)]
+    return x
+
+
 @torch.no_grad()
 def refine_mse(q: FakeQuantizer, x: torch.Tensor) -> bool:
     """Rescale an initialised quantizer's range to minimise its quantization MSE on ``x`` (see module docstring).
@@ -123,11 +140,7 @@ def refine_mse(q: FakeQuantizer, x: torch.Tensor) -> bool:
     setter = _range_setter(q)
     if setter is None:
         return False
-    x = x.detach().float()
-    if not q.channels and x.numel() > _MSE_MAX_SAMPLES:
-        # Random (seeded) rather than strided: a stride can alias with the channel/row layout of the tensor.
-        gen = torch.Generator(device=x.device).manual_seed(0)
-        x = x.reshape(-1)[torch.randint(x.numel(), (_MSE_MAX_SAMPLES,), generator=gen, device=x.device)]
+    x = _search_sample(q, x)
     rows = max(q.channels, 1)
     best = torch.ones(rows, device=x.device)
     best_err = None
@@ -145,4 +158,52 @@ def refine_mse(q: FakeQuantizer, x: torch.Tensor) -> bool:
                 best = torch.where(better, c, best)
     setter(best)
     q(x)  # weight quantizers whose scale is recomputed in forward (N2UQ) record it for grid()/export
+    return True
+
+
+def _free_offset(q: FakeQuantizer) -> float | None:
+    """The unrounded grid offset of a per-tensor activation quantizer that :meth:`set_grid_offset` can move, or None.
+
+    LSQ+'s ``beta`` and the LSQ/PACT fixed offset; signed PACT's offset is tied to its step (zero point ``2^(b-1)``).
+    """
+    if q.role != "act" or q.channels or (q.method == "pact" and q.signed):
+        return None
+    if q.method == "lsqplus":
+        return float(q.offset.detach().reshape(()))
+    return getattr(q, "fixed_offset", None) if q.method in ("lsq", "pact") else None
+
+
+@torch.no_grad()
+def choose_zero_point(q: FakeQuantizer, x: torch.Tensor) -> bool:
+    """``qat_act_zp=integer``: put the offset on whichever of ``s*floor(off/s)``, ``s*ceil(off/s)`` quantizes ``x``
+    with the lower error (:func:`quant_error`); see the module docstring.
+
+    The forward rounds ``off/s`` to the nearest integer; only when the other neighbour costs less on ``x`` is the offset
+    set to it (exactly ``s*k``, so the forward keeps it while ``s`` stays put). Quantizers without an integer zero
+    point or without a free offset (signed PACT, N2UQ, weights) are left alone.
+
+    Args:
+        q (FakeQuantizer): An initialised activation quantizer (range already chosen); changed in place.
+        x (torch.Tensor): The calibration input it quantizes.
+
+    Returns:
+        (bool): True if the offset was moved to the other neighbour.
+    """
+    off = _free_offset(q) if q.integer_zero_point else None
+    if off is None:
+        return False
+    s = float(q.step_size().reshape(()))
+    lo, hi = math.floor(off / s), math.ceil(off / s)
+    if lo == hi:
+        return False
+    x = _search_sample(q, x)
+    err = {}
+    for k in (lo, hi):
+        q.set_grid_offset(k * s)
+        err[k] = float(quant_error(q, x).sum())
+    best = min((lo, hi), key=lambda k: (err[k], k != round(off / s)))  # a tie keeps the nearest
+    if best == round(off / s):
+        q.set_grid_offset(off)  # the forward rounds to it already: leave the offset as it was
+        return False
+    q.set_grid_offset(best * s)
     return True

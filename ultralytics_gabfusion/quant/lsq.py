@@ -2,6 +2,11 @@
 
 Both share one autograd function, :class:`LSQFakeQuantize`; its ``backward`` is the single place where
 the LSQ / LSQ+ gradients (input, step, offset) are computed.
+
+With ``act_zp="integer"`` (``qat_act_zp=integer``) an activation quantizer hands the autograd function the offset
+already on a multiple of the step, ``off_int = s*round(off/s)`` (:func:`.quantizers.integer_offset`, computed in
+:meth:`_LSQBase._quantize`), so the reference and the compiled kernels run the integer-zero-point grid unchanged;
+autograd adds the offset path: ``dy/dbeta`` as above (straight-through), ``dy/ds`` plus ``round(off/s) * dy/doff``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from torch import nn
 
 from . import kernels
 from .kernels import CompileFailed, kernel_for
-from .quantizers import STEP_EPS, FakeQuantizer, positive
+from .quantizers import STEP_EPS, FakeQuantizer, _check_act_zp, positive
 
 __all__ = ["LSQFakeQuantize", "LSQQuantizer", "LSQPlusQuantizer"]
 
@@ -152,11 +157,16 @@ class _LSQBase(FakeQuantizer):
     replays_cached = True
 
     def _quantize(self, x, cdtype, cached=None):
+        s = self._effective_step().to(cdtype)
         off = self._offset_or_none()
+        if off is not None:
+            # act_zp="integer": the offset moves onto a multiple of s here, before the autograd function, so both
+            # kernels compute the integer-zero-point grid and autograd adds the STE/product-rule offset gradients.
+            off = self._zp_offset(off.to(cdtype), s)
         return LSQFakeQuantize.apply(
             x,
-            self._effective_step().to(cdtype),
-            off.to(cdtype) if off is not None else None,
+            s,
+            off,
             self.qmin,
             self.qmax,
             self.grad_scale(x),
@@ -181,7 +191,9 @@ class LSQQuantizer(_LSQBase):
 
     ``s`` is the learnable ``step`` (shape ``(channels,)`` or ``(1,)``), used as ``|step|`` floored at 1e-8.
     With a ``fixed_offset`` ``b`` (activations on an unsigned grid fed by SiLU, see :mod:`.grids`) the forward is
-    ``y = round(clamp((x - b)/s, n, p))*s + b``: LSQ+'s arithmetic with a constant, unlearned offset.
+    ``y = round(clamp((x - b)/s, n, p))*s + b``: LSQ+'s arithmetic with a constant, unlearned offset. With
+    ``act_zp="integer"`` the offset is ``b_int = s*round(b/s)`` (an integer zero point) and the step gradient gains
+    ``round(b/s) * g * (1 if v <= n or v >= p else 0)`` (product rule, see :func:`.quantizers.integer_offset`).
 
     Init (:meth:`init_from`): ``s = 2*mean(|x|)/sqrt(p)`` per channel (weights) or over the tensor
     (activations), floored at 1e-8 so all-zero inputs give no NaN.
@@ -189,11 +201,13 @@ class LSQQuantizer(_LSQBase):
 
     method = "lsq"
 
-    def __init__(self, role="act", bits=4, channels=0, signed=True, fixed_offset: float = 0.0):
-        """See :func:`.registry.make_quantizer`; ``fixed_offset`` (activations) shifts the grid by a constant (not learned)."""
+    def __init__(self, role="act", bits=4, channels=0, signed=True, fixed_offset: float = 0.0, act_zp: str = "float"):
+        """See :func:`.registry.make_quantizer`; ``fixed_offset`` (activations) shifts the grid by a constant (not
+        learned), ``act_zp="integer"`` rounds it to a multiple of the step."""
         super().__init__(role, bits, channels, signed)
         self.step = nn.Parameter(torch.ones(max(self.channels, 1)))
         self.fixed_offset = float(fixed_offset)  # plain attribute: part of the layer's configuration, not its state
+        self.act_zp = _check_act_zp(act_zp)  # plain attribute as well (configuration)
 
     def _offset_or_none(self):
         b = getattr(self, "fixed_offset", 0.0)  # pickles written before the attribute existed have no offset
@@ -210,9 +224,11 @@ class LSQQuantizer(_LSQBase):
         return self
 
     def grid(self):
-        """``scale = |step|``, ``offset = b`` (the fixed offset, usually 0), ``k in [qmin, qmax]``."""
+        """``scale = |step|``, ``offset = b`` (the fixed offset, usually 0; ``s*round(b/s)`` under
+        ``act_zp="integer"``), ``k in [qmin, qmax]``."""
         s = self.step_size()
-        return self._grid(s, torch.full_like(s, getattr(self, "fixed_offset", 0.0)), self.qmin, self.qmax)
+        return self._grid(s, self._zp_offset(torch.full_like(s, getattr(self, "fixed_offset", 0.0)), s), self.qmin,
+                          self.qmax)
 
     def set_grid_offset(self, offset: float) -> bool:
         """Set the fixed offset ``b`` of an activation grid (weights have none and are left alone)."""
@@ -236,6 +252,11 @@ class LSQPlusQuantizer(_LSQBase):
     Tensors: ``step`` (parameter) and ``offset`` -- a parameter for activations, a zero non-learnable buffer
     for weights (LSQ+ uses ``beta = 0`` for weights).
 
+    ``act_zp="integer"`` (activations): the forward uses ``beta_int = s*round(beta/s)`` in place of ``beta``, an
+    integer zero point; ``dy/dbeta`` stays as above (straight-through rounding), ``dy/ds`` gains
+    ``round(beta/s) * dy/dbeta`` (product rule with the rounded integer constant; see
+    :func:`.quantizers.integer_offset`).
+
     Init (:meth:`init_from`):
         * weights, per channel: ``s = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)`` (population std);
         * activations: min-max, ``s = (max - min)/(p - n)``, ``beta = min - n*s`` so the grid spans
@@ -245,9 +266,10 @@ class LSQPlusQuantizer(_LSQBase):
 
     method = "lsqplus"
 
-    def __init__(self, role="act", bits=4, channels=0, signed=True):
-        """See :func:`.registry.make_quantizer`."""
+    def __init__(self, role="act", bits=4, channels=0, signed=True, act_zp: str = "float"):
+        """See :func:`.registry.make_quantizer`; ``act_zp="integer"`` rounds ``beta`` to a multiple of the step."""
         super().__init__(role, bits, channels, signed)
+        self.act_zp = _check_act_zp(act_zp)  # plain attribute: configuration, not state
         c = max(self.channels, 1)
         self.step = nn.Parameter(torch.ones(c))
         if self.role == "act":
@@ -277,8 +299,10 @@ class LSQPlusQuantizer(_LSQBase):
         return self
 
     def grid(self):
-        """``scale = |step|``, ``offset = beta``, ``k in [qmin, qmax]``."""
-        return self._grid(self.step_size(), self.offset.detach(), self.qmin, self.qmax)
+        """``scale = |step|``, ``offset = beta`` (``s*round(beta/s)`` under ``act_zp="integer"``), ``k`` in
+        ``[qmin, qmax]``."""
+        s = self.step_size()
+        return self._grid(s, self._zp_offset(self.offset.detach(), s), self.qmin, self.qmax)
 
     @torch.no_grad()
     def set_grid_offset(self, offset: float) -> bool:

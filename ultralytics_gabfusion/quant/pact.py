@@ -3,6 +3,11 @@
 ``make_quantizer("pact", "act", ...)`` gives a PACT activation quantizer with a learnable clipping level
 ``alpha``; ``make_quantizer("pact", "weight", ...)`` gives the DoReFa weight quantizer PACT is paired with.
 The PACT gradients are computed in :meth:`PACTFakeQuantize.backward`.
+
+With ``act_zp="integer"`` (``qat_act_zp=integer``) the activation grids that have an offset -- the canonical grid
+shifted by a fixed SiLU offset, and the signed grid ``[-alpha, alpha]`` -- are computed as canonical PACT on the
+input shifted by the offset on a multiple of the step (:meth:`PACTQuantizer._integer_offset`, in the module's
+forward), so both kernels run the integer-zero-point grid and autograd supplies the offset's gradient.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from torch import nn
 
 from . import kernels
 from .kernels import CompileFailed, kernel_for
-from .quantizers import STEP_EPS, FakeQuantizer, positive, round_ste, row_quantile
+from .quantizers import STEP_EPS, FakeQuantizer, _check_act_zp, integer_offset, positive, round_ste, row_quantile
 
 __all__ = ["PACTFakeQuantize", "PACTQuantizer"]
 
@@ -112,6 +117,16 @@ class PACTQuantizer(FakeQuantizer):
     (or ``(channels,)`` along dim 0), used as ``|alpha|`` floored at 1e-8. PACT regularises alpha with an
     L2 penalty: put it in a weight-decayed optimizer group (``decay_params = ("alpha",)``).
 
+    ``act_zp="integer"`` (integer zero points; :meth:`_integer_offset`), ``s`` the step:
+
+    * canonical grid with a fixed offset ``b``, ``s = alpha/L``: ``b_int = s*round(b/s)``,
+      ``y = b_int + PACT(x - b_int)``; alpha's gradient gains ``round(b/s)/L`` per clipped element (product rule);
+    * signed grid, ``s = 2*alpha/L``: the offset ``-alpha = -(L/2)*s`` is tied to the step, and round-half-to-even
+      of ``L/2`` is ``2^(b-1)`` for every b, so ``off_int = -2^(b-1)*s`` exactly and
+      ``y = off_int + PACT(x - off_int)`` with clip level ``2*alpha``: the symmetric signed integer grid
+      ``k*s``, ``k in [-2^(b-1), 2^(b-1)-1]`` (zero point 0; clip ``[-alpha - s/2, alpha - s/2]``). alpha's
+      gradient: ``2`` per element above the clip, ``-2^b/L`` per element outside it (the chain rule through ``s``).
+
     Init (:meth:`init_from`): ``alpha`` = the 99.9th percentile (``init_percentile``) of ``|x|`` (signed)
     or of ``max(x, 0)`` (canonical), falling back to the max if that is 0, floored at 1e-8. The percentile
     keeps a few outliers from wasting the 2^b levels.
@@ -132,11 +147,13 @@ class PACTQuantizer(FakeQuantizer):
     decay_params = ("alpha",)
     init_percentile = 0.999
 
-    def __init__(self, role="act", bits=4, channels=0, signed=True, fixed_offset: float = 0.0):
-        """See :func:`.registry.make_quantizer`; ``fixed_offset`` ``b`` (canonical activations): ``y = PACT(x - b) + b``."""
+    def __init__(self, role="act", bits=4, channels=0, signed=True, fixed_offset: float = 0.0, act_zp: str = "float"):
+        """See :func:`.registry.make_quantizer`; ``fixed_offset`` ``b`` (canonical activations):
+        ``y = PACT(x - b) + b``; ``act_zp="integer"``: grid offsets on multiples of the step (class docstring)."""
         super().__init__(role, bits, channels, signed)
         c = max(self.channels, 1)
         self.fixed_offset = float(fixed_offset) if not self.signed else 0.0  # plain attribute: configuration
+        self.act_zp = _check_act_zp(act_zp)  # plain attribute: configuration
         if self.role == "act":
             self.alpha = nn.Parameter(torch.ones(c))
         else:
@@ -168,10 +185,27 @@ class PACTQuantizer(FakeQuantizer):
         if self.role == "act":
             alpha = positive(self.alpha).to(cdtype)
             b = getattr(self, "fixed_offset", 0.0)
+            if self.integer_zero_point and (b or self.signed):
+                # act_zp="integer": canonical PACT (clip level L*s) around the offset on a multiple of s, computed here
+                # before the autograd function so both kernels get it; autograd adds the offset's gradient
+                off = self._bcast(self._integer_offset(alpha), x)
+                span = 2 * alpha if self.signed else alpha
+                y = PACTFakeQuantize.apply(x.to(cdtype) - off, span, self._L, False, bool(self.channels), cdtype)
+                return y + off
             if b:  # canonical PACT on the shifted input: clip to [b, b + alpha]
                 return PACTFakeQuantize.apply(x.to(cdtype) - b, alpha, self._L, False, bool(self.channels), cdtype) + b
             return PACTFakeQuantize.apply(x, alpha, self._L, self.signed, bool(self.channels), cdtype)
         return self._dorefa(x.to(cdtype))
+
+    def _integer_offset(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The activation grid offset on a multiple of the step, from ``|alpha|`` (see the class docstring).
+
+        Signed: ``-2^(b-1) * 2*alpha/L`` (the rounding of ``-L/2`` is fixed, so it is not recomputed from floats that
+        could land either side of the tie); canonical: ``integer_offset(b, alpha/L)``.
+        """
+        if self.signed:
+            return -(1 << (self.bits - 1)) * (2 * alpha / self._L)
+        return integer_offset(torch.full_like(alpha, getattr(self, "fixed_offset", 0.0)), alpha / self._L)
 
     def _dorefa(self, w):
         L = self._L
@@ -196,9 +230,16 @@ class PACTQuantizer(FakeQuantizer):
     def grid(self):
         """Acts: canonical ``k*alpha/L``, signed ``-alpha + k*2alpha/L``; weights ``-M_w + k*2M_w/L``.
 
-        ``k`` in ``[0, 2^b-1]`` in every case. The weight grid is the one of the last forward.
+        ``k`` in ``[0, 2^b-1]`` in every case. The weight grid is the one of the last forward. Under
+        ``act_zp="integer"``: canonical ``b_int + k*alpha/L``; signed ``k*2alpha/L``, ``k`` in
+        ``[-2^(b-1), 2^(b-1)-1]``.
         """
         s = self.step_size()
+        if self.role == "act" and self.integer_zero_point:
+            if self.signed:
+                h = 1 << (self.bits - 1)
+                return self._grid(s, torch.zeros_like(s), -h, h - 1)
+            return self._grid(s, self._integer_offset(positive(self.alpha).detach()), 0, self._L)
         if self.role == "act":
             off = -positive(self.alpha).detach() if self.signed else torch.full_like(s, getattr(self, "fixed_offset", 0.0))
         else:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..precision import KeepFP32, kept_fp32
-from .registry import make_quantizer
+from .registry import ACT_ZP_METHODS, check_method, make_quantizer
 
 # Bumped when the pickled layout of these modules changes; checked when a checkpoint is unpickled.
 FORMAT_VERSION = 1
@@ -43,6 +43,8 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         a_bits (int | None): Activation bits; None keeps the input in full precision.
         a_signed (bool): Whether the input can be negative (selects the signed grid).
         a_offset (float): Fixed grid offset of an LSQ/PACT activation quantizer (see :func:`.grids.fixed_offset`).
+        a_zp (str): ``float`` or ``integer``: the activation quantizer's grid offset in training (``qat_act_zp``;
+            LSQ, LSQ+ and PACT, see :func:`.quantizers.integer_offset`).
         **kwargs: ``nn.Conv2d`` keyword arguments.
     """
 
@@ -57,13 +59,16 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         quantized = getattr(self, "weight_quant", None) is not None or getattr(self, "act_quant", None) is not None
         return None if quantized else ("input_shift",)
 
-    def __init__(self, *args, method=None, w_bits=None, a_bits=None, a_signed=True, a_offset=0.0, **kwargs):
+    def __init__(self, *args, method=None, w_bits=None, a_bits=None, a_signed=True, a_offset=0.0, a_zp="float",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.format_version = FORMAT_VERSION
         self.quant_enabled = True  # switched off by `quantizers_disabled` (e.g. while calibrating GABFusion)
         self.weight_quant = make_quantizer(method, "weight", w_bits, channels=self.out_channels) if method and w_bits else None
         extra = {"fixed_offset": a_offset} if a_offset else {}  # LSQ/PACT on an unsigned grid after SiLU
+        if a_zp != "float" and method and check_method(method) in ACT_ZP_METHODS:
+            extra["act_zp"] = a_zp  # stored on the quantizer: pickled with the model, read by its forward
         self.act_quant = make_quantizer(method, "act", a_bits, channels=0, signed=a_signed, **extra) if method and a_bits else None
         if self.act_quant is not None and method == "n2uq":
             self.input_shift = nn.Parameter(torch.zeros(1))
@@ -71,7 +76,8 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
             self.register_parameter("input_shift", None)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, method, w_bits, a_bits, a_signed=True, a_offset=0.0) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Conv2d, method, w_bits, a_bits, a_signed=True, a_offset=0.0,
+                   a_zp="float") -> "QuantConv2d":
         """Build a ``QuantConv2d`` that shares ``conv``'s weight and bias tensors (no copy)."""
         q = cls(
             conv.in_channels,
@@ -88,6 +94,7 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
             a_bits=a_bits,
             a_signed=a_signed,
             a_offset=a_offset,
+            a_zp=a_zp,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )

@@ -19,6 +19,10 @@ Conventions shared by all quantizers:
   (:func:`floor_ste`) so an interval that touched the floor can grow back.
 * Quantizer state is kept in float32: ``.half()`` (Ultralytics saves checkpoints that way) does not
   downcast it, see :meth:`FakeQuantizer._apply`.
+* Activation grid offsets (LSQ+'s ``beta``, the LSQ/PACT SiLU offset, signed PACT's ``-alpha``) are used as they
+  are (``act_zp="float"``, the default) or, with ``act_zp="integer"`` (the ``qat_act_zp`` key), on the nearest
+  multiple of the step, ``s*round(off/s)`` (:func:`integer_offset`): an integer zero point, so the fake-quant
+  forward is the grid that integer runtimes execute.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from ..precision import LOW_PRECISION, KeepFP32, autocast_off
-from ..settings import MAX_BITS, MIN_BITS, QUANT_METHODS
+from ..settings import ACT_ZPS, MAX_BITS, MIN_BITS, QUANT_METHODS
 
 __all__ = [
     "FakeQuantizer",
@@ -40,6 +44,8 @@ __all__ = [
     "MIN_BITS",
     "MAX_BITS",
     "STEP_EPS",
+    "ACT_ZPS",
+    "integer_offset",
     "positive",
     "floor_ste",
     "round_ste",
@@ -99,6 +105,22 @@ def round_ste(v: torch.Tensor, lo: float | None = None, hi: float | None = None)
     return _RoundSTE.apply(v, lo, hi)
 
 
+def integer_offset(offset: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    r"""The grid offset on the nearest multiple of the step: ``off_int = s * round(off/s)`` (``act_zp="integer"``).
+
+    The grid ``off_int + k*s`` is ``(k - z)*s`` with the integer zero point ``z = -round(off/s)``. Gradients (the value
+    is exactly ``s*round(off/s)``)::
+
+        d off_int / d off = 1              straight-through: a learned offset (LSQ+'s beta) learns as unrounded
+        d off_int / d s   = round(off/s)   product rule, the rounded integer held constant
+
+    so a quantizer's step gets the asymmetric-LSQ gradient of a grid with an integer zero point. A constant offset
+    (the LSQ/PACT SiLU offset) passes ``off`` without gradient and only the step term remains.
+    """
+    k = torch.round(offset.detach() / step.detach())
+    return step * k + (offset - offset.detach())  # + 0 in value; carries the straight-through gradient to off
+
+
 def row_quantile(x2d: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row ``q``-quantile (nearest rank) of a 2-D tensor via ``kthvalue``.
 
@@ -132,6 +154,13 @@ def _check_role(role) -> str:
     name = _ROLE_ALIASES.get(str(role).strip().lower(), str(role).strip().lower())
     if name not in QUANT_ROLES:
         raise ValueError(f"unknown quantizer role {role!r}; allowed roles: {', '.join(QUANT_ROLES)}")
+    return name
+
+
+def _check_act_zp(act_zp) -> str:
+    name = str(act_zp).strip().lower()
+    if name not in ACT_ZPS:
+        raise ValueError(f"act_zp={act_zp!r} is not valid; allowed: {', '.join(ACT_ZPS)}")
     return name
 
 
@@ -205,12 +234,17 @@ class FakeQuantizer(KeepFP32, nn.Module):
         channels (int): 0 for per-tensor, else the size of dim 0.
         decay_params (tuple[str, ...]): names of parameters that belong in a weight-decayed optimizer
             group (PACT's ``alpha``); empty for the others.
+        act_zp (str): ``"float"`` or ``"integer"`` (activations of LSQ, LSQ+ and PACT: the grid offset used on the
+            nearest multiple of the step, see :func:`integer_offset`); a constructor argument of those classes.
         initialized (Tensor): persistent ``uint8`` scalar buffer, 1 once :meth:`init_from` ran (saved in the
             state_dict so a loaded quantizer is not re-initialised by its first forward).
     """
 
     method: str = ""
     decay_params: tuple = ()
+    # "integer": activation grid offsets rounded to multiples of the step (set by the classes that have an offset).
+    # A class attribute, so quantizers pickled before it existed read "float".
+    act_zp: str = "float"
 
     def __init__(self, role: str = "act", bits: int = 4, channels: int = 0, signed: bool = True):
         """Validate and store the configuration; subclasses register their tensors afterwards."""
@@ -243,8 +277,17 @@ class FakeQuantizer(KeepFP32, nn.Module):
     def extra_repr(self) -> str:  # noqa: D102
         return (
             f"method={self.method!r}, role={self.role!r}, bits={self.bits}, signed={self.signed}, "
-            f"channels={self.channels}"
+            f"channels={self.channels}" + (", act_zp='integer'" if self.integer_zero_point else "")
         )
+
+    @property
+    def integer_zero_point(self) -> bool:
+        """Whether this is an activation quantizer whose grid offset is rounded to a multiple of its step."""
+        return self.role == "act" and getattr(self, "act_zp", "float") == "integer"
+
+    def _zp_offset(self, offset: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """``offset`` as the forward uses it: :func:`integer_offset` under ``act_zp="integer"``, else unchanged."""
+        return integer_offset(offset, step) if self.integer_zero_point else offset
 
     # ---------------------------------------------------------------- init state
     @property

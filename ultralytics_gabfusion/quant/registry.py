@@ -27,6 +27,10 @@ QUANTIZERS: dict[str, type[FakeQuantizer]] = {
 }
 assert tuple(QUANTIZERS) == QUANT_METHODS, "settings.QUANT_METHODS and QUANTIZERS must list the same methods"
 
+# Methods whose activation quantizer takes ``act_zp`` (an affine grid offset that can sit on an integer zero point);
+# N2UQ's thresholds have no such offset.
+ACT_ZP_METHODS = ("lsq", "lsqplus", "pact")
+
 # Spelling variants accepted by the factory; everything is normalised to QUANT_METHODS.
 _METHOD_ALIASES = {"lsq+": "lsqplus", "lsq_plus": "lsqplus", "lsq-plus": "lsqplus"}
 
@@ -52,7 +56,8 @@ def make_quantizer(
         bits: integer bit-width in 2..8.
         channels: 0 = per-tensor; C > 0 = per-channel along dim 0 (weights: ``weight.shape[0]``).
         signed: signed integer grid ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
-        **kwargs: method-specific options forwarded to the class (e.g. N2UQ ``weight_grad``).
+        **kwargs: method-specific options forwarded to the class (e.g. N2UQ ``weight_grad``; LSQ/PACT
+            ``fixed_offset``; LSQ, LSQ+ and PACT ``act_zp``, see :data:`ACT_ZP_METHODS`).
 
     Returns:
         FakeQuantizer: an uninitialised quantizer (it initialises from its first input, or call ``init_from``).
@@ -63,4 +68,4 @@ def make_quantizer(
     return QUANTIZERS[check_method(method)](role=role, bits=bits, channels=channels, signed=signed, **kwargs)
 
 
-__all__ = ["QUANTIZERS", "check_method", "make_quantizer"]
+__all__ = ["ACT_ZP_METHODS", "QUANTIZERS", "check_method", "make_quantizer"]

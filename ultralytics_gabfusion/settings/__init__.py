@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from .base import (
     ACT_GRIDS,
+    ACT_ZPS,
     ADA_ATTNS,
     ADA_DIVS,
     GAB_FORMS,
@@ -53,7 +54,7 @@ from .values import (
 )
 
 __all__ = [
-    "ACT_GRIDS", "ADA_ATTNS", "ADA_DIVS", "EXPORT_KEYS", "GAB_FORMS", "GAB_MODES", "MAX_BITS", "MIN_BITS",
+    "ACT_GRIDS", "ACT_ZPS", "ADA_ATTNS", "ADA_DIVS", "EXPORT_KEYS", "GAB_FORMS", "GAB_MODES", "MAX_BITS", "MIN_BITS",
     "PLUGIN_DEFAULTS", "PLUGIN_KEYS", "QAT_KERNELS", "QAT_METHODS", "QATConfig", "QUANT_METHODS", "SETTINGS",
     "SIZE_UNITS", "Setting", "SettingsError", "as_bool", "as_float", "as_int", "as_int_list", "as_list", "as_str_list",
     "check_bits", "check_consistency", "check_writable_dir", "help_text", "parse_bits_budget", "parse_command",

@@ -11,6 +11,7 @@ GAB_FORMS = ("grad", "paper")  # GABFusion: balancing in the backward pass only,
 ADA_ATTNS = ("simam", "qada")
 ADA_DIVS = ("kl", "js")
 ACT_GRIDS = ("auto", "signed", "unsigned")  # activation grids of quant.grids
+ACT_ZPS = ("float", "integer")  # activation grid offsets in training: as they are, or on integer zero points
 QAT_KERNELS = ("auto", "reference", "compiled")  # fake-quant kernels of quant.kernels
 
 

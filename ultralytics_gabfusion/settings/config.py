@@ -37,6 +37,7 @@ class QATConfig:
     qat_calib: int
     qat_init: str
     qat_act_grid: str
+    qat_act_zp: str
     qat_lr: float
     qat_kernel: str
     qat_bn: str
