@@ -260,6 +260,8 @@ CASES = [
      ["warmup=-1", ">= 0."]),
     ("deploy threads=0", "cli", "bench deploy model={fp} quantized=[{q}] data={data} threads=0 out={tmp}/d",
      ["threads=0", ">= 1"]),
+    ("deploy checkpoint listed twice", "cli",
+     "bench deploy model={fp} quantized=[{q},{q}] data={data} out={tmp}/d", ["listed more than once"]),
     ("deploy nothing quantized", "sub", "bench deploy model={fp} ptq=[] data={data} out={tmp}/d",
      ["ptq is empty", "quantized="]),
     # sensitivity

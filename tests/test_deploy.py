@@ -135,3 +135,12 @@ def test_bench_deploy_on_the_shipped_model(tmp_path):
         if r["runtime"] != "openvino-f32":
             pred = YOLO(r["files"]["160px-b1"], task="detect").predict(str(img), imgsz=160, verbose=False)
             assert len(pred) == 1 and pred[0].boxes is not None
+
+
+def test_bench_deploy_names_checkpoints_apart():
+    """Checkpoints with the same file name (every run's ``best.pt``) get their own label and files folder."""
+    from ultralytics_gabfusion.bench.deploy import _unique_tags
+
+    runs = ["/r/v5-s0/weights/best.pt", "/r/v5-s1/weights/best.pt", "/r/other/last.pt"]
+    assert _unique_tags(runs) == ["v5-s0/best", "v5-s1/best", "last"]
+    assert _unique_tags(["/a/q.pt", "/b/q.pt", "/b/c/q.pt"]) == ["a/q", "b/q", "c/q"]

@@ -150,6 +150,9 @@ def resolve_settings(argv: list[str]) -> dict:
     for q in s["quantized"]:
         if not Path(q).is_file():
             raise BenchError(f"quantized: {q}: file not found (quantized .pt checkpoints).")
+    twice = sorted({q for q in s["quantized"] if s["quantized"].count(q) > 1})
+    if twice:
+        raise BenchError(f"quantized: {twice[0]} is listed more than once; list each checkpoint once.")
     if s["data"] is None and "_card" not in s:
         raise BenchError("data= is required for a model other than the shipped one (calibration and validation).")
     if s["data"] is not None and not Path(str(s["data"])).is_file():
@@ -202,7 +205,7 @@ def _prepare(s: dict) -> tuple[str, list[tuple[str, str]], int]:
     val_imgsz = s["val_imgsz"] or s["_fp_imgsz"]
     models = [("FP", s["model"])]
     if s["quantized"]:
-        models += [(_label(s, q), q) for q in s["quantized"]]
+        models += [(_label(s, q, tag), q) for q, tag in zip(s["quantized"], _unique_tags(s["quantized"]))]
     else:
         for w, a in s["ptq"]:
             f = out / "models" / f"ptq-w{w}a{a}.pt"
@@ -222,19 +225,35 @@ def _quantized_net(s: dict, ckpt: str):
     return nets[ckpt]
 
 
-def _label(s: dict, ckpt: str) -> str:
-    """``W4A4 lsq (name)``: the most common bits and method of the checkpoint's quantized convs, else its file name."""
+def _unique_tags(ckpts: list[str]) -> list[str]:
+    """A short name per checkpoint that tells them apart: the file name, with parent folders added where names
+    repeat (Ultralytics' ``weights/`` folder skipped), e.g. ``run-s0/best`` and ``run-s1/best``."""
+    parts = [[p for p in Path(c).with_suffix("").parts if p != "weights"] for c in ckpts]
+    depth = [1] * len(ckpts)
+    while True:
+        tags = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        repeated = [i for i, t in enumerate(tags) if tags.count(t) > 1 and depth[i] < len(parts[i])]
+        if not repeated:
+            return tags
+        for i in repeated:
+            depth[i] += 1
+
+
+def _label(s: dict, ckpt: str, tag: str | None = None) -> str:
+    """``W4A4 lsq (tag)``: the most common bits and method of the checkpoint's quantized convs, else ``tag``."""
+    tag = tag or Path(ckpt).stem
     try:
         convs = [c for _, c in quant_convs(_quantized_net(s, ckpt))]
         (w, a, method), _ = Counter((c.w_bits, c.a_bits, c.method) for c in convs).most_common(1)[0]
-        return f"W{w}A{a} {method} ({Path(ckpt).stem})"
+        return f"W{w}A{a} {method} ({tag})"
     except Exception:
-        return Path(ckpt).stem
+        return tag
 
 
 def _export(s: dict, name: str, ckpt: str, fp: bool, data: str, val_imgsz: int) -> dict:
     """Write every (runtime, imgsz, batch) file of one model; returns ``{runtime: {(imgsz, batch): path}}``."""
-    d = Path(s["out"]) / "files" / name.split(" (")[0].replace(" ", "-").lower()
+    # one folder per model, named after its whole label: two checkpoints at the same bits never share files
+    d = Path(s["out"]) / "files" / (re.sub(r"[^a-z0-9._]+", "-", name.lower()).strip("-") or "model")
     d.mkdir(parents=True, exist_ok=True)
     shapes = sorted({(val_imgsz, 1), *((v, 1) for v in s["imgsz"]), (max(s["imgsz"]), s["batch"])})
     files: dict[str, dict] = {rt: {} for rt in s["runtimes"]}
