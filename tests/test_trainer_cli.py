@@ -273,7 +273,7 @@ def test_qat_act_zp_key_reaches_config_and_every_activation_quantizer():
     from ultralytics_gabfusion.quant.qconv import quant_convs
     from ultralytics_gabfusion.settings import ACT_ZPS, PLUGIN_DEFAULTS, QATConfig, help_text, validate_settings
 
-    assert ACT_ZPS == ("float", "integer") and PLUGIN_DEFAULTS["qat_act_zp"] == "float"
+    assert ACT_ZPS == ("float", "integer") and PLUGIN_DEFAULTS["qat_act_zp"] == "integer"
     assert validate_settings({"qat_act_zp": "Integer"})["qat_act_zp"] == "integer"
     with pytest.raises(ValueError, match="'qat_act_zp=int' is not valid. Allowed values: float, integer. Did you mean"):
         validate_settings({"qat_act_zp": "int"})

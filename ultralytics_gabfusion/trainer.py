@@ -88,6 +88,11 @@ def plugin_cfg(cfg=DEFAULT_CFG) -> dict:
     return base
 
 
+# Plugin keys added after 0.1 with the behaviour of the runs saved before them: Ultralytics' BatchNorm statistics
+# (no re-estimation) and float activation offsets.
+KEYS_BEFORE_THEY_EXISTED = {"qat_bn_recalib": 0, "qat_act_zp": "float"}
+
+
 class GABTrainerMixin:
     """What the plugin adds to an Ultralytics task trainer: fake-quantized convs (``qat``), GABFusion neck nodes
     (``gab``), ADA (``ada``), exact resume and atomic checkpoints.
@@ -123,8 +128,10 @@ class GABTrainerMixin:
                 preflight_train({**merged, **config.as_dict(), **overrides}, overrides, task=self.TASK,
                                 trainer=type(self).__name__)
         super().__init__(base, overrides, _callbacks)
-        if self.resume and "qat_bn_recalib" not in vars(self.args):  # a run saved before the key existed resumes as
-            self.args.qat_bn_recalib = 0                               # it was trained: Ultralytics' statistics
+        if self.resume:  # a run saved before a key existed resumes as it was trained
+            for k, v in KEYS_BEFORE_THEY_EXISTED.items():
+                if k not in vars(self.args):
+                    setattr(self.args, k, v)
         # the run's config: from the final args (a resumed run's come from its checkpoint), normalised back into them
         self.qat_config = QATConfig.from_keys(self.args)
         for k, v in self.qat_config.as_dict().items():

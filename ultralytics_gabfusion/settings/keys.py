@@ -185,9 +185,10 @@ SETTINGS: dict[str, Setting] = {
     "qat_init": Setting("mse", "quantizer init: mse (published init, range refined by an MSE search) or paper (published inits)", _choice("mse", "paper")),
     "qat_act_grid": Setting("auto", "activation grids: auto (unsigned after SiLU/ReLU, signed after LayerNorm), signed, unsigned",
                             _choice(*ACT_GRIDS)),
-    "qat_act_zp": Setting("float", "activation grid offsets (LSQ+ beta, the LSQ/PACT SiLU offset, signed PACT): float "
-                          "(trained as they are) or integer (rounded to a multiple of the step in every forward: "
-                          "integer zero points, the grid integer runtimes execute)", _choice(*ACT_ZPS)),
+    "qat_act_zp": Setting("integer", "activation grid offsets (LSQ+ beta, the LSQ/PACT SiLU offset, signed PACT): "
+                          "integer (rounded to a multiple of the step in every forward: integer zero points, the grid "
+                          "OpenVINO's INT8 kernels execute) or float (trained as they are; snapped only at export)",
+                          _choice(*ACT_ZPS)),
     "qat_lr": Setting(1.0, "learning-rate multiplier of quantizer parameters (N2UQ reference: 0.1)", _float_range(0.0, lo_open=True)),
     "qat_kernel": Setting("auto", "fake-quant kernels: auto (compiled on CUDA with Triton, reference on CPU), reference, compiled", _choice(*QAT_KERNELS)),
     # Stability of the QAT run (stability.py)
