@@ -277,7 +277,8 @@ def test_float_run_keeps_ultralytics_batchnorm(tmp_path, tiny_data, trained_fp):
 
 
 def test_run_saved_before_the_key_resumes_without_reestimation(tmp_path, tiny_data, trained_fp):
-    """A last.pt whose args lack qat_bn_recalib (written before the key existed) resumes as it was trained."""
+    """A last.pt whose args lack qat_bn_recalib / qat_act_zp (written before the keys existed) resumes as it was
+    trained."""
     from ultralytics_gabfusion import GABTrainer
 
     class Stop(Exception):
@@ -293,11 +294,13 @@ def test_run_saved_before_the_key_resumes_without_reestimation(tmp_path, tiny_da
         t.train()
     t.save_model()
     last = tmp_path / "run" / "weights" / "last.pt"
-    assert GABTrainer(overrides={"resume": str(last)}).args.qat_bn_recalib == 1
+    args = GABTrainer(overrides={"resume": str(last)}).args
+    assert args.qat_bn_recalib == 1 and args.qat_act_zp == "integer"
     ck = torch.load(last, weights_only=False)
-    del ck["train_args"]["qat_bn_recalib"]
+    del ck["train_args"]["qat_bn_recalib"], ck["train_args"]["qat_act_zp"]
     torch.save(ck, last)
-    assert GABTrainer(overrides={"resume": str(last)}).args.qat_bn_recalib == 0
+    args = GABTrainer(overrides={"resume": str(last)}).args
+    assert args.qat_bn_recalib == 0 and args.qat_act_zp == "float"  # the behaviour before each key existed
 
 
 # ------------------------------------------------------------------------------------------------- the bench
