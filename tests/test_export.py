@@ -346,6 +346,8 @@ def test_export_main_quantized_checkpoint(lsq_ckpt, tiny_data, tmp_path, capsys)
     out = capsys.readouterr().out
     assert rc == 0 and (tmp_path / "q.onnx").exists()
     assert "Parity (val images of data=" in out and "unmatched 0" in out
+    # ONNX Runtime runs this Q/DQ file in float (no QLinearConv): the export says so and names the faster option
+    assert "runs this Q/DQ file's" in out and "in float" in out and "format=openvino" in out
     proto = onnx.load(str(tmp_path / "q.onnx"))
     assert proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value == IMGSZ  # imgsz from the checkpoint args
 

@@ -52,6 +52,7 @@ from .. import zoo
 from ..data import make_synthetic_dataset
 from ..export import export_qdq_onnx, load_quantized_model
 from ..export.openvino import compile_model, conv_precisions, export_openvino, require_openvino
+from ..export.ort_kernels import ORT_INT_CONVS, ort_conv_kernels
 from ..provenance import environment
 from ..preflight import check_fp_checkpoint, load_model_file
 from ..ptq import post_training_quantize
@@ -94,8 +95,6 @@ HELP = {
     "runtimes": "onnxruntime and/or openvino",
     "out": "output directory",
 }
-_ORT_FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
-_ORT_INT_CONVS = ("QLinearConv", "ConvInteger")
 
 
 def help_text() -> str:
@@ -323,30 +322,11 @@ def _p90(v: list[float]) -> float:
     return statistics.quantiles(v, n=10)[-1] if len(v) >= 2 else v[0]
 
 
-def ort_conv_kernels(onnx_file, threads: int = 1) -> dict[str, int]:
-    """Convolution operators ONNX Runtime executes after its graph optimisation (``QLinearConv`` = integer)."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        opts.log_severity_level = 3  # the "hardware specific optimisations" warning of saving an optimised graph
-        ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
-        proto = onnx.load(opts.optimized_model_filepath, load_external_data=False)
-    counts: dict[str, int] = {}
-    for n in proto.graph.node:
-        if n.op_type in _ORT_FLOAT_CONVS + _ORT_INT_CONVS:
-            counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def _executes(runtime: str, path: Path, threads: int, runner: _Runner | None) -> tuple[str, int, int]:
     """``(description, integer convs, convs)`` of what the runtime runs for this file."""
     if runtime == "onnxruntime":
         k = ort_conv_kernels(path, threads)
-        n_int = sum(v for op, v in k.items() if op in _ORT_INT_CONVS)
+        n_int = sum(v for op, v in k.items() if op in ORT_INT_CONVS)
     else:
         k = conv_precisions(runner.compiled)
         n_int = sum(v for p, v in k.items() if p in ("u8", "i8"))

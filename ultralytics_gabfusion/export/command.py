@@ -13,6 +13,7 @@ from ..quant.qconv import is_quantized
 from ..settings import PLUGIN_KEYS
 from .inputs import _image_files, load_quantized_model
 from .openvino import export_openvino
+from .ort_kernels import ORT_INT_CONVS, ort_conv_kernels
 from .parity import ParityError, _fmt_parity
 from .qdq import SUPPORTED_OPSETS, export_qdq_onnx
 
@@ -89,6 +90,14 @@ def _check_batch(ov: dict) -> None:
     if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) or v < 1:
         raise ValueError(f"batch={v} is not valid: the batch size must be a positive integer, e.g. batch=1.")
     ov["batch"] = int(v)
+
+
+def _say_if_slow_in_ort(onnx_file) -> None:
+    """One line when ONNX Runtime would run the file's convolutions in float (slower than the FP model there)."""
+    k = ort_conv_kernels(onnx_file)
+    if not any(k.get(op) for op in ORT_INT_CONVS):
+        print(f"Note: ONNX Runtime runs this Q/DQ file's {sum(k.values())} convolutions in float on dequantized "
+              "tensors, slower than the FP model; for integer kernels export with format=openvino (OpenVINO INT8).")
 
 
 def _drop_training_keys(ov: dict) -> None:
@@ -170,6 +179,7 @@ def _export_quantized(net, model, path: Path, ov: dict) -> int:
             res = export_qdq_onnx(net, out, imgsz=imgsz, opset=opset, images=images, zero_point=zero_point,
                                   int4=int4)
             print(f"Exported {res['file']}")
+            _say_if_slow_in_ort(res["file"])
     except ParityError as e:
         print(f"yolo-gab: error: {e}", file=sys.stderr)
         return 1
