@@ -36,7 +36,7 @@ from .quant.convert import (
 from .quant.mixed import BOPS_IMGSZ, conv_costs, format_totals, fp_totals, plan_totals, resolve_layer_bits
 from .quant.qconv import QuantConv2d, quant_convs, quantizers_disabled
 from .settings import QATConfig
-from .stability import bn_statistics, recalibrate_bn, shift_bn_statistics
+from .stability import bn_statistics, fp_bn_statistics, recalibrate_bn, shift_bn_statistics
 from .version import __version__
 
 PREFIX = colorstr("gabfusion: ")
@@ -229,8 +229,11 @@ def calibrate_model(model, images: list, init: str = "mse", bn_images: list | No
         if bn_images:
             # trained statistics: kept and moved by the shift quantization causes; fresh ones: plainly re-estimated
             base = bn_statistics(model) if bn == "eval" else None
-            reestimate = (lambda: shift_bn_statistics(model, bn_images, base)) if base else (
-                lambda: recalibrate_bn(model, bn_images))
+            fp = fp_bn_statistics(model, bn_images) if base else None  # once: calibration leaves the weights alone
+
+            def reestimate():
+                return shift_bn_statistics(model, bn_images, base, fp) if base else recalibrate_bn(model, bn_images)
+
             reestimate()
             calibrate_activations(model, images, only_uninitialized=False, init=init, bn="eval")
             n = reestimate()

@@ -33,8 +33,8 @@ import torch.nn as nn
 
 from .quant.qconv import quantizers_disabled
 
-__all__ = ["freeze_bn_stats", "recalibrate_bn", "shift_bn_statistics", "bn_statistics", "ema_decay", "auto_ema_tau",
-           "BN_MODES"]
+__all__ = ["freeze_bn_stats", "recalibrate_bn", "shift_bn_statistics", "bn_statistics", "fp_bn_statistics", "ema_decay",
+           "auto_ema_tau", "BN_MODES"]
 
 BN_MODES = ("train", "freeze")
 EMA_MAX_DECAY = 0.9999  # Ultralytics' ModelEMA default
@@ -133,7 +133,27 @@ def bn_statistics(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def shift_bn_statistics(model: nn.Module, images, base: dict) -> int:
+def fp_bn_statistics(model: nn.Module, images) -> dict:
+    """The BatchNorm statistics of ``model`` with its quantizers off, re-estimated on ``images``.
+
+    The model's own statistics are left as they were. Empty when ``images`` holds no batch.
+    """
+    saved = bn_statistics(model)
+    with quantizers_disabled(model):
+        n = recalibrate_bn(model, images)
+    fp = bn_statistics(model) if n else {}
+    _load_bn_statistics(saved)
+    return fp
+
+
+def _load_bn_statistics(stats: dict) -> None:
+    for m, (mean, var) in stats.items():
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+
+
+@torch.no_grad()
+def shift_bn_statistics(model: nn.Module, images, base: dict, fp: dict | None = None) -> int:
     """Step-0 re-estimation of a quantized model with trained statistics: ``base`` moved by the quantization shift.
 
     A plain re-estimation (:func:`recalibrate_bn`) replaces statistics that training averaged over a whole run with an
@@ -145,8 +165,10 @@ def shift_bn_statistics(model: nn.Module, images, base: dict) -> int:
 
     Args:
         model (nn.Module): A quantized model (its BatchNorm statistics are overwritten).
-        images (Iterable[torch.Tensor]): Image batches, as for :func:`recalibrate_bn` (iterated twice).
+        images (Iterable[torch.Tensor]): Image batches, as for :func:`recalibrate_bn`.
         base (dict): :func:`bn_statistics` of the model before any re-estimation (the trained FP statistics).
+        fp (dict | None): :func:`fp_bn_statistics` of the model on ``images``, when the caller already has it (the
+            weights have not changed since); estimated here when None.
 
     Returns:
         (int): Number of batches used (0 leaves the model untouched).
@@ -161,12 +183,11 @@ def shift_bn_statistics(model: nn.Module, images, base: dict) -> int:
         True
     """
     images = list(images)
-    with quantizers_disabled(model):
-        n = recalibrate_bn(model, images)
-    if n == 0:
+    fp = fp_bn_statistics(model, images) if fp is None else fp
+    if not fp:
         return 0
-    fp = bn_statistics(model)
-    recalibrate_bn(model, images)  # channels made constant by quantization keep the FP estimate: no shift for them
+    _load_bn_statistics(fp)  # channels made constant by quantization keep the FP estimate: no shift for them
+    n = recalibrate_bn(model, images)
     for m, (mean_fp, var_fp) in fp.items():
         if m not in base:
             continue
