@@ -35,7 +35,7 @@ from .distill import check_layer_indices, check_teacher, default_layers, has_qua
 from .fusion import GABFusion, insert_gabfusion
 from .qat_setup import fusion_form, resolve_mixed_precision
 from .quant.convert import plan_policy
-from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, QATConfig, check_writable_dir, validate_settings
+from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, QATConfig, check_writable_dir, one_line, validate_settings
 
 # Keys that only mean something with the feature on: set explicitly without it they would be silently ignored.
 # Recipes carry ada_div for runs with and without ada, so only keys no recipe sets alone are checked for ADA.
@@ -100,8 +100,7 @@ def load_model_file(model: Any, key: str = "model"):
                 warnings.simplefilter("ignore")
                 net, _ = load_checkpoint(str(path), device="cpu")
         except Exception as e:  # truncated zip, pickle of something else, format mismatch: one clear message
-            why = " ".join(str(e).split())  # one line: the loader's own message may span several
-            raise ValueError(f"{key}={model} is not a readable Ultralytics checkpoint ({type(e).__name__}: {why}). "
+            raise ValueError(f"{key}={model} is not a readable Ultralytics checkpoint ({one_line(e)}). "
                              "Pass a .pt written by Ultralytics or yolo-gab (an interrupted copy is often truncated).") from None
         return net, dict(getattr(net, "yaml", {}) or {})
     if path.suffix not in (".yaml", ".yml"):
@@ -113,8 +112,7 @@ def load_model_file(model: Any, key: str = "model"):
         raise FileNotFoundError(f"{key}={model}: model YAML not found (neither on disk nor among Ultralytics' model "
                                 "YAMLs such as yolov5s.yaml, yolo11s.yaml).") from None
     except Exception as e:
-        why = " ".join(str(e).split())  # one line: the loader's own message may span several
-        raise ValueError(f"{key}={model} is not a readable model YAML ({type(e).__name__}: {why}).") from None
+        raise ValueError(f"{key}={model} is not a readable model YAML ({one_line(e)}).") from None
     if not isinstance(cfg, dict) or "backbone" not in cfg or "head" not in cfg:
         raise ValueError(f"{key}={model} is not a model definition (no 'backbone:'/'head:' lists); a data YAML goes in data=.")
     return None, cfg
@@ -228,8 +226,7 @@ def check_data(data: Any, imgsz: Any = None, task: str = "detect") -> dict:
     try:
         raw = YAML.load(s) if Path(s).is_file() else {}
     except Exception as e:
-        why = " ".join(str(e).split())  # one line: the loader's own message may span several
-        raise ValueError(f"data={data}: not readable YAML ({type(e).__name__}: {why}).") from None
+        raise ValueError(f"data={data}: not readable YAML ({one_line(e)}).") from None
     if Path(s).is_file() and not isinstance(raw, dict):
         raise ValueError(f"data={data} must hold 'key: value' pairs (path, train, val, names), not a {type(raw).__name__}.")
     try:

@@ -25,6 +25,8 @@ from ultralytics.nn.modules.head import OBB, Classify, Detect, Pose, Segment
 from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils.checks import check_yolov5u_filename
 
+from ..settings import one_line
+
 __all__ = ["check_layer_indices", "check_teacher", "default_layers", "has_quant_modules", "head_task", "load_teacher"]
 
 _HEAD_TASKS = ((Segment, "segment"), (Pose, "pose"), (OBB, "obb"), (Detect, "detect"), (Classify, "classify"))
@@ -162,9 +164,8 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         with _loadable_path(path) as p:
             model, ckpt = load_checkpoint(p, device="cpu")
     except Exception as e:  # Ultralytics reports damaged files as TypeError/RuntimeError/...: one user-facing error
-        why = " ".join(str(e).split())  # one line: the loader's own message may span several
         raise ValueError(
-            f"{path} is not a readable Ultralytics checkpoint ({type(e).__name__}: {why}). "
+            f"{path} is not a readable Ultralytics checkpoint ({one_line(e)}). "
             f"Pass teacher= a full-precision checkpoint saved by Ultralytics, or set ada=0"
         ) from e
     if (isinstance(ckpt, dict) and ckpt.get("modelopt")) or has_quant_modules(model):

@@ -15,6 +15,7 @@ from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils.checks import check_imgsz
 
 from ..quant.qconv import is_quantized
+from ..settings import one_line
 
 _IMG_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
 
@@ -50,8 +51,7 @@ def load_quantized_model(model, require_quantized: bool = True) -> nn.Module:
                 warnings.simplefilter("ignore")
                 model, _ = load_checkpoint(str(path))
         except Exception as e:  # torch/pickle raise many types on a corrupt file: report one clear error
-            why = " ".join(str(e).split())  # one line: the loader's own message may span several
-            raise ValueError(f"{path} is not a readable Ultralytics checkpoint ({type(e).__name__}: {why}).") from None
+            raise ValueError(f"{path} is not a readable Ultralytics checkpoint ({one_line(e)}).") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"expected a model or a .pt checkpoint path, got {type(model).__name__}.")
     if require_quantized and not is_quantized(model):

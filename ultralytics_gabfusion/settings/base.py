@@ -1,4 +1,5 @@
-"""The plugin's choice lists, its bit range and :class:`SettingsError`: what every other settings module imports."""
+"""The plugin's choice lists, its bit range, :class:`SettingsError` and :func:`one_line`: what every other settings
+module imports."""
 
 from __future__ import annotations
 
@@ -19,3 +20,13 @@ class SettingsError(ValueError):
     """A mistake in the user's keys or values, found before any work starts; commands print it without a traceback."""
 
     __module__ = "ultralytics_gabfusion.settings"  # its public home, as tracebacks and doctests name it
+
+
+def one_line(e: BaseException) -> str:
+    r"""``Type: message`` of an exception on one line, for the one-line errors that wrap a loader's own message.
+
+    Examples:
+        >>> one_line(ValueError("bad\n  header"))
+        'ValueError: bad header'
+    """
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
