@@ -411,3 +411,22 @@ def test_uncalibrated_model_raises(tmp_path):
     quantize_model(m, "lsq", 4, 4)
     with pytest.raises(ValueError, match="never initialised"):
         export_qdq_onnx(m, tmp_path / "x.onnx", imgsz=IMGSZ)
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_output_quantizers_give_onnx_runtime_integer_convolutions(bits, images, tmp_path):
+    """qat_out_bits=8: every conv with quantized input and weight ends in a QuantizeLinear, so ONNX Runtime fuses
+    DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv (read from its optimised graph); 4-bit grids go into
+    8-bit containers (no INT4 kernel), and the file computes what the fake-quant model computes (parity)."""
+    from ultralytics_gabfusion.export.ort_kernels import ort_conv_kernels
+    from ultralytics_gabfusion.quant.qconv import output_quantizers, quant_convs
+
+    m = build_quantized("yolov5n.yaml", "lsq", bits, images, act_zp="integer", out_bits=8)
+    both = [n for n, c in quant_convs(m) if c.act_quant is not None and c.weight_quant is not None]
+    assert len(list(output_quantizers(m))) == len(both) > 0
+    info = export_qdq_onnx(m, tmp_path / "q.onnx", imgsz=IMGSZ, images=images, verbose=False)
+    assert info["parity"]["ok"] and info["parity"]["unmatched"] == 0, info["parity"]
+    assert "INT4" not in info["int_types"] and "UINT4" not in info["int_types"]
+    assert all(r["out"].startswith("QuantizeLinear/DequantizeLinear") for r in info["layers"] if r["name"] in both)
+    kernels = ort_conv_kernels(tmp_path / "q.onnx")
+    assert kernels.get("QLinearConv") == len(both), kernels

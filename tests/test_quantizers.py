@@ -751,3 +751,35 @@ def test_bad_input_shape_and_option():
         q(torch.randn(3, 2, 1, 1))
     with pytest.raises(ValueError, match="weight_grad"):
         make_quantizer("n2uq", "weight", 4, channels=2, weight_grad="nope")
+
+
+# ---------------------------------------------------------------------------- conv output quantizer (qat_out_bits)
+@pytest.mark.parametrize("signed,beta_steps", [(False, -100.3), (False, 40.2), (False, -300.2), (True, 20.4),
+                                               (True, -150.1)])
+def test_conv_output_quantizer_keeps_its_zero_point_in_the_integer_type(signed, beta_steps):
+    """ConvOutputQuantizer, float64: LSQ+ with off_int = s*clamp(round(beta/s), -p, -n), so the zero point
+    z = -round(...) lies in [n, p] (the 8-bit type an integer conv writes) even when beta drifts outside; gradients
+    are LSQ+'s with the clamped integer (product rule), the offset's straight through."""
+    from ultralytics_gabfusion.quant.lsq import ConvOutputQuantizer
+
+    g = gen(int(abs(beta_steps)) + signed)
+    n, p = int_range(8, signed)
+    s = torch.tensor([0.02], dtype=DT)
+    q = set_params(ConvOutputQuantizer(8, signed=signed), step=s, offset=s * beta_steps)
+    k = torch.clamp(torch.round(torch.tensor([beta_steps], dtype=DT)), -p, -n)
+    off_int = s * k
+    x = codes(A_SHAPE, n, p, g) * s + off_int
+    y, G, dx, grads = run(q, x)
+    assert_close(y, s * torch.clamp(torch.round((x - off_int) / s), n, p) + off_int)
+    _, dx_ref, ds_lsq, db_lsq = ref_lsq(x, s, off_int, n, p, G, x.numel() / x.shape[0], False)
+    assert_close(dx, dx_ref)
+    assert_close(grads["step"], ds_lsq + k * db_lsq)
+    assert_close(grads["offset"], db_lsq)
+    z = -float(q.grid()["offset"] / q.grid()["scale"])
+    assert n <= round(z) <= p and abs(z - round(z)) < 1e-6
+    # init: min-max widened to contain 0, so an all-positive output still gets a zero point in range
+    q2 = ConvOutputQuantizer(8, signed=signed).double()
+    q2(torch.linspace(0.5, 2.0, 64, dtype=DT))
+    grid = q2.grid()
+    lo, hi = (float(grid["offset"] + k * grid["scale"]) for k in (n, p))
+    assert lo <= 0.0 <= hi + 1e-12

@@ -289,3 +289,34 @@ def test_qat_act_zp_key_reaches_config_and_every_activation_quantizer():
         assert acts and all(q.integer_zero_point == want for q in acts), (method, zp)
         assert not any(c.weight_quant.integer_zero_point for _, c in quant_convs(m))
         assert m.gabfusion["qat_act_zp"] == zp
+
+
+def test_qat_out_bits_key_puts_an_output_quantizer_on_every_integer_conv():
+    """qat_out_bits: 0 or 8, a QATConfig field; 8 gives every conv whose input and weight are quantized (blocks after
+    their BN, the head's bare convs on their own output) an 8-bit output quantizer of the input's signedness, recorded
+    in model.gabfusion; the default adds none."""
+    import copy
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    from ultralytics_gabfusion.qat_setup import build_structure
+    from ultralytics_gabfusion.quant.qconv import QuantConvBlock, output_quantizers, quant_convs
+    from ultralytics_gabfusion.settings import PLUGIN_DEFAULTS, QATConfig, help_text, validate_settings
+
+    assert PLUGIN_DEFAULTS["qat_out_bits"] == 0 and validate_settings({"qat_out_bits": "8"})["qat_out_bits"] == 8
+    with pytest.raises(ValueError, match="'qat_out_bits=7' is not valid: use 0"):
+        validate_settings({"qat_out_bits": 7})
+    assert "qat_out_bits" in help_text() and "`qat_out_bits`" in (ROOT / "README.md").read_text()
+    fp = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
+    keys = {"qat": "lsq", "qat_init": "paper", "qat_act_grid": "unsigned"}
+    assert not list(output_quantizers(build_structure(copy.deepcopy(fp), QATConfig.from_keys(keys))))
+    m = build_structure(copy.deepcopy(fp), QATConfig.from_keys({**keys, "qat_out_bits": 8}))
+    outs = {name: (mod, q) for name, mod, q in output_quantizers(m)}
+    both = [n for n, c in quant_convs(m) if c.act_quant is not None and c.weight_quant is not None]
+    assert len(outs) == len(both) and m.gabfusion["qat_out_bits"] == 8
+    assert any(isinstance(mod, QuantConvBlock) for mod, _ in outs.values())
+    assert any(not isinstance(mod, QuantConvBlock) for mod, _ in outs.values())  # Detect's bare output convs
+    for mod, q in outs.values():
+        conv = mod.conv if isinstance(mod, QuantConvBlock) else mod
+        assert q.bits == 8 and q.signed == (conv.act_quant.qmin < 0)
+

@@ -34,7 +34,7 @@ from .quant.convert import (
     unquantized_layers,
 )
 from .quant.mixed import BOPS_IMGSZ, conv_costs, format_totals, fp_totals, plan_totals, resolve_layer_bits
-from .quant.qconv import QuantConv2d, quant_convs, quantizers_disabled
+from .quant.qconv import QuantConv2d, output_quantizers, quant_convs, quantizers_disabled
 from .settings import QATConfig
 from .stability import bn_statistics, fp_bn_statistics, recalibrate_bn, shift_bn_statistics
 from .version import __version__
@@ -80,12 +80,13 @@ def build_structure(model, cfg: QATConfig, weights=None, verbose: bool = False, 
         layer_bits = resolve_mixed_precision(model, cfg, verbose, costs)
         summary = precision_summary(model, cfg, layer_bits, costs) if verbose else ""
         rows = quantize_model(model, cfg.qat, cfg.w_bits, cfg.a_bits, cfg.qat_first_bits, cfg.qat_head_bits,
-                              cfg.qat_skip, cfg.qat_act_grid, layer_bits, cfg.qat_act_zp)
+                              cfg.qat_skip, cfg.qat_act_grid, layer_bits, cfg.qat_act_zp, cfg.qat_out_bits)
         if verbose:
             table = format_policy(rows, unquantized_layers(model))
             LOGGER.info(f"{PREFIX}W{cfg.w_bits}A{cfg.a_bits} {cfg.qat} precision policy:\n{table}\n{summary}")
             LOGGER.info(f"{PREFIX}fake-quant kernels: qat_kernel={cfg.qat_kernel}; activation grid offsets: "
-                        f"qat_act_zp={cfg.qat_act_zp}")
+                        f"qat_act_zp={cfg.qat_act_zp}" + (f"; {cfg.qat_out_bits}-bit conv outputs (qat_out_bits)"
+                                                          if cfg.qat_out_bits else ""))
     if weights:
         model.load(weights, verbose=verbose)
         has_trained_gab = any(isinstance(m, GABFusion) for m in weights.modules())
@@ -185,8 +186,13 @@ def precision_summary(model, cfg: QATConfig, layer_bits: dict | None = None, cos
 # ---------------------------------------------------------------------------------------------- calibration
 def needs_calibration(model) -> bool:
     """Whether a GABFusion identity fit is pending or an activation quantizer has not been initialised."""
-    return getattr(model, "gab_identity_pending", False) or any(
-        m.act_quant is not None and not bool(m.act_quant.initialized) for _, m in quant_convs(model))
+    return getattr(model, "gab_identity_pending", False) or activations_pending(model)
+
+
+def activations_pending(model) -> bool:
+    """Whether an activation quantizer (conv input or output) has not been initialised from data."""
+    return any(m.act_quant is not None and not bool(m.act_quant.initialized) for _, m in quant_convs(model)) or any(
+        not bool(q.initialized) for _, _, q in output_quantizers(model))
 
 
 @torch.no_grad()
@@ -221,7 +227,7 @@ def calibrate_model(model, images: list, init: str = "mse", bn_images: list | No
             f"{PREFIX}GABFusion LayerNorm affine fitted to the replaced Concat outputs (relative output change "
             f"{out.get('before', float('nan')):.3g} -> {out.get('after', float('nan')):.3g})"
         )
-    if any(m.act_quant is not None and not bool(m.act_quant.initialized) for _, m in quant_convs(model)):
+    if activations_pending(model):
         bn = "eval" if bn_statistics_trained(model) else "batch"  # trained BN: what validation and export see
         k = calibrate_activations(model, images, init=init, bn=bn)
         LOGGER.info(f"{PREFIX}calibrated activation quantizers on {k} batches of {len(images[0])} images "

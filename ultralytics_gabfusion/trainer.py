@@ -90,7 +90,7 @@ def plugin_cfg(cfg=DEFAULT_CFG) -> dict:
 
 # Plugin keys added after 0.1 with the behaviour of the runs saved before them: Ultralytics' BatchNorm statistics
 # (no re-estimation) and float activation offsets.
-KEYS_BEFORE_THEY_EXISTED = {"qat_bn_recalib": 0, "qat_act_zp": "float"}
+KEYS_BEFORE_THEY_EXISTED = {"qat_bn_recalib": 0, "qat_act_zp": "float", "qat_out_bits": 0}
 
 
 class GABTrainerMixin:

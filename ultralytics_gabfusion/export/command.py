@@ -97,7 +97,8 @@ def _say_if_slow_in_ort(onnx_file) -> None:
     k = ort_conv_kernels(onnx_file)
     if not any(k.get(op) for op in ORT_INT_CONVS):
         print(f"Note: ONNX Runtime runs this Q/DQ file's {sum(k.values())} convolutions in float on dequantized "
-              "tensors, slower than the FP model; for integer kernels export with format=openvino (OpenVINO INT8).")
+              "tensors, slower than the FP model; for integer kernels export with format=openvino (OpenVINO INT8), or "
+              "quantize with qat_out_bits=8 (LSQ/LSQ+) for ONNX Runtime's QLinearConv.")
 
 
 def _drop_training_keys(ov: dict) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import C2f, Detect
 
-from ..quant.qconv import QuantConv2d, QuantConvBlock, quant_convs
-from .nodes import _CONTAINER_RANGE, _ActSpec, _container, _GabqOp, _N2UQSpec, _WeightSpec
+from ..quant.qconv import QuantConv2d, QuantConvBlock, integer_bias, output_quantizers, quant_convs
+from .nodes import _CONTAINER_RANGE, _ActSpec, _BiasSpec, _container, _GabqOp, _N2UQSpec, _WeightSpec
 
 _ZP_TOL = 1e-4  # largest zero-point snap, in quantization steps (float rounding of the scale is ~1e-5 at 8 bits)
 
@@ -25,21 +26,25 @@ _ZP_TOL = 1e-4  # largest zero-point snap, in quantization steps (float rounding
 class _ExportConv(nn.Module):
     """Deployment form of a :class:`QuantConv2d` (BN folded, integer weights); traced with ``gabq::`` placeholders."""
 
-    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, act_spec=None, w_spec=None):
+    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, act_spec=None, w_spec=None,
+                 out_spec=None, b_spec=None):
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by the Q/DQ exporter (zeros only).")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.register_buffer("weight", weight.detach().float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-        self.act_spec, self.w_spec = act_spec, w_spec
+        self.act_spec, self.w_spec, self.out_spec, self.b_spec = act_spec, w_spec, out_spec, b_spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize the input (placeholder op), dequantize the integer weight (placeholder op), convolve."""
+        """Quantize the input (placeholder op), dequantize the integer weight (placeholder op), convolve, quantize
+        the output when the model has output quantizers (``qat_out_bits``: the Q an integer conv kernel fuses)."""
         if self.act_spec is not None:
             x = _GabqOp.apply(x, self.act_spec)
         w = _GabqOp.apply(self.weight, self.w_spec) if self.w_spec is not None else self.weight
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        b = _GabqOp.apply(self.bias, self.b_spec) if self.b_spec is not None else self.bias
+        y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return _GabqOp.apply(y, self.out_spec) if self.out_spec is not None else y
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,6 +139,13 @@ def _act_spec(key: str, conv: QuantConv2d, int4: bool = True):
         return _N2UQSpec(key=key, bits=spec.bits, beta1=float(spec.input_scale.reshape(())),
                          thresholds=spec.thresholds.float().numpy().copy(), out_scale=float(spec.scale.reshape(())),
                          shift=shift)
+    if conv.input_shift is not None:  # only N2UQ has one today; keep the function exact if that changes
+        raise ValueError(f"{key}: input_shift on a non-N2UQ quantizer is not supported by the Q/DQ exporter.")
+    return _uniform_spec(key, q, spec, int4)
+
+
+def _uniform_spec(key: str, q, spec, int4: bool = True) -> _ActSpec:
+    """Per-tensor Q/DQ spec of a uniform activation quantizer ``q`` (conv input or output), its export ``spec``."""
     if spec.axis is not None and spec.scale.numel() > 1:
         raise ValueError(f"{key}: per-channel activation quantizers are not supported by the Q/DQ exporter.")
     lo, hi = spec.qmin, spec.qmax
@@ -147,11 +159,8 @@ def _act_spec(key: str, conv: QuantConv2d, int4: bool = True):
         offset, zp = 0.0, z
     else:
         zp = 0
-    a_spec = _ActSpec(key=key, method=q.method, bits=bits, scale=scale, offset=offset, qmin=lo, qmax=hi,
-                      container=container, zero_point=zp)
-    if conv.input_shift is not None:  # only N2UQ has one today; keep the function exact if that changes
-        raise ValueError(f"{key}: input_shift on a non-N2UQ quantizer is not supported by the Q/DQ exporter.")
-    return a_spec
+    return _ActSpec(key=key, method=q.method, bits=bits, scale=scale, offset=offset, qmin=lo, qmax=hi,
+                    container=container, zero_point=zp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,6 +173,7 @@ def _check_initialized(model: nn.Module) -> None:
         for role, q in (("weight", m.weight_quant), ("act", m.act_quant)):
             if q is not None and not bool(q.initialized):
                 missing.append(f"{name}.{role}_quant")
+    missing += [f"{name}.out_quant" for name, _, q in output_quantizers(model) if not bool(q.initialized)]
     if missing:
         raise ValueError(
             f"{len(missing)} quantizer(s) were never initialised ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}): "
@@ -171,7 +181,7 @@ def _check_initialized(model: nn.Module) -> None:
         )
 
 
-def _layer_row(name: str, conv: QuantConv2d, bn, a_spec, w_spec) -> dict:
+def _layer_row(name: str, conv: QuantConv2d, bn, a_spec, w_spec, o_spec=None) -> dict:
     """One row of the export's per-layer summary (returned and stored in the ``quantization`` metadata)."""
     return {
         "name": name,
@@ -182,14 +192,19 @@ def _layer_row(name: str, conv: QuantConv2d, bn, a_spec, w_spec) -> dict:
         "weight": w_spec.describe() if w_spec else "float initializer",
         "weight_range": list(w_spec.qrange) if w_spec else None,
         "act": a_spec.describe() if a_spec else "float",
+        "out": o_spec.describe() if o_spec else "float",
     }
 
 
 def _convert_conv(name: str, conv: QuantConv2d, bn, weight_offset: str, specs: dict, rows: list,
-                  int4: bool = True) -> _ExportConv:
-    """The :class:`_ExportConv` of ``conv`` (``bn`` folded in); records its specs and summary row."""
+                  int4: bool = True, out_quant=None) -> _ExportConv:
+    """The :class:`_ExportConv` of ``conv`` (``bn`` folded in, ``out_quant`` on its output); records its specs and
+    summary row."""
     f, bias = _bn_factors(conv, bn)
     a_spec = _act_spec(name + ".act", conv, int4) if conv.act_quant is not None else None
+    o_spec = None
+    if out_quant is not None:
+        o_spec = _uniform_spec(name + ".out", out_quant, out_quant.export_spec(torch.float32), int4)
     if conv.weight_quant is not None:
         w_spec = _weight_spec(name + ".weight", conv, f, weight_offset, int4)
         weight = w_spec.dequantized()
@@ -198,11 +213,21 @@ def _convert_conv(name: str, conv: QuantConv2d, bn, weight_offset: str, specs: d
         weight = (conv.weight.detach().double() * f.view(-1, 1, 1, 1)).float()
     if a_spec is None and conv.input_shift is not None:
         raise ValueError(f"{name}: input_shift without an activation quantizer cannot be exported.")
-    for s in (a_spec, w_spec):
+    b_spec = None
+    if o_spec is not None:  # integer kernel: int32 bias on the accumulator's scale, as the fake-quant model rounds it
+        if not (isinstance(a_spec, _ActSpec) and a_spec.offset == 0.0 and w_spec is not None and w_spec.mode == "zero_point"):
+            raise ValueError(f"{name}: a quantized conv output needs integer zero points on the conv's input and weight "
+                             "grids (qat_act_zp=integer, LSQ or LSQ+).")
+        exact, step = integer_bias(conv, bn)
+        k = torch.round(exact / step)
+        sign = torch.from_numpy(np.sign(w_spec.scale)).double()  # a negative weight scale (BN gamma < 0) flips it
+        b_spec = _BiasSpec(key=name + ".bias", ints=(k * sign).to(torch.int64).numpy(), scale=(step * sign).float().numpy())
+        bias = k * step
+    for s in (a_spec, w_spec, o_spec, b_spec):
         if s is not None:
             specs[s.key] = s
-    rows.append(_layer_row(name, conv, bn, a_spec, w_spec))
-    return _ExportConv(conv, weight, bias.float(), a_spec, w_spec)
+    rows.append(_layer_row(name, conv, bn, a_spec, w_spec, o_spec))
+    return _ExportConv(conv, weight, bias.float(), a_spec, w_spec, o_spec, b_spec)
 
 
 def _build_export_model(model: nn.Module, imgsz: tuple[int, int], weight_offset: str, int4: bool = True):
@@ -222,13 +247,14 @@ def _build_export_model(model: nn.Module, imgsz: tuple[int, int], weight_offset:
     # Blocks first (their conv carries the BN), then the raw quantized convs (Detect predictors).
     for name, mod in list(m.named_modules()):
         if isinstance(mod, QuantConvBlock) and isinstance(mod.conv, QuantConv2d):
-            mod.conv = _convert_conv(f"{name}.conv", mod.conv, mod.bn, weight_offset, specs, rows, int4)
-            mod.bn = nn.Identity()
+            mod.conv = _convert_conv(f"{name}.conv", mod.conv, mod.bn, weight_offset, specs, rows, int4,
+                                     getattr(mod, "out_quant", None))
+            mod.bn, mod.out_quant = nn.Identity(), None  # both now inside the _ExportConv
     for name, mod in list(m.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, QuantConv2d):
                 full = f"{name}.{child_name}" if name else child_name
-                new = _convert_conv(full, child, None, weight_offset, specs, rows, int4)
+                new = _convert_conv(full, child, None, weight_offset, specs, rows, int4, getattr(child, "out_quant", None))
                 for a in ("i", "f", "type", "np"):
                     if hasattr(child, a):
                         setattr(new, a, getattr(child, a))

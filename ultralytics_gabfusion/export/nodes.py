@@ -36,6 +36,7 @@ _CONTAINER_RANGE = {
     "UINT8": (0, 255),
     "INT16": (-32768, 32767),
     "UINT16": (0, 65535),
+    "INT32": (-(2**31), 2**31 - 1),
 }
 
 
@@ -61,8 +62,8 @@ def _int_tensor(name: str, container: str, values, dims=None):
         raise RuntimeError(f"{name}: integers [{arr.min()}, {arr.max()}] do not fit container {container}")
     dims = list(arr.shape) if dims is None else list(dims)
     np_dtype = {"INT4": np.int8, "UINT4": np.uint8, "INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16,
-                "UINT16": np.uint16}[container]
-    if container in ("INT8", "UINT8", "INT16", "UINT16"):
+                "UINT16": np.uint16, "INT32": np.int32}[container]
+    if container in ("INT8", "UINT8", "INT16", "UINT16", "INT32"):
         from onnx import numpy_helper
 
         return numpy_helper.from_array(arr.astype(np_dtype).reshape(dims), name)
@@ -146,6 +147,33 @@ class _WeightSpec:
             inits.append(_float_tensor(f"{k}/w_offset", self.offset, (c,) + (1,) * (self.ints.ndim - 1)))
             nodes.append(helper.make_node("Add", [dq_out, f"{k}/w_offset"], [out], name=f"{k}/WeightOffset"))
         return nodes, inits
+
+
+@dataclass
+class _BiasSpec:
+    """Integer bias of an integer conv: ``b = k * scale`` per output channel, ``scale = input step x weight step``.
+
+    Written when the conv's output is quantized (``qat_out_bits``): ``DequantizeLinear -> Conv -> QuantizeLinear``
+    then becomes one integer kernel whose int32 accumulator takes ``k`` as it is; the fake-quant model rounds its
+    folded bias the same way (:func:`~ultralytics_gabfusion.quant.qconv.bias_rounding`).
+    """
+
+    key: str
+    ints: np.ndarray  # int64 (C,)
+    scale: np.ndarray  # float32 (C,)
+    op_type: str = "BiasDQ"
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:  # the traced input is already the dequantized bias
+        return b.clone()
+
+    def lower(self, inp: str, out: str):
+        from onnx import helper
+
+        k = self.key
+        inits = [_int_tensor(f"{k}/b_int", "INT32", self.ints), _float_tensor(f"{k}/b_scale", self.scale),
+                 _int_tensor(f"{k}/b_zero_point", "INT32", np.zeros_like(self.ints))]
+        return [helper.make_node("DequantizeLinear", [f"{k}/b_int", f"{k}/b_scale", f"{k}/b_zero_point"], [out],
+                                 name=f"{k}/BiasDequantize", axis=0)], inits
 
 
 @dataclass

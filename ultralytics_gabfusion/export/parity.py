@@ -11,7 +11,7 @@ from ultralytics.utils.metrics import bbox_iou
 from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.ops import xywh2xyxy
 
-from ..quant.qconv import QuantConv2d, QuantConvBlock
+from ..quant.qconv import QuantConv2d, QuantConvBlock, integer_bias
 from .inputs import load_images, load_quantized_model
 
 # onnx and onnxruntime are imported inside the functions that use them: both are slow to import and only needed
@@ -49,12 +49,18 @@ class ParityError(RuntimeError):
     """The exported ONNX model disagrees with the fake-quant PyTorch model beyond the documented tolerance."""
 
 
-def _ort_session(onnx_file):
-    """A CPU ONNX Runtime session of a file path or a serialized model (quiet, no spinning threads)."""
+def _ort_session(onnx_file, optimize: bool = True):
+    """A CPU ONNX Runtime session of a file path or a serialized model (quiet, no spinning threads).
+
+    ``optimize=False`` runs the graph as written (no fusion into integer kernels): the layer-local probe checks the
+    exported arithmetic itself, while the end-to-end comparison runs what a user's session runs.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # A verification run, not a benchmark: spinning worker threads only steal CPU from the PyTorch reference.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     model = onnx_file if isinstance(onnx_file, bytes) else str(onnx_file)  # a path or a serialized model
@@ -214,7 +220,9 @@ def _probe_session(proto, names: dict):
     for v in extra:
         if v not in known:
             p2.graph.output.append(helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None))
-    return _ort_session(p2.SerializeToString())
+    # As written: with conv outputs quantized (qat_out_bits) ONNX Runtime would fuse QLinearConv and requantize the
+    # probed conv outputs, which the float reference below does not describe.
+    return _ort_session(p2.SerializeToString(), optimize=False)
 
 
 def _act_check(conv: QuantConv2d, xin: torch.Tensor, qin: torch.Tensor, g: torch.Generator, eps: float):
@@ -230,13 +238,21 @@ def _act_check(conv: QuantConv2d, xin: torch.Tensor, qin: torch.Tensor, g: torch
     return bad_frac(a_t, qin), ref
 
 
-def _conv_check(conv: QuantConv2d, bn, qin: torch.Tensor, y_o: torch.Tensor, g: torch.Generator, eps: float):
-    """(value, reference) of the conv check: largest per-channel ``max|diff| / max|out|`` of BN(conv(qin))."""
+def _conv_check(conv: QuantConv2d, bn, qin: torch.Tensor, y_o: torch.Tensor, g: torch.Generator, eps: float,
+                int_bias: bool = False):
+    """(value, reference) of the conv check: largest per-channel ``max|diff| / max|out|`` of BN(conv(qin)).
+
+    ``int_bias``: the conv's output is quantized (``qat_out_bits``), so its folded bias sits on the int32 grid.
+    """
     w = conv.quantized_weight().float()
+    shift = 0.0
+    if int_bias:
+        exact, step = integer_bias(conv, bn)
+        shift = (torch.round(exact / step) * step - exact).float().view(1, -1, 1, 1)
 
     def conv_out(z):
         y = conv._conv_forward(z, w, conv.bias.float() if conv.bias is not None else None)
-        return bn(y) if bn is not None else y
+        return (bn(y) if bn is not None else y) + shift
 
     y_t = conv_out(qin)
     scale = y_t.abs().amax(dim=(0, 2, 3)).clamp_min(1e-12)
@@ -274,13 +290,16 @@ def _layer_parity(model: nn.Module, proto, x: torch.Tensor, t: dict) -> dict:
             if not isinstance(conv, QuantConv2d):
                 continue
             parent = modules.get(key.rsplit(".", 1)[0]) if "." in key else None
-            bn = parent.bn if isinstance(parent, QuantConvBlock) and parent.conv is conv else None
+            block = parent if isinstance(parent, QuantConvBlock) and parent.conv is conv else None
+            bn = block.bn if block is not None else None
+            int_bias = getattr(block if block is not None else conv, "out_quant", None) is not None
             checks = []
             qin = torch.from_numpy(vals[c_in])
             if a_in is not None and conv.act_quant is not None:
                 checks.append(("act", *_act_check(conv, torch.from_numpy(vals[a_in]), qin, g, t["layer_eps"])))
             if conv.weight_quant is not None:
-                checks.append(("conv", *_conv_check(conv, bn, qin, torch.from_numpy(vals[c_out]), g, t["layer_eps"])))
+                checks.append(("conv", *_conv_check(conv, bn, qin, torch.from_numpy(vals[c_out]), g, t["layer_eps"],
+                                                    int_bias)))
             for kind, val, ref in checks:
                 lim = t["ratio"] * ref + t["layer_floor"]
                 w_val, w_lim, _ = worst[kind]

@@ -17,6 +17,7 @@ from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import LOGGER
 
 from ..quant.grids import snap_zero_points
+from ..quant.qconv import output_quantizers
 from ..version import __version__
 from .fold import _build_export_model, _check_initialized
 from .inputs import _imgsz_pair, generated_images, load_images, load_quantized_model
@@ -203,6 +204,10 @@ def _export_qdq(model, file=None, imgsz=640, opset: int = 21, images=None, check
         if moved:
             _log(f"Q/DQ ONNX: {len(moved)} activation grid offsets moved to integer zero points (largest move "
                  f"{max(abs(r['shift_steps']) for r in moved):.2f} step); zero_point=exact keeps them", verbose)
+    if int4 and any(output_quantizers(model)):
+        int4 = False
+        _log("Q/DQ ONNX: 4-bit grids in 8-bit containers: the model quantizes its conv outputs (qat_out_bits) for "
+             "ONNX Runtime's integer convolutions, which take no INT4", verbose)
     stride = int(max(model.stride)) if hasattr(model, "stride") else 32
     hw = _imgsz_pair(imgsz, stride)
     proto, data, rows = _trace_qdq(model, hw, opset, weight_offset, verbose, int4, zero_point, batch)

@@ -44,8 +44,9 @@ from ultralytics.nn.modules.head import OBB, Detect, Pose, Segment
 from ..settings import ACT_ZPS, check_bits
 from .grids import ACT_GRIDS, fixed_offset, grid_signed, input_lower_bounds
 from .init import check_init_mode, choose_zero_point, refine_mse
-from .qconv import QuantConv2d, QuantConvBlock, quant_convs
+from .qconv import OUT_QUANT_METHODS, QuantConv2d, QuantConvBlock, add_output_quantizer, output_quantizers, quant_convs
 from .quantizers import FakeQuantizer
+from .registry import check_method
 
 LAYER_ATTRS = ("i", "f", "type", "np")
 
@@ -168,7 +169,7 @@ def plan_policy(model: nn.Module, w_bits: int, a_bits: int, first_bits: int = 8,
 
 def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int = 4, first_bits: int = 8,
                    head_bits: int = 8, skip=None, act_grid: str = "auto", layer_bits: dict | None = None,
-                   act_zp: str = "float") -> list[dict]:
+                   act_zp: str = "float", out_bits: int = 0) -> list[dict]:
     """Swap every quantizable conv of ``model`` in place for its fake-quantized version.
 
     ``Conv``/``DWConv`` blocks become :class:`QuantConvBlock` (keeping ``.i .f .type .np`` on top-level layers),
@@ -186,6 +187,9 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
         act_grid (str): Activation grids: ``auto`` (from what feeds each conv), ``signed`` or ``unsigned``.
         layer_bits (dict[int, int] | None): Per-layer bits of the ordinary convs (mixed precision, see :func:`plan_policy`).
         act_zp (str): Activation grid offsets in training: ``float`` or ``integer`` (multiples of the step).
+        out_bits (int): 0, or the bits of a quantizer on the output of every conv whose input and weight are
+            quantized (``qat_out_bits``: the grid an integer conv kernel writes; needs ``act_zp="integer"`` and a
+            uniform method, not n2uq).
 
     Returns:
         (list[dict]): The per-layer policy table (see :func:`format_policy`).
@@ -196,6 +200,7 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
     w_bits, a_bits = check_bits("w_bits", w_bits), check_bits("a_bits", a_bits)
     if act_zp not in ACT_ZPS:
         raise ValueError(f"qat_act_zp={act_zp!r} is not valid. Allowed values: {', '.join(ACT_ZPS)}.")
+    check_out_bits(out_bits, method, act_zp)
     if any(isinstance(m, QuantConv2d) for m in model.modules()):
         raise ValueError("model is already quantized; build a fresh model (or load its checkpoint) instead of converting twice.")
     rows = plan_policy(model, w_bits, a_bits, first_bits, head_bits, skip, act_grid, layer_bits)
@@ -224,10 +229,27 @@ def quantize_model(model: nn.Module, method: str, w_bits: int = 4, a_bits: int =
             for a in LAYER_ATTRS:
                 if hasattr(child, a):
                     setattr(new, a, getattr(child, a))
+            if out_bits:
+                add_output_quantizer(new, out_bits)
             setattr(parent, child_name, new)
 
     swap(model, "")
     return rows
+
+
+def check_out_bits(out_bits, method: str, act_zp: str) -> None:
+    """Refuse a ``qat_out_bits`` that integer conv kernels cannot execute, saying what to change."""
+    if out_bits in (0, None):
+        return
+    if isinstance(out_bits, bool) or out_bits != 8:
+        raise ValueError(f"qat_out_bits={out_bits!r} is not valid: use 0 (off) or 8 (the output type of integer conv "
+                         "kernels).")
+    if check_method(method) not in OUT_QUANT_METHODS:
+        raise ValueError(f"qat_out_bits=8 needs integer zero points on both grids of a conv, which integer kernels "
+                         f"consume; {check_method(method)} has none: use qat=lsq or lsqplus, or qat_out_bits=0.")
+    if act_zp != "integer":
+        raise ValueError("qat_out_bits=8 needs qat_act_zp=integer: a float grid offset puts a float Sub/Add between "
+                         "the quantizer and the conv, so no integer kernel can take the conv.")
 
 
 def _check_layer_bits(layer_bits: dict, rows: list[dict]) -> None:
@@ -376,7 +398,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
         q = m.act_quant
         if q is not None and not (only_uninitialized and bool(q.initialized)):
             targets[id(q)] = (m, q)
-    if not targets:
+    outs = [q for _, _, q in output_quantizers(model) if not (only_uninitialized and bool(q.initialized))]
+    if not targets and not outs:
         return 0
     was_training = model.training
     bn_momenta = {}
@@ -389,9 +412,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
     samples = {}  # N2UQ: input samples of every batch, for an input_shift that matches the final thresholds
     gen = torch.Generator().manual_seed(0)
 
-    def pre_hook(conv, args):
-        m, q = targets[id(conv.act_quant)]
-        x = args[0].detach().float()
+    def init_step(q, x):  # this batch's init of q, averaged with the earlier batches'
         k = state["k"]
         old = {n: p.detach().clone() for n, p in q.named_parameters()}
         q.init_from(x)
@@ -405,6 +426,11 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
                     p.copy_((old[n] * k + p) / (k + 1))
         if init == "mse" and q.integer_zero_point:  # qat_act_zp=integer: floor or ceil of off/s, on the averaged range
             choose_zero_point(q, x)
+
+    def pre_hook(conv, args):
+        m, q = targets[id(conv.act_quant)]
+        x = args[0].detach().float()
+        init_step(q, x)
         if m.input_shift is not None:
             flat = x.reshape(-1)
             if flat.numel() > _SHIFT_SAMPLES:
@@ -413,7 +439,16 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor], onl
             xs = torch.cat(samples[id(m)])
             m.input_shift.copy_((xs.mean() - q(xs).mean()).reshape(1))
 
+    def out_hook(q, args):  # output quantizers (qat_out_bits) see the BN-folded conv output: hooked on themselves
+        if not state.get("busy"):  # the MSE search calls q itself
+            state["busy"] = True
+            try:
+                init_step(q, args[0].detach().float())
+            finally:
+                state["busy"] = False
+
     handles = [m.register_forward_pre_hook(pre_hook) for m, _ in targets.values()]
+    handles += [q.register_forward_pre_hook(out_hook) for q in outs]
     model.train(bn == "batch")
     try:
         for img in batches:

@@ -18,9 +18,9 @@ from torch import nn
 
 from . import kernels
 from .kernels import CompileFailed, kernel_for
-from .quantizers import STEP_EPS, FakeQuantizer, _check_act_zp, positive
+from .quantizers import STEP_EPS, FakeQuantizer, _check_act_zp, integer_offset, positive
 
-__all__ = ["LSQFakeQuantize", "LSQQuantizer", "LSQPlusQuantizer"]
+__all__ = ["ConvOutputQuantizer", "LSQFakeQuantize", "LSQQuantizer", "LSQPlusQuantizer"]
 
 
 class LSQFakeQuantize(torch.autograd.Function):
@@ -311,3 +311,43 @@ class LSQPlusQuantizer(_LSQBase):
             return False
         self.offset.fill_(float(offset))
         return True
+
+
+class ConvOutputQuantizer(LSQPlusQuantizer):
+    r"""LSQ+ on a convolution's output (BatchNorm folded in, before the activation): ``qat_out_bits``.
+
+    Integer convolution kernels (ONNX Runtime's ``QLinearConv``) requantize their int32 accumulator to the 8-bit type
+    of their input; this quantizer is that step in training, so the model learns the grid the kernel writes. It is
+    LSQ+'s arithmetic (learned step and offset, gradients in :class:`LSQFakeQuantize`) with an integer zero point that
+    always fits the integer type: ``z = -clamp(round(beta/s), -qmax, -qmin)``, so ``z`` lies in ``[qmin, qmax]``
+    (``[0, 255]`` for an unsigned 8-bit grid). The initial range always contains 0.
+
+    Args:
+        bits (int): Bit-width of the output grid (8: the integer kernels' output type).
+        signed (bool): Signed grid; must match the conv's input grid (the kernels' input and output types agree).
+
+    Examples:
+        >>> q = ConvOutputQuantizer(8, signed=False)
+        >>> y = q(torch.linspace(-1.0, 3.0, 101))
+        >>> g = q.grid()
+        >>> bool(((y - g["offset"]) / g["scale"]).round().sub((y - g["offset"]) / g["scale"]).abs().max() < 1e-4)
+        True
+    """
+
+    def __init__(self, bits: int = 8, signed: bool = False):
+        """An uninitialised per-tensor output quantizer (it initialises from its first input)."""
+        super().__init__("act", bits, 0, signed, act_zp="integer")
+
+    def _zp_offset(self, offset: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        return integer_offset(offset, step, -self.qmax, -self.qmin)
+
+    @torch.no_grad()
+    def init_from(self, x):
+        """Min-max over ``x`` widened to contain 0 (the zero point must be one of the grid's integers)."""
+        super().init_from(x)
+        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+        s = max((hi - lo) / (self.qmax - self.qmin), STEP_EPS)
+        self.step.fill_(s)
+        self.offset.fill_(lo - self.qmin * s)
+        return self
+

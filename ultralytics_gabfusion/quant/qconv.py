@@ -22,7 +22,12 @@ import torch
 import torch.nn as nn
 
 from ..precision import KeepFP32, kept_fp32
+from .lsq import ConvOutputQuantizer
 from .registry import ACT_ZP_METHODS, check_method, make_quantizer
+
+# Methods whose grids give integer zero points on both sides of a conv (what qat_out_bits needs): PACT's DoReFa
+# weights sit on a half-integer zero point, N2UQ's activations on thresholds.
+OUT_QUANT_METHODS = ("lsq", "lsqplus")
 
 # Bumped when the pickled layout of these modules changes; checked when a checkpoint is unpickled.
 FORMAT_VERSION = 1
@@ -137,11 +142,11 @@ class QuantConv2d(KeepFP32, nn.Conv2d):
         return self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize input and weight, then convolve."""
+        """Quantize input and weight, convolve, then quantize the output if this conv has ``out_quant``."""
         x = self.quantize_input(x)
         w = self.quantized_weight().to(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
-        return self._conv_forward(x, w, b)
+        return quantize_output(self, self._conv_forward(x, w, b), self)
 
     def __setstate__(self, state):
         version = state.get("format_version", 0)
@@ -214,8 +219,69 @@ class QuantConvBlock(nn.Module):
             return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply quantized conv, batch norm and activation."""
-        return self.act(self.bn(self.conv(x)))
+        """Apply quantized conv, batch norm, the output quantizer if any (``out_quant``) and activation."""
+        return self.act(quantize_output(self, self.bn(self.conv(x)), self.conv))
+
+
+def add_output_quantizer(module: nn.Module, bits: int) -> ConvOutputQuantizer | None:
+    """Give a :class:`QuantConvBlock` (after its BN) or a bare :class:`QuantConv2d` an output quantizer (``qat_out_bits``).
+
+    Only convs whose input and weight are both quantized on a uniform grid get one: that is what an integer conv
+    kernel consumes. Its signedness follows the input grid (the kernel's input and output types agree).
+
+    Returns:
+        (ConvOutputQuantizer | None): The new quantizer, or None when the conv does not qualify.
+    """
+    conv = module.conv if isinstance(module, QuantConvBlock) else module
+    if conv.act_quant is None or conv.weight_quant is None or conv.method not in OUT_QUANT_METHODS:
+        return None
+    module.out_quant = ConvOutputQuantizer(bits, signed=conv.act_quant.qmin < 0).to(conv.weight.device)
+    return module.out_quant
+
+
+def quantize_output(module: nn.Module, y: torch.Tensor, conv: QuantConv2d) -> torch.Tensor:
+    """``module.out_quant(y)`` when ``module`` has an output quantizer and ``conv``'s quantizers are on, else ``y``.
+
+    The folded bias is first put on the int32 grid an integer kernel adds to its accumulator (:func:`integer_bias`);
+    at 4 bits that grid is coarse enough to move outputs across the 8-bit output grid's rounding boundaries.
+    """
+    q = getattr(module, "out_quant", None)  # modules pickled before output quantizers existed have none
+    if q is None or not conv.quant_enabled:
+        return y
+    bias, step = integer_bias(conv, getattr(module, "bn", None))
+    shift = torch.round(bias / step) * step - bias  # the bias rounding, a per-channel constant
+    return q(y + shift.to(y.dtype).view(1, -1, *([1] * (y.dim() - 2))))
+
+
+@torch.no_grad()
+def integer_bias(conv: QuantConv2d, bn: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded bias of ``conv`` (+ ``bn`` on its running statistics) and its int32 step, float64 per channel.
+
+    The step is ``input step x |folded weight step|`` (``|gamma|/sqrt(var + eps) x`` the weight quantizer's step, in
+    float32 as the export stores it): the scale of an integer conv's accumulator. The export writes
+    ``round(bias/step)`` as the int32 bias (:class:`~ultralytics_gabfusion.export.nodes._BiasSpec`).
+    """
+    c = conv.out_channels
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(c, dtype=torch.float64, device=conv.weight.device)
+    f = torch.ones_like(b)
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_var is not None:
+        f = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+        if bn.affine:
+            f = f * bn.weight.detach().double()
+        b = (b - bn.running_mean.detach().double()) * f + (bn.bias.detach().double() if bn.affine else 0.0)
+    sw = conv.weight_quant.grid()["scale"].double().to(b.device)
+    sw_folded = (f.abs() * sw).float().double()
+    sw_folded = torch.where(sw_folded == 0, sw, sw_folded)  # gamma = 0: the export keeps the quantizer's step
+    sx = float(conv.act_quant.grid()["scale"].float().reshape(()))
+    return b, sw_folded * sx
+
+
+def output_quantizers(model: nn.Module):
+    """Yield ``(name, module, quantizer)`` for every conv output quantizer (blocks and bare quantized convs)."""
+    for name, m in model.named_modules():
+        q = getattr(m, "out_quant", None) if isinstance(m, (QuantConvBlock, QuantConv2d)) else None
+        if q is not None:
+            yield name, m, q
 
 
 @contextlib.contextmanager
@@ -243,4 +309,5 @@ def is_quantized(model: nn.Module) -> bool:
     return any(m.weight_quant is not None or m.act_quant is not None for _, m in quant_convs(model))
 
 
-__all__ = ["ConvInputQuantizer", "QuantConv2d", "QuantConvBlock", "quant_convs", "quantizers_disabled", "is_quantized", "FORMAT_VERSION"]
+__all__ = ["ConvInputQuantizer", "QuantConv2d", "QuantConvBlock", "quant_convs", "quantizers_disabled", "is_quantized",
+           "FORMAT_VERSION", "add_output_quantizer", "integer_bias", "output_quantizers", "quantize_output"]

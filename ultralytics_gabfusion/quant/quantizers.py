@@ -105,7 +105,7 @@ def round_ste(v: torch.Tensor, lo: float | None = None, hi: float | None = None)
     return _RoundSTE.apply(v, lo, hi)
 
 
-def integer_offset(offset: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+def integer_offset(offset: torch.Tensor, step: torch.Tensor, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
     r"""The grid offset on the nearest multiple of the step: ``off_int = s * round(off/s)`` (``act_zp="integer"``).
 
     The grid ``off_int + k*s`` is ``(k - z)*s`` with the integer zero point ``z = -round(off/s)``. Gradients (the value
@@ -115,9 +115,12 @@ def integer_offset(offset: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         d off_int / d s   = round(off/s)   product rule, the rounded integer held constant
 
     so a quantizer's step gets the asymmetric-LSQ gradient of a grid with an integer zero point. A constant offset
-    (the LSQ/PACT SiLU offset) passes ``off`` without gradient and only the step term remains.
+    (the LSQ/PACT SiLU offset) passes ``off`` without gradient and only the step term remains. ``lo``/``hi`` bound
+    ``round(off/s)`` (a zero point that must fit the grid's integer type, see :class:`.lsq.ConvOutputQuantizer`).
     """
     k = torch.round(offset.detach() / step.detach())
+    if lo is not None or hi is not None:
+        k = k.clamp(lo, hi)
     return step * k + (offset - offset.detach())  # + 0 in value; carries the straight-through gradient to off
 
 

@@ -38,6 +38,7 @@ class QATConfig:
     qat_init: str
     qat_act_grid: str
     qat_act_zp: str
+    qat_out_bits: int
     qat_lr: float
     qat_kernel: str
     qat_bn: str
@@ -141,6 +142,17 @@ def check_consistency(args) -> None:
     if get("gab") == "learned" and get("gab_form") == "grad":
         raise SettingsError("'gab=learned' trains alpha through the forward pass, which 'gab_form=grad' leaves untouched: "
                             "use gab_form=paper with gab=learned, or gab=balanced.")
+    if get("qat_out_bits"):
+        if get("qat") in (None, "none"):
+            raise SettingsError("'qat_out_bits=8' quantizes the outputs of quantized convs: set qat=lsq|lsqplus too, "
+                                "or drop qat_out_bits.")
+        if get("qat") in ("n2uq", "pact"):
+            raise SettingsError(f"'qat_out_bits=8' needs integer zero points on both grids of a conv, which integer "
+                                f"kernels consume; {get('qat')}'s {'thresholds' if get('qat') == 'n2uq' else 'DoReFa weight grid'} "
+                                "has none: use qat=lsq|lsqplus, or qat_out_bits=0.")
+        if get("qat_act_zp") == "float":
+            raise SettingsError("'qat_out_bits=8' needs qat_act_zp=integer (a float grid offset keeps the convs off "
+                                "integer kernels): drop qat_act_zp=float, or qat_out_bits=0.")
     if get("ada_attn") == "qada" and get("qat") == "none" and (get("ada") or 0) > 0:
         raise SettingsError("'ada_attn=qada' uses the student's quantizers: set qat=lsq|lsqplus|pact|n2uq or ada_attn=simam.")
 

@@ -88,6 +88,18 @@ def _ema_tau(key, v):
                             f"e.g. {key}=auto.") from None
 
 
+def _out_bits(key, v):
+    """``qat_out_bits``: 0 (off) or 8 (the output type of integer conv kernels)."""
+    try:
+        bits = as_int(key, int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v, 0, 8, True)
+    except SettingsError:
+        bits = None
+    if bits not in (0, 8):
+        raise SettingsError(f"'{key}={v}' is not valid: use 0 (off) or 8 (an 8-bit quantizer on each quantized conv's "
+                            "output, the grid ONNX Runtime's integer convolutions write).")
+    return bits
+
+
 def _path_or_none(key, v):
     if v in (None, "", "none", "None"):
         return None
@@ -189,6 +201,9 @@ SETTINGS: dict[str, Setting] = {
                           "integer (rounded to a multiple of the step in every forward: integer zero points, the grid "
                           "OpenVINO's INT8 kernels execute) or float (trained as they are; snapped only at export)",
                           _choice(*ACT_ZPS)),
+    "qat_out_bits": Setting(0, "0 (off) or 8: an 8-bit quantizer on the output of every quantized conv (after BatchNorm, "
+                            "before the activation), so ONNX Runtime runs the exported convs as integer QLinearConv",
+                            _out_bits),
     "qat_lr": Setting(1.0, "learning-rate multiplier of quantizer parameters (N2UQ reference: 0.1)", _float_range(0.0, lo_open=True)),
     "qat_kernel": Setting("auto", "fake-quant kernels: auto (compiled on CUDA with Triton, reference on CPU), reference, compiled", _choice(*QAT_KERNELS)),
     # Stability of the QAT run (stability.py)
