@@ -74,6 +74,7 @@ def test_deploy_settings_are_checked(tmp_path):
         (["quantized=[nope.pt]"], "not found"),
         ([f"model={tmp_path / 'fp.pt'}"], "not found"),
         (["runz=5"], "runz"),
+        (["block=0"], "block"),
     ]:
         with pytest.raises(BenchError, match=msg):
             resolve_settings(argv + [f"out={tmp_path / 'out'}"])
@@ -144,3 +145,22 @@ def test_bench_deploy_names_checkpoints_apart():
     runs = ["/r/v5-s0/weights/best.pt", "/r/v5-s1/weights/best.pt", "/r/other/last.pt"]
     assert _unique_tags(runs) == ["v5-s0/best", "v5-s1/best", "last"]
     assert _unique_tags(["/a/q.pt", "/b/q.pt", "/b/c/q.pt"]) == ["a/q", "b/q", "c/q"]
+
+
+def test_runners_are_timed_in_blocks_after_an_untimed_call():
+    """bench deploy's timing: warm-up calls, then rounds in which each runner makes one untimed call and a block of
+    timed calls in a row (no runner's block follows another's first call); block=1 is plain round-robin."""
+    from ultralytics_gabfusion.bench.deploy import _time_in_blocks
+
+    log = []
+
+    class R:
+        def __init__(self, name):
+            self.call = lambda: log.append(name)
+
+    times = _time_in_blocks([R("a"), R("b")], runs=5, warmup=1, block=3)
+    assert [len(t) for t in times] == [5, 5]
+    assert "".join(log) == "a" + "b" + "a" * 4 + "b" * 4 + "a" * 3 + "b" * 3
+    log.clear()
+    _time_in_blocks([R("a"), R("b")], runs=2, warmup=0, block=1)
+    assert "".join(log) == "abab"
