@@ -61,7 +61,7 @@ from ..provenance import environment
 from ..preflight import check_fp_checkpoint, load_model_file
 from ..ptq import post_training_quantize
 from ..quant.grids import snap_zero_points
-from ..quant.qconv import is_quantized, quant_convs
+from ..quant.qconv import is_quantized, output_quantizers, quant_convs
 from ..settings import as_int, as_int_list, as_list, as_str_list, parse_key_values, unknown_key_error
 from .common import BenchError, cli_value, write_json
 
@@ -90,7 +90,8 @@ HELP = {
     "model": "FP checkpoint (default: the shipped yolov5n-synth160)",
     "quantized": "quantized checkpoints to deploy (default: PTQ of model at each entry of ptq)",
     "data": "data.yaml for calibration and validation (default for the shipped model: its generated set)",
-    "ptq": "W<b>A<b> settings of the PTQ models made when quantized is not given (LSQ)",
+    "ptq": "W<b>A<b> settings of the PTQ models made when quantized is not given (LSQ; W<b>A<b>o8: 8-bit conv outputs, "
+           "qat_out_bits=8, for ONNX Runtime's integer convs)",
     "imgsz": "input sizes timed at batch 1",
     "val_imgsz": "size at which every file is validated (default: the FP model's training imgsz)",
     "batch": "batch size of the throughput measurement (at the largest imgsz)",
@@ -111,11 +112,13 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-def _bits_setting(v: str) -> tuple[int, int]:
-    m = re.fullmatch(r"w([2-8])a([2-8])", str(v).strip().lower())
+def _bits_setting(v: str) -> tuple[int, int, int]:
+    """``w8a8`` -> (8, 8, 0); ``w8a8o8`` -> (8, 8, 8): conv outputs at 8 bits (``qat_out_bits=8``)."""
+    m = re.fullmatch(r"w([2-8])a([2-8])(o8)?", str(v).strip().lower())
     if not m:
-        raise BenchError(f"ptq: '{v}' is not a W<b>A<b> setting with bits in 2..8, e.g. ptq=[w8a8,w4a4].")
-    return int(m.group(1)), int(m.group(2))
+        raise BenchError(f"ptq: '{v}' is not a W<b>A<b> setting with bits in 2..8 (o8 appended: 8-bit conv outputs, "
+                         "qat_out_bits=8), e.g. ptq=[w8a8,w4a4,w8a8o8].")
+    return int(m.group(1)), int(m.group(2)), 8 if m.group(3) else 0
 
 
 def resolve_settings(argv: list[str]) -> dict:
@@ -213,13 +216,14 @@ def _prepare(s: dict) -> tuple[str, list[tuple[str, str]], int]:
     if s["quantized"]:
         models += [(_label(s, q, tag), q) for q, tag in zip(s["quantized"], _unique_tags(s["quantized"]))]
     else:
-        for w, a in s["ptq"]:
-            f = out / "models" / f"ptq-w{w}a{a}.pt"
+        for w, a, o in s["ptq"]:
+            f = out / "models" / f"ptq-w{w}a{a}{'o8' if o else ''}.pt"
             if not f.exists():
                 with tempfile.TemporaryDirectory() as tmp:
                     post_training_quantize(s["model"], file=f, data=data, qat="lsq", w_bits=w, a_bits=a,
-                                           imgsz=val_imgsz, project=tmp, name="ptq", workers=0, plots=False)
-            models.append((f"W{w}A{a} PTQ", str(f)))
+                                           qat_out_bits=o, imgsz=val_imgsz, project=tmp, name="ptq", workers=0,
+                                           plots=False)
+            models.append((f"W{w}A{a} PTQ" + (" out8" if o else ""), str(f)))
     return data, models, val_imgsz
 
 
@@ -249,9 +253,10 @@ def _label(s: dict, ckpt: str, tag: str | None = None) -> str:
     """``W4A4 lsq (tag)``: the most common bits and method of the checkpoint's quantized convs, else ``tag``."""
     tag = tag or Path(ckpt).stem
     try:
-        convs = [c for _, c in quant_convs(_quantized_net(s, ckpt))]
+        net = _quantized_net(s, ckpt)
+        convs = [c for _, c in quant_convs(net)]
         (w, a, method), _ = Counter((c.w_bits, c.a_bits, c.method) for c in convs).most_common(1)[0]
-        return f"W{w}A{a} {method} ({tag})"
+        return f"W{w}A{a} {method}{' out8' if any(output_quantizers(net)) else ''} ({tag})"
     except Exception:
         return tag
 
