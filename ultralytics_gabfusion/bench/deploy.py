@@ -38,6 +38,7 @@ Examples:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -71,6 +72,7 @@ from .common import BenchError, cli_value, write_json
 # `yolo-gab bench deploy help` costs the same.
 
 RUNTIMES = ("onnxruntime", "openvino")
+INT8_ROW = "FP INT8 (Ultralytics int8=True, NNCF)"
 DEFAULTS: dict[str, Any] = {
     "model": None,  # FP checkpoint; default: the shipped yolov5n-synth160
     "quantized": None,  # quantized checkpoints; default: PTQ W8A8 and W4A4 (LSQ) of model
@@ -261,16 +263,21 @@ def _label(s: dict, ckpt: str, tag: str | None = None) -> str:
         return tag
 
 
-def _export(s: dict, name: str, ckpt: str, fp: bool, data: str, val_imgsz: int) -> dict:
-    """Write every (runtime, imgsz, batch) file of one model; returns ``{runtime: {(imgsz, batch): path}}``."""
+def _export(s: dict, name: str, ckpt: str, fp: bool, data: str, val_imgsz: int, int8: bool = False) -> dict:
+    """Write every (runtime, imgsz, batch) file of one model; returns ``{runtime: {(imgsz, batch): path}}``.
+
+    ``int8``: the FP checkpoint through Ultralytics' ``format=openvino int8=True`` (NNCF post-training quantization
+    on ``data``), OpenVINO only: what an OpenVINO user gets without this plugin.
+    """
     # one folder per model, named after its whole label: two checkpoints at the same bits never share files
     d = Path(s["out"]) / "files" / (re.sub(r"[^a-z0-9._]+", "-", name.lower()).strip("-") or "model")
     d.mkdir(parents=True, exist_ok=True)
     shapes = sorted({(val_imgsz, 1), *((v, 1) for v in s["imgsz"]), (max(s["imgsz"]), s["batch"])})
-    files: dict[str, dict] = {rt: {} for rt in s["runtimes"]}
+    runtimes = ["openvino"] if int8 else s["runtimes"]
+    files: dict[str, dict] = {rt: {} for rt in runtimes}
     for sz, b in shapes:
         stem = f"{sz}px-b{b}"
-        for rt in s["runtimes"]:
+        for rt in runtimes:
             target = d / (f"{stem}.onnx" if rt == "onnxruntime" else f"{stem}_openvino_model")
             if not target.exists():
                 check = b == 1 and sz == val_imgsz  # parity once per model, on the validation images
@@ -279,7 +286,8 @@ def _export(s: dict, name: str, ckpt: str, fp: bool, data: str, val_imgsz: int) 
                     with tempfile.TemporaryDirectory() as tmp:
                         src = Path(tmp) / "model.pt"
                         shutil.copy(ckpt, src)  # Ultralytics writes next to the weights: keep the user's folder clean
-                        f = YOLO(str(src)).export(format=fmt, imgsz=sz, batch=b, verbose=False)
+                        f = YOLO(str(src)).export(format=fmt, imgsz=sz, batch=b, verbose=False,
+                                                  **({"int8": True, "data": data} if int8 else {}))
                         shutil.move(str(f), str(target))
                 elif rt == "onnxruntime":  # the exporters never modify the model: one load serves every file
                     export_qdq_onnx(_quantized_net(s, ckpt), target, imgsz=sz, batch=b, images=data if check else None,
@@ -387,11 +395,18 @@ def run_deploy(s: dict) -> dict:
     LOGGER.info(f"bench deploy: {len(models)} models x {s['runtimes']}, val at {val_imgsz} px on {data}")
     files = {name: _export(s, name, ckpt, name == "FP", data, val_imgsz) for name, ckpt in models}
     s.pop("_nets", None)  # the loaded quantized models are not needed past the exports
+    notes = []
+    if "openvino" in s["runtimes"]:  # Ultralytics' own INT8 export of the FP model: the comparison an OpenVINO user makes
+        if importlib.util.find_spec("nncf") is None:
+            notes.append(f"{INT8_ROW} row skipped: Ultralytics' format=openvino int8=True needs nncf (pip install nncf)")
+            LOGGER.warning(f"bench deploy: {notes[-1]}")
+        else:
+            files[INT8_ROW] = _export(s, INT8_ROW, s["model"], True, data, val_imgsz, int8=True)
 
     # rows: FP in each runtime (OpenVINO FP at float32 and at the plugin's default precision), quantized in each
     rows = []
-    for name, ckpt in models:
-        for rt in s["runtimes"]:
+    for name, ckpt in models + ([(INT8_ROW, s["model"])] if INT8_ROW in files else []):
+        for rt in files[name]:
             precs = ["f32", None] if (name == "FP" and rt == "openvino") else [None]
             for p in precs:
                 rows.append({"model": name, "checkpoint": ckpt, "runtime": rt + ("-f32" if p == "f32" else ""),
@@ -422,6 +437,7 @@ def run_deploy(s: dict) -> dict:
         fq[name] = {"torch": _val(ckpt, data, val_imgsz, out)}
         if name != "FP":
             fq[name]["torch_int_zp"] = _val_snapped(ckpt, data, val_imgsz, out)
+    fq[INT8_ROW] = fq["FP"]  # NNCF quantizes the FP model: the FP checkpoint is its reference
     for r in rows:
         r["size_mb"] = round(_size_mb(r["_files"][(max(s["imgsz"]), 1)]), 2)
         if r["precision"] == "f32":  # same file as the default-precision row; Ultralytics validates at the default
@@ -433,7 +449,7 @@ def run_deploy(s: dict) -> dict:
     for r in rows:
         r.pop("_rt"), r.pop("_files")
     result = {"settings": {k: v for k, v in s.items() if not k.startswith("_")}, "data": data, "val_imgsz": val_imgsz,
-              "environment": environment(), "versions": _runtime_versions(), "rows": rows}
+              "environment": environment(), "versions": _runtime_versions(), "rows": rows, "notes": notes}
     write_json(out / "deploy.json", result)
     table = report_table(result)
     (out / "deploy.md").write_text(table + "\n")
@@ -496,6 +512,7 @@ def report_table(result: dict) -> str:
                  f"calls after {s['warmup']} warm-up calls, timed round-robin in blocks of {s.get('block', 1)} (each "
                  f"after one untimed call); x FP same: OpenVINO rows against FP OpenVINO "
                  "at float32. mAP of each file validated by Ultralytics at batch 1.")
+    lines += [f"Note: {n}." for n in result.get("notes", [])]
     return "\n".join(lines)
 
 
