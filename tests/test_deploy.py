@@ -94,7 +94,9 @@ def test_bench_deploy_on_the_shipped_model(tmp_path):
     from ultralytics import YOLO
 
     from ultralytics_gabfusion import zoo
-    from ultralytics_gabfusion.bench.deploy import run_deploy
+    import importlib.util
+
+    from ultralytics_gabfusion.bench.deploy import INT8_ROW, run_deploy
     from ultralytics_gabfusion.data import make_synthetic_dataset
 
     card = zoo.card("yolov5n-synth160")
@@ -105,13 +107,17 @@ def test_bench_deploy_on_the_shipped_model(tmp_path):
     assert all((out / f).exists() for f in ("deploy.json", "deploy.md", "deploy.png"))
     assert json.loads((out / "deploy.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
     rows = {(r["model"], r["runtime"]): r for r in res["rows"]}
+    # Ultralytics' own INT8 export of the FP model: a row with nncf installed, else a note saying why not
+    nncf = importlib.util.find_spec("nncf") is not None
     assert set(rows) == {("FP", "onnxruntime"), ("FP", "openvino-f32"), ("FP", "openvino"),
                          ("W8A8 PTQ", "onnxruntime"), ("W8A8 PTQ", "openvino"),
-                         ("W4A4 PTQ", "onnxruntime"), ("W4A4 PTQ", "openvino")}
+                         ("W4A4 PTQ", "onnxruntime"), ("W4A4 PTQ", "openvino")} | ({(INT8_ROW, "openvino")} if nncf else set())
+    assert nncf or any("pip install nncf" in n for n in res["notes"])
+    assert nncf or "pip install nncf" in (out / "deploy.md").read_text()
     for (model, rt), r in rows.items():
         assert r["ms_160"]["median"] > 0 and r["ms_160"]["runs"] == 5 and r["size_mb"] > 0
         assert r["x_fp_ort_160"] > 0
-        if model == "FP" or rt == "openvino-f32":
+        if model.startswith("FP") or rt == "openvino-f32":
             continue
         tv = r["torch_val"]
         ref = tv["torch"] if rt == "onnxruntime" else tv["torch_int_zp"]  # ONNX: exact offsets; OpenVINO: snapped
