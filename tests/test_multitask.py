@@ -233,3 +233,32 @@ def test_preflight_refuses_wrong_task_combinations_before_a_run_folder(task_data
     (five / "data.yaml").write_text(bad.read_text().replace(str(task_data["pose"].parent), str(five)))
     refused(GABPoseTrainer, r"predicts kpt_shape \[4, 3\], but data=.* has \[5, 3\]", model=str(pose_fp),
             data=str(five / "data.yaml"), qat="lsq")
+
+
+@pytest.mark.parametrize("task", ["segment", "pose"])
+def test_bench_deploy_measures_segment_and_pose_models(task, task_data, task_fp_ckpt, tmp_path):
+    """bench deploy on a segmentation / pose FP checkpoint: its W8A8 PTQ copy exported for ONNX Runtime and OpenVINO,
+    every file timed and validated on the task's own metric (mask / pose mAP, box mAP beside it); a quantized
+    checkpoint of another task is refused before anything is written."""
+    from ultralytics_gabfusion.bench.common import BenchError
+    from ultralytics_gabfusion.bench.deploy import report_table, resolve_settings, run_deploy
+
+    # OpenVINO for one task only: its export path is the detection one (tested at length in test_deploy)
+    runtimes = "[onnxruntime,openvino]" if task == "segment" else "[onnxruntime]"
+    base = [f"model={task_fp_ckpt[task]}", f"data={task_data[task]}", "ptq=[w8a8]", f"imgsz=[{IMGSZ}]", "batch=1",
+            "runs=5", "warmup=0", "block=5", f"runtimes={runtimes}"]
+    res = run_deploy(resolve_settings(base + [f"out={tmp_path / 'out'}"]))
+    assert res["task"] == task and res["metric"] == {"segment": "mask", "pose": "pose"}[task]
+    rows = {(r["model"], r["runtime"]) for r in res["rows"]}
+    assert {("FP", "onnxruntime"), ("W8A8 PTQ", "onnxruntime")} <= rows
+    assert (("W8A8 PTQ", "openvino") in rows) == (task == "segment")
+    for r in res["rows"]:
+        assert r["ms_64"]["median"] > 0
+        v = r["val"] or r["torch_val"]["torch"]
+        assert {"mAP50", "mAP50_95", "box_mAP50"} <= set(v) and 0 <= v["mAP50"] <= 100
+    assert f"{res['metric']} mAP50 file" in report_table(res)
+    other = task_fp_ckpt["pose" if task == "segment" else "segment"]
+    q = next((tmp_path / "out" / "models").glob("*.pt"))
+    with pytest.raises(BenchError, match="model of one task|task"):
+        resolve_settings([f"model={other}", f"data={task_data[task]}", f"quantized=[{q}]", f"out={tmp_path / 'o2'}"])
+    assert not (tmp_path / "o2").exists()

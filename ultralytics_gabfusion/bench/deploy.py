@@ -59,7 +59,7 @@ from ..export import export_qdq_onnx, load_quantized_model
 from ..export.openvino import compile_model, conv_precisions, export_openvino, require_openvino
 from ..export.ort_kernels import ORT_INT_CONVS, ort_conv_kernels
 from ..provenance import environment
-from ..preflight import check_fp_checkpoint, load_model_file
+from ..preflight import check_fp_checkpoint, load_model_file, model_task
 from ..ptq import post_training_quantize
 from ..quant.grids import snap_zero_points
 from ..quant.qconv import is_quantized, output_quantizers, quant_convs
@@ -193,12 +193,19 @@ def _check_checkpoints(s: dict) -> None:
                                  "pass the FP checkpoint the quantized models were made from, and this one in "
                                  "quantized=[...]")
         s["_fp_imgsz"] = int((getattr(fp, "args", None) or {}).get("imgsz") or 640)  # train_args over defaults
+        s["_task"] = task = model_task(s["model"]) or "detect"
+        if task not in TASK_METRIC:
+            raise ValueError(f"model={s['model']} is a {task} model; bench deploy measures detect, segment and pose "
+                             "models.")
         nets = s["_nets"] = {}
         for q in s["quantized"]:
             net, _ = load_model_file(q, "quantized")
             if net is None or not is_quantized(net):
                 raise ValueError(f"quantized: {q} has no quantized layers: pass quantized checkpoints (QAT or PTQ of "
                                  "model=), or leave quantized= out to compare PTQ models.")
+            if (model_task(q) or "detect") != task:
+                raise ValueError(f"quantized: {q} is a {model_task(q)} model but model= is a {task} model: compare "
+                                 "checkpoints of one task (the FP model and its own PTQ/QAT copies).")
             nets[q] = net
     except (ValueError, FileNotFoundError) as e:
         raise BenchError(str(e)) from None
@@ -365,20 +372,34 @@ def _size_mb(path: Path) -> float:
     return path.stat().st_size / 1e6
 
 
-def _val(path, data: str, imgsz: int, out: Path) -> dict:
-    """mAP50 / mAP50-95 (%) of a checkpoint or exported file, validated by Ultralytics on ``data``'s val split."""
-    m = YOLO(str(path), task="detect").val(data=data, imgsz=imgsz, batch=1, workers=0, plots=False, verbose=False,
-                                           project=str(out / "val"), name="v", exist_ok=True)
-    return {"mAP50": round(100 * float(m.box.map50), 2), "mAP50_95": round(100 * float(m.box.map), 2)}
+# The metric each task's rows report: Ultralytics' metrics attribute (masks for segmentation, keypoints for pose).
+TASK_METRIC = {"detect": "box", "segment": "seg", "pose": "pose"}
+METRIC_NAME = {"box": "box", "seg": "mask", "pose": "pose"}
 
 
-def _val_snapped(ckpt: str, data: str, imgsz: int, out: Path) -> dict:
+def _metrics(m, task: str) -> dict:
+    """mAP50 / mAP50-95 (%) of the task's own metric (box, mask or pose), plus the box mAP50 for seg/pose."""
+    own = getattr(m, TASK_METRIC[task])
+    r = {"mAP50": round(100 * float(own.map50), 2), "mAP50_95": round(100 * float(own.map), 2)}
+    if task != "detect":
+        r["box_mAP50"] = round(100 * float(m.box.map50), 2)
+    return r
+
+
+def _val(path, data: str, imgsz: int, out: Path, task: str = "detect") -> dict:
+    """mAP (%) of a checkpoint or exported file, validated by Ultralytics on ``data``'s val split (:func:`_metrics`)."""
+    m = YOLO(str(path), task=task).val(data=data, imgsz=imgsz, batch=1, workers=0, plots=False, verbose=False,
+                                       project=str(out / "val"), name="v", exist_ok=True)
+    return _metrics(m, task)
+
+
+def _val_snapped(ckpt: str, data: str, imgsz: int, out: Path, task: str = "detect") -> dict:
     """mAP of the checkpoint with its activation offsets on integer zero points (what the exported files hold)."""
-    y = YOLO(ckpt)
+    y = YOLO(ckpt, task=task)
     snap_zero_points(y.model)
     m = y.val(data=data, imgsz=imgsz, batch=1, workers=0, plots=False, verbose=False, project=str(out / "val"),
               name="v", exist_ok=True)
-    return {"mAP50": round(100 * float(m.box.map50), 2), "mAP50_95": round(100 * float(m.box.map), 2)}
+    return _metrics(m, task)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -434,21 +455,22 @@ def run_deploy(s: dict) -> dict:
 
     fq = {}
     for name, ckpt in models:  # the PyTorch checkpoints themselves: the accuracy each file should reproduce
-        fq[name] = {"torch": _val(ckpt, data, val_imgsz, out)}
+        fq[name] = {"torch": _val(ckpt, data, val_imgsz, out, s["_task"])}
         if name != "FP":
-            fq[name]["torch_int_zp"] = _val_snapped(ckpt, data, val_imgsz, out)
+            fq[name]["torch_int_zp"] = _val_snapped(ckpt, data, val_imgsz, out, s["_task"])
     fq[INT8_ROW] = fq["FP"]  # NNCF quantizes the FP model: the FP checkpoint is its reference
     for r in rows:
         r["size_mb"] = round(_size_mb(r["_files"][(max(s["imgsz"]), 1)]), 2)
         if r["precision"] == "f32":  # same file as the default-precision row; Ultralytics validates at the default
             r["val"] = None
         else:
-            r["val"] = _val(r["_files"][(val_imgsz, 1)], data, val_imgsz, out)
+            r["val"] = _val(r["_files"][(val_imgsz, 1)], data, val_imgsz, out, s["_task"])
         r["torch_val"] = fq[r["model"]]
     _ratios(rows, s)
     for r in rows:
         r.pop("_rt"), r.pop("_files")
-    result = {"settings": {k: v for k, v in s.items() if not k.startswith("_")}, "data": data, "val_imgsz": val_imgsz,
+    result = {"settings": {k: v for k, v in s.items() if not k.startswith("_")}, "task": s["_task"],
+              "metric": METRIC_NAME[TASK_METRIC[s["_task"]]], "data": data, "val_imgsz": val_imgsz,
               "environment": environment(), "versions": _runtime_versions(), "rows": rows, "notes": notes}
     write_json(out / "deploy.json", result)
     table = report_table(result)
@@ -494,7 +516,9 @@ def report_table(result: dict) -> str:
     big, sizes, b = max(s["imgsz"]), s["imgsz"], s["batch"]
     head = ["model", "runtime", "executes (convs)", "size MB"]
     head += [f"{sz} px ms (p90)" for sz in sizes] + [f"x FP ORT @{big}", f"x FP same @{big}", f"img/s b{b} @{big}"]
-    head += [f"mAP50 file @{result['val_imgsz']}", "mAP50-95 file", "mAP50 PyTorch (int zp)"]
+    metric = result.get("metric", "box")
+    what = "" if metric == "box" else f"{metric} "
+    head += [f"{what}mAP50 file @{result['val_imgsz']}", f"{what}mAP50-95 file", f"{what}mAP50 PyTorch (int zp)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         tv = r["torch_val"]
@@ -532,7 +556,8 @@ def _plot(result: dict, path: Path) -> None:
         ax.annotate(f"{r['model'].split(' (')[0]} {r['runtime']}", (r[f"ms_{big}"]["median"], m50), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel(f"latency at {big} px, batch 1 (ms, median)")
-    ax.set_ylabel("mAP50 of the exported file (%)")
+    metric = result.get("metric", "box")
+    ax.set_ylabel(f"{'' if metric == 'box' else metric + ' '}mAP50 of the exported file (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
