@@ -1,7 +1,8 @@
 """``yolo-gab bench deploy``: what an exported model is worth against FP -- latency, throughput, size and mAP.
 
-For the FP checkpoint and every quantized checkpoint, the command writes the deployable files and measures each in
-the runtimes a CPU deployment would use, all in one run on one machine:
+For the FP checkpoint (detection, segmentation or pose) and every quantized checkpoint, the command writes the
+deployable files and measures each in the runtimes a CPU deployment would use, all in one run on one machine; with
+NNCF installed, also Ultralytics' own ``format=openvino int8=True`` export of the FP model:
 
 * **files**: FP through Ultralytics' own exporters (``format=onnx``, ``format=openvino``); quantized models through
   :func:`~ultralytics_gabfusion.export.export_qdq_onnx` (Q/DQ ONNX, integer zero points, INT4 storage of 4-bit
@@ -20,7 +21,8 @@ the runtimes a CPU deployment would use, all in one run on one machine:
   (``u8``/``i8`` = integer kernels); ONNX Runtime: the convolution operators left after its graph optimisation
   (``QLinearConv`` = integer, ``Conv``/``FusedConv``/``NchwcConv`` = float on dequantized tensors).
 * **accuracy**: ``YOLO(file).val(data=...)`` of every exported file at the validation size, next to the PyTorch
-  checkpoint's own (fake-quant) mAP and that of its integer-zero-point copy (the grids the files hold).
+  checkpoint's own (fake-quant) mAP and that of its integer-zero-point copy (the grids the files hold); the task's
+  own metric (box, mask or pose mAP; box mAP beside it for segmentation and pose).
 * **size**: bytes of the file (ONNX) or of ``.xml`` + ``.bin`` (OpenVINO).
 
 Ratios are to FP measured in the same run: ``x FP ORT`` (the FP ONNX model in ONNX Runtime) and ``x FP same`` (FP in
