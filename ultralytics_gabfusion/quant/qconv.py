@@ -272,7 +272,7 @@ def integer_bias(conv: QuantConv2d, bn: nn.Module | None = None) -> tuple[torch.
     sw = conv.weight_quant.grid()["scale"].double().to(b.device)
     sw_folded = (f.abs() * sw).float().double()
     sw_folded = torch.where(sw_folded == 0, sw, sw_folded)  # gamma = 0: the export keeps the quantizer's step
-    sx = float(conv.act_quant.grid()["scale"].float().reshape(()))
+    sx = conv.act_quant.grid()["scale"].float().double().to(b.device)  # a tensor: no device sync in the forward
     return b, sw_folded * sx
 
 
