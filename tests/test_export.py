@@ -430,3 +430,29 @@ def test_output_quantizers_give_onnx_runtime_integer_convolutions(bits, images, 
     assert all(r["out"].startswith("QuantizeLinear/DequantizeLinear") for r in info["layers"] if r["name"] in both)
     kernels = ort_conv_kernels(tmp_path / "q.onnx")
     assert kernels.get("QLinearConv") == len(both), kernels
+
+
+def test_layer_check_ignores_float_residue_of_a_bias_that_rounds_to_zero():
+    """A quantized conv output whose input is all zeros and whose folded bias rounds to 0 on the int32 grid: ONNX gives
+    exact zeros, PyTorch BN(conv) + the rounding a residue of ~1e-9. That is no relative error (it refused real W3A3
+    exports); a bias one grid step off still is."""
+    from ultralytics_gabfusion.export.parity import _conv_check
+    from ultralytics_gabfusion.quant.qconv import QuantConv2d, QuantConvBlock, add_output_quantizer, integer_bias
+
+    torch.manual_seed(0)
+    conv = QuantConv2d(4, 3, 3, padding=1, bias=False, method="lsq", w_bits=3, a_bits=3, a_zp="integer")
+    bn = torch.nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.3, -0.2, 0.1]))
+        bn.running_var.copy_(torch.tensor([1.7, 0.9, 2.3]))
+        bn.bias.copy_(torch.tensor([0.29, -0.21, 0.13]))  # nearly cancels the mean: |bias| far below a grid step
+    block = QuantConvBlock(conv, bn, torch.nn.SiLU())
+    add_output_quantizer(block, 8)
+    block.eval()(torch.rand(1, 4, 6, 6) * 5)  # initialises every quantizer
+    exact, step = integer_bias(conv, bn)
+    assert bool((torch.round(exact / step) == 0).all())
+    qin, g = torch.zeros(1, 4, 6, 6), torch.Generator().manual_seed(0)
+    err, _ = _conv_check(conv, bn, qin, torch.zeros(1, 3, 6, 6), g, 1e-6, int_bias=True)
+    assert err < 1e-3
+    err, _ = _conv_check(conv, bn, qin, torch.full((1, 3, 6, 6), float(step.max())), g, 1e-6, int_bias=True)
+    assert err > 0.5
