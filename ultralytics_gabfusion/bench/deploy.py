@@ -75,6 +75,9 @@ from .common import BenchError, cli_value, write_json
 
 RUNTIMES = ("onnxruntime", "openvino")
 INT8_ROW = "FP INT8 (Ultralytics int8=True, NNCF)"
+# The metric each task's rows report: Ultralytics' metrics attribute (masks for segmentation, keypoints for pose).
+TASK_METRIC = {"detect": "box", "segment": "seg", "pose": "pose"}
+METRIC_NAME = {"box": "box", "seg": "mask", "pose": "pose"}
 DEFAULTS: dict[str, Any] = {
     "model": None,  # FP checkpoint; default: the shipped yolov5n-synth160
     "quantized": None,  # quantized checkpoints; default: PTQ W8A8 and W4A4 (LSQ) of model
@@ -372,11 +375,6 @@ def _size_mb(path: Path) -> float:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".xml", ".bin")) / 1e6
     return path.stat().st_size / 1e6
-
-
-# The metric each task's rows report: Ultralytics' metrics attribute (masks for segmentation, keypoints for pose).
-TASK_METRIC = {"detect": "box", "segment": "seg", "pose": "pose"}
-METRIC_NAME = {"box": "box", "seg": "mask", "pose": "pose"}
 
 
 def _metrics(m, task: str) -> dict:
