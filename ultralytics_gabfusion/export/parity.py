@@ -245,7 +245,7 @@ def _conv_check(conv: QuantConv2d, bn, qin: torch.Tensor, y_o: torch.Tensor, g: 
     ``int_bias``: the conv's output is quantized (``qat_out_bits``), so its folded bias sits on the int32 grid.
     """
     w = conv.quantized_weight().float()
-    shift, acc_step = 0.0, 1e-12
+    shift, acc_step = 0.0, None
     if int_bias:
         exact, step = integer_bias(conv, bn)
         shift = (torch.round(exact / step) * step - exact).float().view(1, -1, 1, 1)
@@ -258,7 +258,9 @@ def _conv_check(conv: QuantConv2d, bn, qin: torch.Tensor, y_o: torch.Tensor, g: 
     y_t = conv_out(qin)
     # per channel, floored at 1e-4 of the layer's largest output and at the accumulator step: a channel whose output
     # is float residue (an input of zeros and a bias that rounds to 0) has no relative error to speak of
-    scale = torch.maximum(y_t.abs().amax(dim=(0, 2, 3)).clamp_min(1e-4 * float(y_t.abs().max())), acc_step)
+    scale = y_t.abs().amax(dim=(0, 2, 3)).clamp_min(1e-4 * float(y_t.abs().max())).clamp_min(1e-12)
+    if acc_step is not None:
+        scale = torch.maximum(scale, acc_step.to(scale.device))
     err = float(((y_t - y_o).abs().amax(dim=(0, 2, 3)) / scale).max())
     u = torch.rand(qin.shape, generator=g).mul_(2).sub_(1)
     ref = float(((conv_out(qin * (1 + eps * u)) - y_t).abs().amax(dim=(0, 2, 3)) / scale).max())
