@@ -202,8 +202,7 @@ SETTINGS: dict[str, Setting] = {
                           "OpenVINO's INT8 kernels execute) or float (trained as they are; snapped only at export)",
                           _choice(*ACT_ZPS)),
     "qat_out_bits": Setting(0, "0 (off) or 8: an 8-bit quantizer on the output of every quantized conv (after BatchNorm, "
-                            "before the activation) and SiLU's sigmoid on an 8-bit grid, so ONNX Runtime runs the exported convs as "
-                            "integer QLinearConv (and SiLU as QLinearSigmoid/QLinearMul)",
+                            "before the activation), so ONNX Runtime runs the exported convs as integer QLinearConv",
                             _out_bits),
     "qat_lr": Setting(1.0, "learning-rate multiplier of quantizer parameters (N2UQ reference: 0.1)", _float_range(0.0, lo_open=True)),
     "qat_kernel": Setting("auto", "fake-quant kernels: auto (compiled on CUDA with Triton, reference on CPU), reference, compiled", _choice(*QAT_KERNELS)),
