@@ -783,26 +783,3 @@ def test_conv_output_quantizer_keeps_its_zero_point_in_the_integer_type(signed, 
     grid = q2.grid()
     lo, hi = (float(grid["offset"] + k * grid["scale"]) for k in (n, p))
     assert lo <= 0.0 <= hi + 1e-12
-
-
-def test_silu_after_a_quantized_conv_output_uses_an_8bit_sigmoid():
-    """qat_out_bits: a block's SiLU is y * clamp(round(sigmoid(y)/s), 0, 255) * s with s = float32(1/255), gradient
-    straight through the rounding (what ONNX Runtime's QLinearSigmoid/QLinearMul compute); off, it is plain SiLU."""
-    from ultralytics_gabfusion.quant.qconv import QuantConv2d, QuantConvBlock, add_output_quantizer
-
-    torch.manual_seed(0)
-    conv = QuantConv2d(3, 4, 1, bias=False, method="lsq", w_bits=4, a_bits=4, a_zp="integer")
-    block = QuantConvBlock(conv, torch.nn.BatchNorm2d(4).eval(), torch.nn.SiLU()).eval()
-    x = torch.randn(2, 3, 5, 5) * 3
-    plain = block(x)  # initialises the quantizers; no output quantizer yet: plain SiLU
-    y = block.bn(conv(x))
-    torch.testing.assert_close(plain, torch.nn.functional.silu(y))
-    add_output_quantizer(block, 8)
-    out = block(x)
-    yq = block.out_quant(y)  # (the folded bias sits on the int32 grid; BN here has bias 0 and no conv bias)
-    s = torch.tensor(1 / 255, dtype=torch.float32)
-    torch.testing.assert_close(out, yq * torch.clamp(torch.round(torch.sigmoid(yq) / s), 0, 255) * s, rtol=0, atol=1e-6)
-    xg = x.clone().requires_grad_(True)
-    block(xg).sum().backward()
-    assert xg.grad is not None and bool(xg.grad.abs().sum() > 0)
-

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import C2f, Detect
 
-from ..quant.qconv import SIGMOID_STEP, QuantConv2d, QuantConvBlock, integer_bias, output_quantizers, quant_convs
+from ..quant.qconv import QuantConv2d, QuantConvBlock, integer_bias, output_quantizers, quant_convs
 from .nodes import _CONTAINER_RANGE, _ActSpec, _BiasSpec, _container, _GabqOp, _N2UQSpec, _WeightSpec
 
 _ZP_TOL = 1e-4  # largest zero-point snap, in quantization steps (float rounding of the scale is ~1e-5 at 8 bits)
@@ -45,23 +45,6 @@ class _ExportConv(nn.Module):
         b = _GabqOp.apply(self.bias, self.b_spec) if self.b_spec is not None else self.bias
         y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
         return _GabqOp.apply(y, self.out_spec) if self.out_spec is not None else y
-
-
-class _ExportSiLU(nn.Module):
-    """SiLU of a conv whose output is quantized (``qat_out_bits``): ``y * Q8(sigmoid(y))``, the sigmoid as Q/DQ."""
-
-    def __init__(self, spec: _ActSpec):
-        super().__init__()
-        self.spec = spec
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return y * _GabqOp.apply(torch.sigmoid(y), self.spec)
-
-
-def _sigmoid_spec(key: str) -> _ActSpec:
-    """The 8-bit grid of the sigmoid inside SiLU (:func:`~ultralytics_gabfusion.quant.qconv.quantize_sigmoid`)."""
-    return _ActSpec(key=key, method="sigmoid", bits=8, scale=float(torch.tensor(SIGMOID_STEP, dtype=torch.float32)),
-                    offset=0.0, qmin=0, qmax=255, container="UINT8", zero_point=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,9 +249,6 @@ def _build_export_model(model: nn.Module, imgsz: tuple[int, int], weight_offset:
         if isinstance(mod, QuantConvBlock) and isinstance(mod.conv, QuantConv2d):
             mod.conv = _convert_conv(f"{name}.conv", mod.conv, mod.bn, weight_offset, specs, rows, int4,
                                      getattr(mod, "out_quant", None))
-            if getattr(mod, "out_quant", None) is not None and type(mod.act) is nn.SiLU:
-                spec = specs[f"{name}.sigmoid"] = _sigmoid_spec(f"{name}.sigmoid")
-                mod.act = _ExportSiLU(spec)
             mod.bn, mod.out_quant = nn.Identity(), None  # both now inside the _ExportConv
     for name, mod in list(m.named_modules()):
         for child_name, child in list(mod.named_children()):

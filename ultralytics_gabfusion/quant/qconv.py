@@ -23,7 +23,6 @@ import torch.nn as nn
 
 from ..precision import KeepFP32, kept_fp32
 from .lsq import ConvOutputQuantizer
-from .quantizers import round_ste
 from .registry import ACT_ZP_METHODS, check_method, make_quantizer
 
 # Methods whose grids give integer zero points on both sides of a conv (what qat_out_bits needs): PACT's DoReFa
@@ -221,10 +220,7 @@ class QuantConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply quantized conv, batch norm, the output quantizer if any (``out_quant``) and activation."""
-        y = quantize_output(self, self.bn(self.conv(x)), self.conv)
-        if type(self.act) is nn.SiLU and getattr(self, "out_quant", None) is not None and self.conv.quant_enabled:
-            return y * quantize_sigmoid(torch.sigmoid(y))  # SiLU as the integer runtime computes it
-        return self.act(y)
+        return self.act(quantize_output(self, self.bn(self.conv(x)), self.conv))
 
 
 def add_output_quantizer(module: nn.Module, bits: int) -> ConvOutputQuantizer | None:
@@ -255,21 +251,6 @@ def quantize_output(module: nn.Module, y: torch.Tensor, conv: QuantConv2d) -> to
     bias, step = integer_bias(conv, getattr(module, "bn", None))
     shift = torch.round(bias / step) * step - bias  # the bias rounding, a per-channel constant
     return q(y + shift.to(y.dtype).view(1, -1, *([1] * (y.dim() - 2))))
-
-
-SIGMOID_STEP = 1.0 / 255  # the sigmoid inside SiLU on an unsigned 8-bit grid (zero point 0): [0, 1] in 255 steps
-
-
-def quantize_sigmoid(s: torch.Tensor) -> torch.Tensor:
-    """``clamp(round(s / step), 0, 255) * step`` with ``step = 1/255`` (float32), gradient straight through.
-
-    With ``qat_out_bits=8`` the SiLU after a quantized conv output is ``y * Q8(sigmoid(y))``: the export writes the
-    sigmoid's ``QuantizeLinear``, and ONNX Runtime then runs SiLU as ``QLinearSigmoid`` (a 256-entry table) and
-    ``QLinearMul`` on 8-bit tensors instead of a float round trip between the integer convs.
-    """
-    step = torch.tensor(SIGMOID_STEP, dtype=torch.float32, device=s.device)
-    v = s.float() / step
-    return (round_ste(v, 0.0, 255.0) * step).to(s.dtype)
 
 
 @torch.no_grad()
@@ -329,5 +310,4 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 __all__ = ["ConvInputQuantizer", "QuantConv2d", "QuantConvBlock", "quant_convs", "quantizers_disabled", "is_quantized",
-           "FORMAT_VERSION", "SIGMOID_STEP", "add_output_quantizer", "integer_bias", "output_quantizers",
-           "quantize_output", "quantize_sigmoid"]
+           "FORMAT_VERSION", "add_output_quantizer", "integer_bias", "output_quantizers", "quantize_output"]
