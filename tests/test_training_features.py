@@ -234,3 +234,29 @@ def test_cli_resume_finishes_interrupted_run(tmp_path, tiny_data, fp_ckpt):
     assert len(rows) >= 2 and (tmp_path / "run" / "weights" / "best.pt").exists()
     args = (tmp_path / "run" / "args.yaml").read_text()
     assert "qat: lsq" in args and "gab: balanced" in args
+
+
+# ------------------------------------------------------------------------------------------ conv output quantizers
+def test_qat_with_output_quantizers_trains_reloads_and_exports_integer_convs(tmp_path, tiny_data, fp_ckpt):
+    """qat_out_bits=8 end to end: a QAT run calibrates and trains with the output quantizers, best.pt
+    reloads in a fresh process with them, and its Q/DQ file runs every such conv as QLinearConv with parity."""
+    from ultralytics_gabfusion.quant.qconv import output_quantizers
+
+    model = qat_train(fp_ckpt["yolov5s"], tiny_data, tmp_path, qat="lsq", w_bits=4, a_bits=4, qat_out_bits=8)
+    best = Path(model.trainer.save_dir) / "weights" / "best.pt"
+    outs = list(output_quantizers(model.trainer.model))
+    assert outs and all(bool(q.initialized) for _, _, q in outs)
+    code = f"""
+import json
+from ultralytics_gabfusion.export import export_qdq_onnx, load_quantized_model
+from ultralytics_gabfusion.export.ort_kernels import ort_conv_kernels
+from ultralytics_gabfusion.quant.qconv import output_quantizers
+net = load_quantized_model({str(best)!r})
+n = len(list(output_quantizers(net)))
+info = export_qdq_onnx(net, {str(tmp_path / 'q.onnx')!r}, imgsz={IMGSZ}, images={str(tiny_data)!r}, verbose=False)
+print(json.dumps({{"outs": n, "ok": info["parity"]["ok"], "kernels": ort_conv_kernels({str(tmp_path / 'q.onnx')!r})}}))
+"""
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    assert res["ok"] and res["outs"] == len(outs) and res["kernels"].get("QLinearConv") == len(outs), res
