@@ -11,7 +11,7 @@ from ultralytics.utils.metrics import bbox_iou
 from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.ops import xywh2xyxy
 
-from ..quant.qconv import QuantConv2d, QuantConvBlock, integer_bias
+from ..quant.qconv import QuantConv2d, QuantConvBlock, bias_rounding, integer_bias
 from .inputs import load_images, load_quantized_model
 
 # onnx and onnxruntime are imported inside the functions that use them: both are slow to import and only needed
@@ -247,9 +247,8 @@ def _conv_check(conv: QuantConv2d, bn, qin: torch.Tensor, y_o: torch.Tensor, g: 
     w = conv.quantized_weight().float()
     shift, acc_step = 0.0, None
     if int_bias:
-        exact, step = integer_bias(conv, bn)
-        shift = (torch.round(exact / step) * step - exact).float().view(1, -1, 1, 1)
-        acc_step = step.float()  # the integer accumulator's step: anything far below it is float residue
+        shift = bias_rounding(conv, bn).float().view(1, -1, 1, 1)
+        acc_step = integer_bias(conv, bn)[1].float()  # the integer accumulator's step: far below it is float residue
 
     def conv_out(z):
         y = conv._conv_forward(z, w, conv.bias.float() if conv.bias is not None else None)

@@ -344,10 +344,11 @@ class ConvOutputQuantizer(LSQPlusQuantizer):
     @torch.no_grad()
     def init_from(self, x):
         """Min-max over ``x`` widened to contain 0 (the zero point must be one of the grid's integers)."""
-        super().init_from(x)
+        self._check_input(x)
         lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
         s = max((hi - lo) / (self.qmax - self.qmin), STEP_EPS)
         self.step.fill_(s)
         self.offset.fill_(lo - self.qmin * s)
+        self._mark_initialized()
         return self
 

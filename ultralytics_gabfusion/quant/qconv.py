@@ -248,9 +248,15 @@ def quantize_output(module: nn.Module, y: torch.Tensor, conv: QuantConv2d) -> to
     q = getattr(module, "out_quant", None)  # modules pickled before output quantizers existed have none
     if q is None or not conv.quant_enabled:
         return y
-    bias, step = integer_bias(conv, getattr(module, "bn", None))
-    shift = torch.round(bias / step) * step - bias  # the bias rounding, a per-channel constant
+    shift = bias_rounding(conv, getattr(module, "bn", None))
     return q(y + shift.to(y.dtype).view(1, -1, *([1] * (y.dim() - 2))))
+
+
+def bias_rounding(conv: QuantConv2d, bn: nn.Module | None = None) -> torch.Tensor:
+    """``round(b/step)*step - b`` per channel (float64): what putting the folded bias on its int32 grid adds to the
+    conv output (:func:`integer_bias`)."""
+    bias, step = integer_bias(conv, bn)
+    return torch.round(bias / step) * step - bias
 
 
 @torch.no_grad()
@@ -310,4 +316,4 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 __all__ = ["ConvInputQuantizer", "QuantConv2d", "QuantConvBlock", "quant_convs", "quantizers_disabled", "is_quantized",
-           "FORMAT_VERSION", "add_output_quantizer", "integer_bias", "output_quantizers", "quantize_output"]
+           "FORMAT_VERSION", "add_output_quantizer", "bias_rounding", "integer_bias", "output_quantizers", "quantize_output"]
