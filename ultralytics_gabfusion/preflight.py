@@ -35,7 +35,15 @@ from .distill import check_layer_indices, check_teacher, default_layers, has_qua
 from .fusion import GABFusion, insert_gabfusion
 from .qat_setup import fusion_form, resolve_mixed_precision
 from .quant.convert import plan_policy
-from .settings import PLUGIN_DEFAULTS, PLUGIN_KEYS, QATConfig, check_writable_dir, one_line, validate_settings
+from .settings import (
+    KEYS_BEFORE_THEY_EXISTED,
+    PLUGIN_DEFAULTS,
+    PLUGIN_KEYS,
+    QATConfig,
+    check_writable_dir,
+    one_line,
+    validate_settings,
+)
 
 # Keys that only mean something with the feature on: set explicitly without it they would be silently ignored.
 # Recipes carry ada_div for runs with and without ada, so only keys no recipe sets alone are checked for ADA.
@@ -43,7 +51,6 @@ NEEDS_QAT = ("w_bits", "a_bits", "qat_first_bits", "qat_head_bits", "qat_skip", 
 NEEDS_ADA = ("ada_layers", "teacher")
 # Keys that define the quantized structure of a checkpoint: training it further with other values is a new model.
 QUANT_STRUCTURE = ("qat", "w_bits", "a_bits", "qat_first_bits", "qat_head_bits", "qat_skip", "qat_out_bits")
-_STRUCTURE_BEFORE_KEYS = {"qat_out_bits": 0}  # checkpoints written before a structure key existed
 _LABEL_SAMPLE = 200  # label files read per split: catches a wrong `names:` list without reading a large set
 
 # The tasks the plugin trains: the float model class Ultralytics builds for each, and the plugin trainer's name
@@ -378,8 +385,8 @@ def preflight_train(merged: dict, overrides: dict, task: str = "detect", trainer
                 f"from an FP model trained on this data (train one first with qat=none or trainer=default).")
     if net is not None and has_quant_modules(net):
         was = dict(getattr(net, "gabfusion", None) or {})
-        diff = [f"{k}={merged.get(k)} (checkpoint: {was.get(k, _STRUCTURE_BEFORE_KEYS.get(k))})" for k in QUANT_STRUCTURE
-                if was and merged.get(k) != was.get(k, _STRUCTURE_BEFORE_KEYS.get(k))]
+        diff = [f"{k}={merged.get(k)} (checkpoint: {was.get(k, KEYS_BEFORE_THEY_EXISTED.get(k))})" for k in QUANT_STRUCTURE
+                if was and merged.get(k) != was.get(k, KEYS_BEFORE_THEY_EXISTED.get(k))]
         if merged.get("qat") == "none" or diff:
             raise ValueError(
                 f"model={merged.get('model')} is already quantized ({was.get('qat', '?')} W{was.get('w_bits', '?')}"

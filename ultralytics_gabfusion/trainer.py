@@ -72,7 +72,7 @@ from .resume import (
     truncate_results,
 )
 from .stability import auto_ema_tau, ema_decay, freeze_bn_stats, recalibrate_bn
-from .settings import PLUGIN_DEFAULTS, QATConfig, read_recipe, strip_plugin_keys
+from .settings import KEYS_BEFORE_THEY_EXISTED, PLUGIN_DEFAULTS, QATConfig, read_recipe, strip_plugin_keys
 
 
 def plugin_cfg(cfg=DEFAULT_CFG) -> dict:
@@ -86,11 +86,6 @@ def plugin_cfg(cfg=DEFAULT_CFG) -> dict:
     for k, v in PLUGIN_DEFAULTS.items():
         base.setdefault(k, v)
     return base
-
-
-# Plugin keys added after 0.1 with the behaviour of the runs saved before them: Ultralytics' BatchNorm statistics
-# (no re-estimation) and float activation offsets.
-KEYS_BEFORE_THEY_EXISTED = {"qat_bn_recalib": 0, "qat_act_zp": "float", "qat_out_bits": 0}
 
 
 class GABTrainerMixin:

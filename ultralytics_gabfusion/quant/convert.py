@@ -41,10 +41,10 @@ from ultralytics.nn.modules.block import DFL, Proto
 from ultralytics.nn.modules.conv import Conv, DWConv
 from ultralytics.nn.modules.head import OBB, Detect, Pose, Segment
 
-from ..settings import ACT_ZPS, check_bits
+from ..settings import ACT_ZPS, OUT_QUANT_METHODS, check_bits
 from .grids import ACT_GRIDS, fixed_offset, grid_signed, input_lower_bounds
 from .init import check_init_mode, choose_zero_point, refine_mse
-from .qconv import OUT_QUANT_METHODS, QuantConv2d, QuantConvBlock, add_output_quantizer, output_quantizers, quant_convs
+from .qconv import QuantConv2d, QuantConvBlock, add_output_quantizer, output_quantizers, quant_convs
 from .quantizers import FakeQuantizer
 from .registry import check_method
 

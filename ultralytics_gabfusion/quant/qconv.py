@@ -22,12 +22,9 @@ import torch
 import torch.nn as nn
 
 from ..precision import KeepFP32, kept_fp32
+from ..settings import OUT_QUANT_METHODS
 from .lsq import ConvOutputQuantizer
 from .registry import ACT_ZP_METHODS, check_method, make_quantizer
-
-# Methods whose grids give integer zero points on both sides of a conv (what qat_out_bits needs): PACT's DoReFa
-# weights sit on a half-integer zero point, N2UQ's activations on thresholds.
-OUT_QUANT_METHODS = ("lsq", "lsqplus")
 
 # Bumped when the pickled layout of these modules changes; checked when a checkpoint is unpickled.
 FORMAT_VERSION = 1

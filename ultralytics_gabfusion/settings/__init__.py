@@ -32,6 +32,7 @@ from .base import (
     GAB_MODES,
     MAX_BITS,
     MIN_BITS,
+    OUT_QUANT_METHODS,
     QAT_KERNELS,
     QAT_METHODS,
     QUANT_METHODS,
@@ -39,7 +40,7 @@ from .base import (
     one_line,
 )
 from .config import QATConfig, check_consistency, read_recipe, split_overrides, strip_plugin_keys
-from .keys import PLUGIN_DEFAULTS, PLUGIN_KEYS, SETTINGS, Setting, help_text, validate_settings
+from .keys import KEYS_BEFORE_THEY_EXISTED, PLUGIN_DEFAULTS, PLUGIN_KEYS, SETTINGS, Setting, help_text, validate_settings
 from .parsing import EXPORT_KEYS, parse_command, parse_key_values, unknown_key_error
 from .values import (
     SIZE_UNITS,
@@ -55,8 +56,9 @@ from .values import (
 )
 
 __all__ = [
-    "ACT_GRIDS", "ACT_ZPS", "ADA_ATTNS", "ADA_DIVS", "EXPORT_KEYS", "GAB_FORMS", "GAB_MODES", "MAX_BITS", "MIN_BITS",
-    "PLUGIN_DEFAULTS", "PLUGIN_KEYS", "QAT_KERNELS", "QAT_METHODS", "QATConfig", "QUANT_METHODS", "SETTINGS",
+    "ACT_GRIDS", "ACT_ZPS", "ADA_ATTNS", "ADA_DIVS", "EXPORT_KEYS", "GAB_FORMS", "GAB_MODES",
+    "KEYS_BEFORE_THEY_EXISTED", "MAX_BITS", "MIN_BITS", "OUT_QUANT_METHODS", "PLUGIN_DEFAULTS", "PLUGIN_KEYS",
+    "QAT_KERNELS", "QAT_METHODS", "QATConfig", "QUANT_METHODS", "SETTINGS",
     "SIZE_UNITS", "Setting", "SettingsError", "as_bool", "as_float", "as_int", "as_int_list", "as_list", "as_str_list",
     "check_bits", "check_consistency", "check_writable_dir", "help_text", "one_line", "parse_bits_budget", "parse_command",
     "parse_key_values", "read_recipe", "split_overrides", "strip_plugin_keys", "unknown_key_error",

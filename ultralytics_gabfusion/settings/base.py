@@ -14,6 +14,9 @@ ADA_DIVS = ("kl", "js")
 ACT_GRIDS = ("auto", "signed", "unsigned")  # activation grids of quant.grids
 ACT_ZPS = ("float", "integer")  # activation grid offsets in training: as they are, or on integer zero points
 QAT_KERNELS = ("auto", "reference", "compiled")  # fake-quant kernels of quant.kernels
+# Methods whose grids give integer zero points on both sides of a conv (what qat_out_bits needs): PACT's DoReFa
+# weights sit on a half-integer zero point, N2UQ's activations on thresholds.
+OUT_QUANT_METHODS = ("lsq", "lsqplus")
 
 
 class SettingsError(ValueError):

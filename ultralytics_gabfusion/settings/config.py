@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .base import SettingsError
+from .base import OUT_QUANT_METHODS, SettingsError
 from .keys import PLUGIN_DEFAULTS, PLUGIN_KEYS, SETTINGS, validate_settings
 
 
@@ -146,7 +146,7 @@ def check_consistency(args) -> None:
         if get("qat") in (None, "none"):
             raise SettingsError("'qat_out_bits=8' quantizes the outputs of quantized convs: set qat=lsq|lsqplus too, "
                                 "or drop qat_out_bits.")
-        if get("qat") in ("n2uq", "pact"):
+        if get("qat") not in OUT_QUANT_METHODS:
             raise SettingsError(f"'qat_out_bits=8' needs integer zero points on both grids of a conv, which integer "
                                 f"kernels consume; {get('qat')}'s {'thresholds' if get('qat') == 'n2uq' else 'DoReFa weight grid'} "
                                 "has none: use qat=lsq|lsqplus, or qat_out_bits=0.")

@@ -238,6 +238,9 @@ SETTINGS: dict[str, Setting] = {
 
 PLUGIN_DEFAULTS: dict[str, Any] = {k: s.default for k, s in SETTINGS.items()}
 PLUGIN_KEYS = frozenset(SETTINGS)
+# Plugin keys added after 0.1 with the behaviour of the runs and checkpoints saved before them: Ultralytics' BatchNorm
+# statistics (no re-estimation), float activation offsets, no conv output quantizers.
+KEYS_BEFORE_THEY_EXISTED = {"qat_bn_recalib": 0, "qat_act_zp": "float", "qat_out_bits": 0}
 
 
 def validate_settings(values: dict) -> dict:
