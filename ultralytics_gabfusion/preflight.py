@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths
 from ultralytics.nn.tasks import (
     DetectionModel,
@@ -160,7 +161,8 @@ def _task_of(net, cfg: dict) -> str | None:
 
 
 def model_task(model) -> str | None:
-    """The Ultralytics task of a model YAML or ``.pt`` checkpoint, from its head (as ``YOLO(model)`` guesses it).
+    """The Ultralytics task of a model YAML, ``.pt`` checkpoint or loaded model, from its head (as ``YOLO(model)``
+    guesses it).
 
     None when the head does not tell (a YAML head module named neither Detect, Segment, Pose, ...): Ultralytics then
     assumes ``detect`` unless ``task=`` says otherwise.
@@ -172,6 +174,8 @@ def model_task(model) -> str | None:
         >>> model_task("yolo11n-pose.yaml")
         'pose'
     """
+    if isinstance(model, nn.Module):  # already loaded: no second read of its file
+        return _task_of(model, {})
     return _task_of(*load_model_file(model))
 
 

@@ -198,7 +198,7 @@ def _check_checkpoints(s: dict) -> None:
                                  "pass the FP checkpoint the quantized models were made from, and this one in "
                                  "quantized=[...]")
         s["_fp_imgsz"] = int((getattr(fp, "args", None) or {}).get("imgsz") or 640)  # train_args over defaults
-        s["_task"] = task = model_task(s["model"]) or "detect"
+        s["_task"] = task = model_task(fp) or "detect"
         if task not in TASK_METRIC:
             raise ValueError(f"model={s['model']} is a {task} model; bench deploy measures detect, segment and pose "
                              "models.")
@@ -208,8 +208,8 @@ def _check_checkpoints(s: dict) -> None:
             if net is None or not is_quantized(net):
                 raise ValueError(f"quantized: {q} has no quantized layers: pass quantized checkpoints (QAT or PTQ of "
                                  "model=), or leave quantized= out to compare PTQ models.")
-            if (model_task(q) or "detect") != task:
-                raise ValueError(f"quantized: {q} is a {model_task(q)} model but model= is a {task} model: compare "
+            if (model_task(net) or "detect") != task:
+                raise ValueError(f"quantized: {q} is a {model_task(net)} model but model= is a {task} model: compare "
                                  "checkpoints of one task (the FP model and its own PTQ/QAT copies).")
             nets[q] = net
     except (ValueError, FileNotFoundError) as e:
