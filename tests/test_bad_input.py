@@ -238,6 +238,9 @@ CASES = [
     ("export FP batch=0", "cli", "export model={fp} format=onnx batch=0", ["batch=0", "positive integer"]),
     ("export opset=0", "cli", "export model={q} opset=0 save_dir={tmp}/out", ["opset=0", "opset=21"]),
     ("export opset not a number", "cli", "export model={q} opset=abc save_dir={tmp}/out", ["opset=abc", "opset=21"]),
+    ("export silu unknown", "cli", "export model={q} silu=fast save_dir={tmp}/out", ["silu='fast'", "standard, ort"]),
+    ("export silu to OpenVINO", "cli", "export model={q} format=openvino silu=ort save_dir={tmp}/out",
+     ["silu=ort", "format=onnx"]),
     ("export data missing", "cli", "export model={q} data={root}/nope.yaml save_dir={tmp}/out", ["data=", "nope.yaml"]),
     # bench
     ("bench empty methods", "cli", "bench methods=[] out={tmp}/bench", ["methods", "empty"]),

@@ -183,6 +183,10 @@ def test_lsq_w4a4_yolov5s(lsq_v5, lsq_v5_onnx, images):
     assert info["output_shape"] == (1, 4 + NC, ANCHORS)
     proto = onnx.load(str(path))
     assert proto.opset_import[0].version == 21 and all(o.domain != "gabq" for o in proto.opset_import)
+    assert info["silu"] == "standard" and "QuickGelu" not in info["ops"]  # no output quantizers: standard operators
+    # the DFL decoder: softmax over the last axis and a MatMul instead of Ultralytics' fixed conv
+    softmax = [n for n in proto.graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == 1 and softmax[0].attribute[0].i == -1 and info["ops"]["Conv"] == len(info["layers"])
     onnx.checker.check_model(proto, full_check=True)
     w = weight_dq_types(proto)
     rows = {r["name"]: r for r in info["layers"]}
@@ -395,6 +399,8 @@ def test_corrupt_checkpoint_raises(tmp_path):
 def test_bad_options_raise(lsq_v5, tmp_path):
     with pytest.raises(ValueError, match="opset=21"):
         export_qdq_onnx(lsq_v5, tmp_path / "x.onnx", imgsz=IMGSZ, opset=17)
+    with pytest.raises(ValueError, match="silu='fast'.*standard, ort"):
+        export_qdq_onnx(lsq_v5, tmp_path / "x.onnx", imgsz=IMGSZ, silu="fast")
     with pytest.raises(ValueError, match="weight_offset"):
         export_qdq_onnx(lsq_v5, tmp_path / "x.onnx", imgsz=IMGSZ, weight_offset="round")
     with pytest.raises(ValueError, match="file= is required"):
@@ -418,6 +424,8 @@ def test_output_quantizers_give_onnx_runtime_integer_convolutions(bits, images, 
     """qat_out_bits=8: every conv with quantized input and weight ends in a QuantizeLinear, so ONNX Runtime fuses
     DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv (read from its optimised graph); 4-bit grids go into
     8-bit containers (no INT4 kernel), and the file computes what the fake-quant model computes (parity)."""
+    import onnxruntime as ort
+
     from ultralytics_gabfusion.export.ort_kernels import ort_conv_kernels
     from ultralytics_gabfusion.quant.qconv import output_quantizers, quant_convs
 
@@ -430,6 +438,16 @@ def test_output_quantizers_give_onnx_runtime_integer_convolutions(bits, images, 
     assert all(r["out"].startswith("QuantizeLinear/DequantizeLinear") for r in info["layers"] if r["name"] in both)
     kernels = ort_conv_kernels(tmp_path / "q.onnx")
     assert kernels.get("QLinearConv") == len(both), kernels
+    # SiLU as ONNX Runtime's one-node QuickGelu (default with output quantizers); only the class-score Sigmoid stays
+    silus = sum(isinstance(mod, torch.nn.SiLU) for _, mod in m.named_modules(remove_duplicate=False))
+    assert info["silu"] == "ort" and info["ops"].get("QuickGelu") == silus > 0 and info["ops"].get("Sigmoid") == 1
+    if bits == 8:  # the standard form computes the same outputs
+        std = export_qdq_onnx(m, tmp_path / "std.onnx", imgsz=IMGSZ, silu="standard", check=False, verbose=False)
+        assert std["silu"] == "standard" and "QuickGelu" not in std["ops"] and std["ops"]["Sigmoid"] == silus + 1
+        x = images[:1].numpy()
+        y_ort, y_std = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+                        .run(None, {"images": x})[0] for f in ("q.onnx", "std.onnx"))
+        np.testing.assert_allclose(y_ort, y_std, rtol=1e-5, atol=1e-4)
 
 
 def test_layer_check_ignores_float_residue_of_a_bias_that_rounds_to_zero():

@@ -15,7 +15,7 @@ from .inputs import _image_files, load_quantized_model
 from .openvino import export_openvino
 from .ort_kernels import ORT_INT_CONVS, ort_conv_kernels
 from .parity import ParityError, _fmt_parity
-from .qdq import SUPPORTED_OPSETS, export_qdq_onnx
+from .qdq import check_opset, check_silu, export_qdq_onnx
 
 _IGNORED_FOR_QDQ = ("half", "int8", "dynamic", "simplify", "nms", "optimize", "keras", "quantize", "batch", "workspace")
 
@@ -30,12 +30,13 @@ def export_main(overrides: dict) -> int:
     * quantized checkpoint, ``format=openvino``: :func:`~.openvino.export_openvino`, an ``<name>_openvino_model/``
       directory whose convolutions run on OpenVINO's INT8 kernels with the learned grids (activation offsets moved
       to integer zero points; the same parity check on the intermediate Q/DQ graph).
-    * ``zero_point=exact|snap`` and ``int4=True|False`` (ONNX) are passed to :func:`export_qdq_onnx`.
+    * ``zero_point=exact|snap``, ``int4=True|False`` and ``silu=auto|standard|ort`` (ONNX) are passed to
+      :func:`export_qdq_onnx`.
     * quantized checkpoint, any other format: ``ValueError`` (other formats would trace the fake-quant graph in
       float, or have no integer-grid representation).
     * full-precision model: handed to Ultralytics' exporter, ``YOLO(model).export(**overrides)``.
-    * checked first, before any file is written: ``batch`` a positive integer (both paths), ``opset`` 21 and
-      ``data=`` holding images (quantized models).
+    * checked first, before any file is written: ``batch`` a positive integer (both paths), ``opset`` 21, ``silu``
+      and ``data=`` holding images (quantized models).
 
     Args:
         overrides (dict): Parsed ``key=value`` pairs (plugin keys and ``trainer`` are ignored with a warning).
@@ -135,11 +136,11 @@ def _export_quantized(net, model, path: Path, ov: dict) -> int:
     if fmt == "openvino" and zero_point != "snap":
         raise ValueError("format=openvino needs integer zero points (zero_point=snap, the default for OpenVINO): "
                          "float offsets would keep every convolution in float.")
-    opset = ov.get("opset")
-    if opset is not None and (isinstance(opset, bool) or opset not in SUPPORTED_OPSETS):  # 0 is no default here
-        raise ValueError(f"opset={opset} is not supported by the Q/DQ exporter: use opset=21 (INT4/UINT4 need 21) or "
-                         "leave opset out.")
-    opset = int(opset or SUPPORTED_OPSETS[-1])
+    opset = check_opset(ov.get("opset"))
+    silu = check_silu(ov.pop("silu", None) or "auto")
+    if fmt == "openvino" and silu != "auto":
+        raise ValueError(f"silu={silu} applies to format=onnx (ONNX Runtime); OpenVINO reads SiLU in its standard "
+                         "form: leave silu out.")
     for k in _IGNORED_FOR_QDQ:
         v = ov.get(k)
         if v in (None, False, "") or (k == "batch" and v == 1):
@@ -178,7 +179,7 @@ def _export_quantized(net, model, path: Path, ov: dict) -> int:
             res = res["onnx"]
         else:
             res = export_qdq_onnx(net, out, imgsz=imgsz, opset=opset, images=images, zero_point=zero_point,
-                                  int4=int4)
+                                  int4=int4, silu=silu)
             print(f"Exported {res['file']}")
             _say_if_slow_in_ort(res["file"])
     except ParityError as e:

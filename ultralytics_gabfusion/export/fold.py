@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import C2f, Detect
+from ultralytics.nn.modules.block import DFL
 
 from ..quant.qconv import QuantConv2d, QuantConvBlock, integer_bias, output_quantizers, quant_convs
 from .nodes import _CONTAINER_RANGE, _ActSpec, _BiasSpec, _container, _GabqOp, _N2UQSpec, _WeightSpec
@@ -45,6 +46,26 @@ class _ExportConv(nn.Module):
         b = _GabqOp.apply(self.bias, self.b_spec) if self.b_spec is not None else self.bias
         y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
         return _GabqOp.apply(y, self.out_spec) if self.out_spec is not None else y
+
+
+class _LastAxisDFL(nn.Module):
+    """Ultralytics' :class:`DFL` with its softmax on the last axis: the same expectation over the ``c1`` bins.
+
+    ``DFL`` softmaxes ``(b, c1, 4, a)`` over axis 1 and sums the bins with a fixed 1x1 conv; ONNX Runtime computes a
+    softmax over a middle axis through transposes (4.4 ms of a 27 ms YOLOv5n file at 640 px on 2 CPU threads). Here
+    the bins are the last axis, so the softmax is the contiguous kernel and the bin sum a ``MatMul`` with the conv's
+    weights (the bin indices 0..c1-1): the same values, up to float rounding.
+    """
+
+    def __init__(self, dfl: DFL):
+        super().__init__()
+        self.c1 = dfl.c1
+        self.register_buffer("bins", dfl.conv.weight.detach().float().reshape(dfl.c1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode ``(b, 4*c1, a)`` bin logits into ``(b, 4, a)`` expected distances."""
+        b, _, a = x.shape
+        return (x.view(b, 4, self.c1, a).transpose(2, 3).softmax(-1) @ self.bins).view(b, 4, a)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,12 +293,13 @@ def _prepare_for_onnx(m: nn.Module, imgsz: tuple[int, int]) -> nn.Module:
 
     Detect and its subclasses Segment / Pose (and their YOLO26 forms) then output what ``format=onnx`` writes:
     ``(1, 4+nc+extra, anchors)`` (extra: the ``nm`` mask coefficients or the ``nk`` decoded keypoints), and for
-    Segment also the mask prototypes ``(1, nm, h/4, w/4)``.
+    Segment also the mask prototypes ``(1, nm, h/4, w/4)``. The box decoder's DFL is written in the form ONNX
+    Runtime runs fastest (:class:`_LastAxisDFL`).
     """
     if hasattr(m, "fuse"):
         m = m.fuse(verbose=False)
     stride = m.stride.tolist() if hasattr(m, "stride") else [32]
-    for mod in m.modules():
+    for mod in list(m.modules()):  # a list: the DFL child is replaced on the way
         if isinstance(mod, Detect):
             mod.dynamic = False
             mod.export = True
@@ -286,6 +308,8 @@ def _prepare_for_onnx(m: nn.Module, imgsz: tuple[int, int]) -> nn.Module:
             mod.shape = None
             mod.max_det = min(300, sum(int(imgsz[0] / s) * int(imgsz[1] / s) for s in stride))
             mod.agnostic_nms = False
+            if isinstance(getattr(mod, "dfl", None), DFL):
+                mod.dfl = _LastAxisDFL(mod.dfl)
         elif isinstance(mod, C2f):
             mod.forward = mod.forward_split  # Ultralytics' ONNX graph uses Split instead of Chunk (same values)
     return m

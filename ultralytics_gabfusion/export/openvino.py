@@ -161,7 +161,7 @@ def export_openvino(model, out=None, imgsz=640, images=None, check: bool = True,
     try:
         onnx_file = tmp / f"{name}.onnx"
         res, proto = _export_qdq(net, onnx_file, imgsz=imgsz, images=images, check=check, zero_point="snap",
-                                 int4=False, batch=batch, verbose=verbose, **parity_tol)
+                                 int4=False, batch=batch, verbose=verbose, silu="standard", **parity_tol)
         ov_model = ov.convert_model(str(onnx_file))
         xml = tmp / f"{name}.xml"
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)  # float layers (Detect decode) stay float32

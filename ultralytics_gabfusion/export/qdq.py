@@ -29,6 +29,7 @@ from .parity import PARITY_DEFAULTS, _check_parity, _fmt_parity, _tolerance
 # ONNX opsets this exporter writes: INT4/UINT4 tensors need opset 21; later opsets are not verified here.
 SUPPORTED_OPSETS = (21,)
 _TRACE_OPSET = 20  # highest opset of torch's TorchScript ONNX exporter; raised to 21 after lowering
+SILU_FORMS = ("auto", "standard", "ort")
 
 
 def _log(msg: str, verbose: bool = True) -> None:
@@ -60,7 +61,7 @@ def _task_metadata(model: nn.Module) -> dict:
 
 
 def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: str, int4: bool = True,
-              zero_point: str = "snap", batch: int = 1) -> dict:
+              zero_point: str = "snap", batch: int = 1, silu: str = "standard") -> dict:
     """``metadata_props`` of the file: Ultralytics' keys (so ``YOLO("model.onnx")`` works) and ``quantization``.
 
     The task keys of :func:`_task_metadata` (segment / pose: ``task``, ``kpt_shape``) replace the default ``task``
@@ -80,6 +81,7 @@ def _metadata(model: nn.Module, imgsz, opset: int, rows: list, weight_offset: st
         "weight_offset": weight_offset,
         "zero_point": zero_point,
         "int4": int4,
+        "silu": silu,
         "bits": sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=str),
         "layers": [{k: r[k] for k in ("name", "method", "w_bits", "a_bits", "weight", "weight_range", "act")} for r in rows],
     }
@@ -118,6 +120,7 @@ def export_qdq_onnx(
     zero_point: str = "exact",
     int4: bool = True,
     batch: int = 1,
+    silu: str = "auto",
     verbose: bool = True,
     **parity_tol,
 ) -> dict:
@@ -148,6 +151,11 @@ def export_qdq_onnx(
             ``check=False`` (export the same model at batch 1 to check it).
         int4 (bool): Store 4-bit integers in ``INT4``/``UINT4`` (default: half the size). False: in 8-bit
             containers with a range ``Clip``, which INT8 kernels (OpenVINO) execute as integer convolutions.
+        silu (str): How SiLU is written: ``"standard"`` (``Sigmoid``, ``Mul``), ``"ort"`` (ONNX Runtime's
+            ``com.microsoft.QuickGelu``, one kernel: with conv output quantizers ONNX Runtime otherwise dequantizes
+            each conv output twice and runs SiLU as two float passes between its integer convolutions) or
+            ``"auto"`` (default: ``"ort"`` when the model has conv output quantizers, ``qat_out_bits``, whose file is
+            made for ONNX Runtime; ``"standard"`` otherwise).
         verbose (bool): Log progress with Ultralytics' logger.
         **parity_tol: :data:`PARITY_DEFAULTS` overrides (conf, top_k, iou, margin, nms_iou, ref_eps, ref_runs, ratio,
             floor).
@@ -173,19 +181,19 @@ def export_qdq_onnx(
         ['INT4', 'INT8', 'UINT8']
     """
     return _export_qdq(model, file, imgsz, opset, images, check, weight_offset, zero_point, int4, batch, verbose,
-                       **parity_tol)[0]
+                       silu=silu, **parity_tol)[0]
 
 
 def _export_qdq(model, file=None, imgsz=640, opset: int = 21, images=None, check: bool = True,
                 weight_offset: str = "add", zero_point: str = "exact", int4: bool = True, batch: int = 1,
-                verbose: bool = True, **parity_tol):
+                verbose: bool = True, silu: str = "auto", **parity_tol):
     """:func:`export_qdq_onnx`, also returning the written ``onnx.ModelProto`` (for callers that read the graph or
     its metadata: no reload of the file).
 
     The model is loaded once (when a path is given) and handed down: the exported copy and the parity reference
     are built from it, never from the file again.
     """
-    _check_options(opset, weight_offset, zero_point, parity_tol)
+    opset = _check_options(opset, weight_offset, zero_point, parity_tol, silu)
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r} is not valid: a positive integer.")
     if batch > 1 and check:
@@ -208,11 +216,13 @@ def _export_qdq(model, file=None, imgsz=640, opset: int = 21, images=None, check
         int4 = False
         _log("Q/DQ ONNX: 4-bit grids in 8-bit containers: the model quantizes its conv outputs (qat_out_bits) for "
              "ONNX Runtime's integer convolutions, which take no INT4", verbose)
+    if silu == "auto":
+        silu = "ort" if any(output_quantizers(model)) else "standard"
     stride = int(max(model.stride)) if hasattr(model, "stride") else 32
     hw = _imgsz_pair(imgsz, stride)
-    proto, data, rows = _trace_qdq(model, hw, opset, weight_offset, verbose, int4, zero_point, batch)
+    proto, data, rows = _trace_qdq(model, hw, opset, weight_offset, verbose, int4, zero_point, batch, silu)
     out_shape, ops, int_types = _graph_summary(proto)
-    result = {"file": str(file), "opset": opset, "imgsz": list(hw), "output_shape": out_shape, "ops": ops,
+    result = {"file": str(file), "opset": opset, "silu": silu, "imgsz": list(hw), "output_shape": out_shape, "ops": ops,
               "int_types": int_types, "layers": rows, "zero_points": snapped, "parity": None, "images": None}
     _save_checked(proto, data, file, result, verbose, check=check, model=model, own_copy=own_copy, images=images,
                   hw=hw, parity_tol=parity_tol)
@@ -220,10 +230,27 @@ def _export_qdq(model, file=None, imgsz=640, opset: int = 21, images=None, check
     return result, proto
 
 
-def _check_options(opset: int, weight_offset: str, zero_point: str, parity_tol: dict) -> None:
-    """Refuse an unsupported opset, weight encoding or parity tolerance key before any work is done."""
-    if opset not in SUPPORTED_OPSETS:
-        raise ValueError(f"opset={opset} is not supported by the Q/DQ exporter: use opset=21 (INT4/UINT4 need 21).")
+def check_opset(opset) -> int:
+    """Return the opset to write (None: the default), or refuse one the exporter does not write, naming it."""
+    if opset is not None and (isinstance(opset, bool) or opset not in SUPPORTED_OPSETS):  # 0 is not "no opset" here
+        raise ValueError(f"opset={opset} is not supported by the Q/DQ exporter: use opset=21 (INT4/UINT4 need 21) "
+                         "or leave opset out.")
+    return SUPPORTED_OPSETS[-1] if opset is None else int(opset)
+
+
+def check_silu(silu) -> str:
+    """Return the SiLU form (``auto``, ``standard``, ``ort``), or refuse another value, naming the valid ones."""
+    if str(silu).lower() not in SILU_FORMS:
+        raise ValueError(f"silu={silu!r} is not valid: use {', '.join(SILU_FORMS)} (ort: SiLU as ONNX Runtime's "
+                         "QuickGelu; auto: ort when the model quantizes its conv outputs).")
+    return str(silu).lower()
+
+
+def _check_options(opset: int, weight_offset: str, zero_point: str, parity_tol: dict, silu: str = "auto") -> int:
+    """Refuse an unsupported opset, weight encoding, SiLU form or parity tolerance key before any work is done;
+    returns the opset to write."""
+    opset = check_opset(opset)
+    check_silu(silu)
     if weight_offset not in ("add", "widen"):
         raise ValueError(f"weight_offset={weight_offset!r} is not valid: use 'add' or 'widen'.")
     if zero_point not in ("snap", "exact"):
@@ -231,6 +258,7 @@ def _check_options(opset: int, weight_offset: str, zero_point: str, parity_tol: 
     unknown = set(parity_tol) - set(PARITY_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown export_qdq_onnx arguments {sorted(unknown)}; parity tolerances: {sorted(PARITY_DEFAULTS)}")
+    return opset
 
 
 def _output_file(file, src_path: Path | None) -> Path:
@@ -246,7 +274,7 @@ def _output_file(file, src_path: Path | None) -> Path:
 
 
 def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset: str, verbose: bool, int4: bool = True,
-               zero_point: str = "snap", batch: int = 1):
+               zero_point: str = "snap", batch: int = 1, silu: str = "standard"):
     """Trace the deployment copy of ``model`` with ``gabq::`` placeholders, lower them, add metadata, check.
 
     Returns:
@@ -264,8 +292,8 @@ def _trace_qdq(model: nn.Module, hw: tuple[int, int], opset: int, weight_offset:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
         torch.onnx.export(exp, im, buf, opset_version=_TRACE_OPSET, dynamo=False, input_names=["images"],
                           output_names=_output_names(model), custom_opsets={_DOMAIN: 1}, do_constant_folding=True)
-    proto = _lower_graph(onnx.load_from_string(buf.getvalue()), specs, opset)
-    for k, v in _metadata(model, hw, opset, rows, weight_offset, int4, zero_point, batch).items():
+    proto = _lower_graph(onnx.load_from_string(buf.getvalue()), specs, opset, ort_silu=silu == "ort")
+    for k, v in _metadata(model, hw, opset, rows, weight_offset, int4, zero_point, batch, silu).items():
         meta = proto.metadata_props.add()
         meta.key, meta.value = k, str(v)
     data = proto.SerializeToString()  # once: the checker reads these bytes and the file gets them

@@ -9,7 +9,7 @@ from .config import read_recipe
 from .keys import PLUGIN_KEYS, validate_settings
 
 # Keys of ``yolo-gab export`` for quantized models (see export/command.py); not Ultralytics or training keys.
-EXPORT_KEYS = ("zero_point", "int4")
+EXPORT_KEYS = ("zero_point", "int4", "silu")
 
 
 def parse_key_values(tokens) -> dict:
