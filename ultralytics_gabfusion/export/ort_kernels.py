@@ -7,7 +7,7 @@ tensors, slower than the FP model. Read from the graph ONNX Runtime builds after
 Examples:
     >>> from ultralytics_gabfusion.export.ort_kernels import ort_conv_kernels
     >>> ort_conv_kernels("best.onnx")  # doctest: +SKIP
-    {'Conv': 76}
+    {'Conv': 75}
 """
 
 from __future__ import annotations
