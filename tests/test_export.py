@@ -442,7 +442,7 @@ def test_output_quantizers_give_onnx_runtime_integer_convolutions(bits, images, 
     silus = sum(isinstance(mod, torch.nn.SiLU) for _, mod in m.named_modules(remove_duplicate=False))
     assert info["silu"] == "ort" and info["ops"].get("QuickGelu") == silus > 0 and info["ops"].get("Sigmoid") == 1
     if bits == 8:  # the standard form computes the same outputs
-        std = export_qdq_onnx(m, tmp_path / "std.onnx", imgsz=IMGSZ, silu="standard", check=False, verbose=False)
+        std = export_qdq_onnx(m, tmp_path / "std.onnx", imgsz=IMGSZ, silu="Standard", check=False, verbose=False)
         assert std["silu"] == "standard" and "QuickGelu" not in std["ops"] and std["ops"]["Sigmoid"] == silus + 1
         x = images[:1].numpy()
         y_ort, y_std = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])

@@ -193,7 +193,7 @@ def _export_qdq(model, file=None, imgsz=640, opset: int = 21, images=None, check
     The model is loaded once (when a path is given) and handed down: the exported copy and the parity reference
     are built from it, never from the file again.
     """
-    opset = _check_options(opset, weight_offset, zero_point, parity_tol, silu)
+    opset, silu = _check_options(opset, weight_offset, zero_point, parity_tol, silu)
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r} is not valid: a positive integer.")
     if batch > 1 and check:
@@ -212,12 +212,13 @@ def _export_qdq(model, file=None, imgsz=640, opset: int = 21, images=None, check
         if moved:
             _log(f"Q/DQ ONNX: {len(moved)} activation grid offsets moved to integer zero points (largest move "
                  f"{max(abs(r['shift_steps']) for r in moved):.2f} step); zero_point=exact keeps them", verbose)
-    if int4 and any(output_quantizers(model)):
+    out_quant = any(output_quantizers(model))
+    if int4 and out_quant:
         int4 = False
         _log("Q/DQ ONNX: 4-bit grids in 8-bit containers: the model quantizes its conv outputs (qat_out_bits) for "
              "ONNX Runtime's integer convolutions, which take no INT4", verbose)
     if silu == "auto":
-        silu = "ort" if any(output_quantizers(model)) else "standard"
+        silu = "ort" if out_quant else "standard"
     stride = int(max(model.stride)) if hasattr(model, "stride") else 32
     hw = _imgsz_pair(imgsz, stride)
     proto, data, rows = _trace_qdq(model, hw, opset, weight_offset, verbose, int4, zero_point, batch, silu)
@@ -246,11 +247,11 @@ def check_silu(silu) -> str:
     return str(silu).lower()
 
 
-def _check_options(opset: int, weight_offset: str, zero_point: str, parity_tol: dict, silu: str = "auto") -> int:
+def _check_options(opset: int, weight_offset: str, zero_point: str, parity_tol: dict,
+                   silu: str = "auto") -> tuple[int, str]:
     """Refuse an unsupported opset, weight encoding, SiLU form or parity tolerance key before any work is done;
-    returns the opset to write."""
-    opset = check_opset(opset)
-    check_silu(silu)
+    returns the opset to write and the SiLU form (lower case)."""
+    opset, silu = check_opset(opset), check_silu(silu)
     if weight_offset not in ("add", "widen"):
         raise ValueError(f"weight_offset={weight_offset!r} is not valid: use 'add' or 'widen'.")
     if zero_point not in ("snap", "exact"):
@@ -258,7 +259,7 @@ def _check_options(opset: int, weight_offset: str, zero_point: str, parity_tol: 
     unknown = set(parity_tol) - set(PARITY_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown export_qdq_onnx arguments {sorted(unknown)}; parity tolerances: {sorted(PARITY_DEFAULTS)}")
-    return opset
+    return opset, silu
 
 
 def _output_file(file, src_path: Path | None) -> Path:
