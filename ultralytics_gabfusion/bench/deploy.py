@@ -393,20 +393,23 @@ def _metrics(m, task: str) -> dict:
 _SAME_INPUT = {"rect": False}
 
 
-def _val(path, data: str, imgsz: int, out: Path, task: str = "detect") -> dict:
-    """mAP (%) of a checkpoint or exported file, validated by Ultralytics on ``data``'s val split (:func:`_metrics`)."""
-    m = YOLO(str(path), task=task).val(data=data, imgsz=imgsz, batch=1, workers=0, plots=False, verbose=False,
-                                       project=str(out / "val"), name="v", exist_ok=True, **_SAME_INPUT)
+def _validate(y: YOLO, data: str, imgsz: int, out: Path, task: str) -> dict:
+    """mAP (%) of a loaded model, validated by Ultralytics on ``data``'s val split at batch 1 (:func:`_metrics`)."""
+    m = y.val(data=data, imgsz=imgsz, batch=1, workers=0, plots=False, verbose=False, project=str(out / "val"),
+              name="v", exist_ok=True, **_SAME_INPUT)
     return _metrics(m, task)
+
+
+def _val(path, data: str, imgsz: int, out: Path, task: str = "detect") -> dict:
+    """mAP (%) of a checkpoint or exported file (:func:`_validate`)."""
+    return _validate(YOLO(str(path), task=task), data, imgsz, out, task)
 
 
 def _val_snapped(ckpt: str, data: str, imgsz: int, out: Path, task: str = "detect") -> dict:
     """mAP of the checkpoint with its activation offsets on integer zero points (what the exported files hold)."""
     y = YOLO(ckpt, task=task)
     snap_zero_points(y.model)
-    m = y.val(data=data, imgsz=imgsz, batch=1, workers=0, plots=False, verbose=False, project=str(out / "val"),
-              name="v", exist_ok=True, **_SAME_INPUT)
-    return _metrics(m, task)
+    return _validate(y, data, imgsz, out, task)
 
 
 # ------------------------------------------------------------------------------------------------ run
